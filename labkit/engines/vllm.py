@@ -1,0 +1,89 @@
+"""VLLMEngine: one `vllm serve` subprocess, with staged start-up progress from its log.
+
+vLLM 0.26 is started as `python -m vllm.entrypoints.cli.main serve MODEL ...` with the
+interpreter that runs the lab (the `vllm` console script may be absent when vLLM is only on
+PYTHONPATH). The argument list after `serve` comes from `labkit.config` (`vllm_args`).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from labkit.engines.base import EngineHandle, EngineStartError, ProgressCallback
+from labkit.telemetry.vllm_log import LogFollower, StageEvent, StartupState, parse_log
+
+VLLM_MAIN = "vllm.entrypoints.cli.main"
+
+
+class VLLMEngine(EngineHandle):
+    """A real vLLM engine on this machine's GPUs.
+
+    Args:
+        name: engine name ("prefill", "decode", ...), also the log file's stem.
+        serve_args: arguments after `vllm serve`: the model first, then options
+            (no --host/--port: this class adds them).
+        python: interpreter that has vLLM importable.
+        Others: see `EngineHandle`.
+    """
+
+    def __init__(self, name: str, serve_args: Sequence[str], *, python: str | None = None,
+                 **kwargs: Any) -> None:
+        kwargs.setdefault("kind", "vllm")
+        super().__init__(name, **kwargs)
+        self.serve_args = [str(a) for a in serve_args]
+        self.python = python or sys.executable
+        self.follower: LogFollower | None = None
+
+    def command(self) -> list[str]:
+        return [self.python, "-m", VLLM_MAIN, "serve", *self.serve_args,
+                "--host", self.host, "--port", str(self.port)]
+
+    def environment(self) -> dict[str, str]:
+        env = super().environment()
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        env.setdefault("VLLM_NO_USAGE_STATS", "1")
+        env.setdefault("DO_NOT_TRACK", "1")
+        # the observer connector (labkit.pd.observer) is imported inside vLLM's processes
+        root = str(Path(__file__).resolve().parents[2])
+        paths = [p for p in env.get("PYTHONPATH", "").split(":") if p]
+        if root not in paths:
+            env["PYTHONPATH"] = ":".join([*paths, root])
+        return env
+
+    def _on_start(self, progress_callback: ProgressCallback | None) -> None:
+        def on_event(ev: StageEvent, state: StartupState) -> None:
+            if progress_callback is not None:
+                progress_callback(ev.stage, {**ev.detail, "engine": self.name,
+                                             "progress": state.progress})
+
+        self.follower = LogFollower(self.log_path, on_event).start()
+
+    @property
+    def startup(self) -> StartupState:
+        """What the log said so far (stages, GiB, KV tokens, errors)."""
+        if self.follower is not None:
+            return self.follower.state
+        return parse_log(self.log_path) if self.log_path.exists() else StartupState()
+
+    def _start_errors(self) -> list[str]:
+        state = parse_log(self.log_path) if self.log_path.exists() else StartupState()
+        return state.errors[-10:] or super()._start_errors()
+
+    def wait_ready(self, timeout: float = 600.0, poll_s: float = 0.5) -> float:
+        try:
+            return super().wait_ready(timeout, poll_s)
+        except EngineStartError:
+            self._stop_follower()
+            raise
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        code = super().stop(timeout)
+        self._stop_follower()
+        return code
+
+    def _stop_follower(self) -> None:
+        if self.follower is not None:
+            self.follower.stop()

@@ -1,0 +1,496 @@
+"""Prefill -> decode proxy in front of vLLM 0.26 OpenAI servers, with a per-request timeline.
+
+It does what vLLM's toy proxy does (tests/v1/kv_connector/nixl_integration/toy_proxy_server.py
+in vLLM's repository) and adds the timeline, metrics, health and errors that name the engine::
+
+    client --POST /v1/completions--> proxy --(max_tokens=1, stream=false,
+                                      |        kv_transfer_params{do_remote_decode})--> prefill
+                                      |   <--(kv_transfer_params: remote blocks, host, port)--
+                                      +--(the client's request + those kv_transfer_params)--> decode
+    client <------------- decode's JSON, or its SSE stream chunk by chunk ---------------------
+
+Connector modes (set once, at start):
+    "nixl"     NixlConnector's handshake (vllm/distributed/kv_transfer/kv_connector/v1/nixl/).
+    "example"  ExampleConnector (.../v1/example_connector.py): no kv_transfer_params; the same
+               prompt goes to decode, which finds the KV in the shared storage.
+
+Engines are plain base URLs (`http://127.0.0.1:8100`); a labkit simulated engine speaks the same
+API. An engine may add `labkit_timing` (a dict of engine-measured wall-clock seconds, e.g.
+`{"kv_transfer_start": t0, "kv_transfer_end": t1}`) to its JSON answer or to its FIRST SSE chunk;
+the timeline keeps it as `engine_timing` on `prefill_end` / `kv_transfer_end`.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from labkit.pd.timeline import Timeline
+
+CONNECTORS: tuple[str, ...] = ("nixl", "example")
+COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
+# What the prefill engine is told with NixlConnector: "compute the prompt, keep the blocks for a
+# remote decode". Its answer carries the remote_* fields the decode engine pulls from.
+NIXL_PREFILL_PARAMS: dict[str, Any] = {
+    "do_remote_decode": True,
+    "do_remote_prefill": False,
+    "remote_engine_id": None,
+    "remote_block_ids": None,
+    "remote_host": None,
+    "remote_port": None,
+}
+# vLLM's own TTFT buckets (vllm/v1/metrics/loggers.py), cut at 640 s.
+_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+            7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0)
+
+
+def error_body(message: str, status: int, err_type: str, param: str | None = None) -> dict:
+    """vLLM's error shape (vllm/entrypoints/openai/engine/protocol.py: ErrorResponse)."""
+    return {"error": {"message": message, "type": err_type, "param": param, "code": status}}
+
+
+class ProxyError(Exception):
+    """A request that ends at the proxy with `status` and a vLLM-shaped error body."""
+
+    def __init__(self, status: int, body: dict) -> None:
+        self.status, self.body = status, body
+        super().__init__(body["error"]["message"])
+
+    @classmethod
+    def from_upstream(cls, engine: Engine, status: int, content: bytes) -> ProxyError:
+        """Pass an engine's error through: its own body when vLLM-shaped, else wrapped."""
+        with contextlib.suppress(ValueError):
+            body = json.loads(content)
+            if isinstance(body, dict) and isinstance(body.get("error"), dict):
+                body["error"].setdefault("message", f"{engine.name} answered {status}")
+                return cls(status, body)
+        text = content[:500].decode(errors="replace")
+        try:
+            phrase = HTTPStatus(status).phrase
+        except ValueError:
+            phrase = "Error"
+        return cls(status, error_body(f"{engine.name} answered {status}: {text}", status, phrase))
+
+    def response(self, req_id: str) -> JSONResponse:
+        return JSONResponse(self.body, status_code=self.status, headers={"x-request-id": req_id})
+
+
+@dataclass
+class Engine:
+    """One upstream vLLM (or simulated) server and the connection pool to it."""
+
+    role: str  # "prefill" | "decode"
+    url: str
+    client: httpx.AsyncClient
+
+    @property
+    def name(self) -> str:
+        return f"{self.role} engine {self.url}"
+
+    @contextlib.contextmanager
+    def errors(self) -> Iterator[None]:
+        """Turn a transport failure into a 504 (timed out) or 502 (down, refused, cut off)."""
+        try:
+            yield
+        except httpx.TimeoutException as exc:
+            msg = f"{self.name} timed out ({type(exc).__name__})"
+            raise ProxyError(504, error_body(msg, 504, "GatewayTimeoutError")) from exc
+        except httpx.TransportError as exc:
+            msg = f"{self.name} is unreachable ({type(exc).__name__}: {exc})"
+            raise ProxyError(502, error_body(msg, 502, "BadGatewayError")) from exc
+
+
+class ProxyMetrics:
+    """The proxy's own Prometheus registry; names prefixed `labkit:proxy_` like vLLM's `vllm:`."""
+
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("labkit:proxy_requests", "Requests answered, by route and HTTP "
+                                "status (499: the client went away).", ["route", "status"],
+                                registry=r)
+        self.in_flight = Gauge("labkit:proxy_requests_in_flight", "Requests in the proxy now.",
+                               registry=r)
+        self.upstream_errors = Counter("labkit:proxy_upstream_errors", "Engines that failed or "
+                                       "answered an error, by role.", ["role"], registry=r)
+        self.ttft = Histogram("labkit:proxy_time_to_first_token_seconds", "Arrival to the first "
+                              "streamed token, seen by the proxy.", registry=r, buckets=_BUCKETS)
+        self.e2e = Histogram("labkit:proxy_e2e_request_latency_seconds", "Arrival to finish.",
+                             registry=r, buckets=_BUCKETS)
+        self.prefill = Histogram("labkit:proxy_prefill_time_seconds", "Prefill call, sent to "
+                                 "answered.", registry=r, buckets=_BUCKETS)
+        self.transfer_wait = Histogram("labkit:proxy_kv_transfer_wait_seconds", "Decode call to "
+                                       "its first byte: KV transfer plus the first decode step.",
+                                       registry=r, buckets=_BUCKETS)
+
+
+def prefill_request(body: dict, route: str, connector: str) -> dict:
+    """The prefill engine's request: one token, not streamed (vLLM's toy proxy rules)."""
+    req = {k: v for k, v in body.items()
+           if k not in ("stream_options", "min_tokens", "min_completion_tokens")}
+    req["stream"] = False
+    req["max_tokens"] = 1
+    if route == CHAT:  # max_completion_tokens wins over max_tokens in vLLM's chat protocol
+        req["max_completion_tokens"] = 1
+    if connector == "nixl":
+        req["kv_transfer_params"] = dict(NIXL_PREFILL_PARAMS)
+    return req
+
+
+def decode_request(body: dict, prefill_reply: dict, connector: str) -> dict:
+    """The decode engine's request: the client's, plus prefill's kv_transfer_params (nixl)."""
+    params = prefill_reply.get("kv_transfer_params")
+    if connector == "nixl" and params:
+        return {**body, "kv_transfer_params": params}
+    return body
+
+
+class SSEScanner:
+    """Splits a byte stream into SSE `data:` payloads (vLLM writes `data: {...}\\n\\n`)."""
+
+    def __init__(self) -> None:
+        self._buf = b""
+
+    def feed(self, chunk: bytes) -> list[str]:
+        self._buf += chunk
+        payloads = []
+        while (end := self._buf.find(b"\n\n")) >= 0:
+            block, self._buf = self._buf[:end], self._buf[end + 2:]
+            lines = [ln.rstrip(b"\r")[5:] for ln in block.split(b"\n") if ln.startswith(b"data:")]
+            if lines:
+                payloads.append(b"\n".join(ln[1:] if ln[:1] == b" " else ln for ln in lines)
+                                .decode(errors="replace"))
+        return payloads
+
+
+@dataclass
+class _Flight:
+    """What the proxy knows of one request while it runs."""
+
+    req_id: str
+    route: str
+    arrival: float
+    prefill: Engine | None = None
+    decode: Engine | None = None
+    decode_sent: float = 0.0
+    decode_answered: bool = False
+    num_tokens: int = 0
+    first_token: float | None = None
+    ids: dict[str, str | None] = field(default_factory=dict)
+    usage: dict[str, Any] = field(default_factory=dict)
+
+
+class PDProxy:
+    """Round-robin prefill and decode engines, the two-step request, timeline and metrics."""
+
+    def __init__(self, prefill_urls: list[str], decode_urls: list[str], connector: str = "nixl",
+                 connect_timeout: float = 2.0, read_timeout: float | None = 600.0,
+                 timeline: Timeline | None = None) -> None:
+        if not prefill_urls or not decode_urls:
+            raise ValueError("the proxy needs at least one prefill and one decode engine URL")
+        if connector not in CONNECTORS:
+            raise ValueError(f"connector must be one of {CONNECTORS}, not {connector!r}")
+        self.connector = connector
+        self.timeline = timeline if timeline is not None else Timeline()
+        self.metrics = ProxyMetrics()
+        timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
+        self.health_timeout = httpx.Timeout(min(read_timeout or 5.0, 5.0), connect=connect_timeout)
+        self.prefills = [self._engine("prefill", u, timeout) for u in prefill_urls]
+        self.decodes = [self._engine("decode", u, timeout) for u in decode_urls]
+        self._next_prefill = itertools.cycle(self.prefills)
+        self._next_decode = itertools.cycle(self.decodes)
+
+    @staticmethod
+    def _engine(role: str, url: str, timeout: httpx.Timeout) -> Engine:
+        url = url.rstrip("/").removesuffix("/v1")
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        client = httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits, trust_env=False)
+        return Engine(role, url, client)
+
+    async def aclose(self) -> None:
+        await asyncio.gather(*(e.client.aclose() for e in self.prefills + self.decodes))
+
+    async def completions(self, request: Request, route: str) -> Response:
+        """POST /v1/completions or /v1/chat/completions: prefill, then decode."""
+        tl = self.timeline
+        fl = _Flight(request.headers.get("x-request-id") or f"pd-{uuid.uuid4().hex}", route,
+                     tl.now())
+        self.metrics.in_flight.inc()
+        try:
+            body = json.loads(await request.body())
+            if not isinstance(body, dict):
+                raise ValueError(f"the body must be a JSON object, not {type(body).__name__}")
+        except ValueError as exc:
+            tl.record(fl.req_id, "arrival", ts=fl.arrival, route=route)
+            err = ProxyError(400, error_body(f"Invalid JSON body: {exc}", 400, "Bad Request",
+                                             "body"))
+            return self._finish(fl, err.status, err.response(fl.req_id), err)
+        stream = bool(body.get("stream"))
+        tl.record(fl.req_id, "arrival", ts=fl.arrival, route=route, model=body.get("model"),
+                  stream=stream, connector=self.connector)
+        headers = {"X-Request-Id": fl.req_id}
+        if auth := request.headers.get("authorization"):
+            headers["Authorization"] = auth
+        try:
+            prefill_reply = await self._prefill(fl, body, headers)
+            fl.decode = decode = next(self._next_decode)
+            tl.record(fl.req_id, "kv_transfer_start", engine=decode.url)
+            fl.decode_sent = tl.now()
+            with decode.errors():
+                upstream = decode.client.build_request(
+                    "POST", route, json=decode_request(body, prefill_reply, self.connector),
+                    headers=headers)
+                resp = await decode.client.send(upstream, stream=True)
+                if resp.status_code >= 400 or not stream:
+                    try:
+                        content = await resp.aread()
+                    finally:
+                        await resp.aclose()
+            if resp.status_code >= 400:
+                raise ProxyError.from_upstream(decode, resp.status_code, content)
+        except ProxyError as exc:
+            return self._finish(fl, exc.status, exc.response(fl.req_id), exc)
+        if stream:
+            return StreamingResponse(self._relay(fl, resp), status_code=resp.status_code,
+                                     media_type="text/event-stream",
+                                     headers={"x-request-id": fl.req_id})
+        reply: Any = None
+        with contextlib.suppress(ValueError):
+            reply = json.loads(content)
+        if isinstance(reply, dict):
+            self._on_decode_data(fl, reply, streamed=False)
+        return self._finish(fl, resp.status_code, Response(
+            content, status_code=resp.status_code, media_type="application/json",
+            headers={"x-request-id": fl.req_id}))
+
+    async def _prefill(self, fl: _Flight, body: dict, headers: dict[str, str]) -> dict:
+        """Run the prefill step; returns the prefill engine's JSON answer."""
+        tl = self.timeline
+        fl.prefill = engine = next(self._next_prefill)
+        start = tl.record(fl.req_id, "prefill_start", engine=engine.url)["ts"]
+        with engine.errors():
+            resp = await engine.client.post(
+                fl.route, json=prefill_request(body, fl.route, self.connector), headers=headers)
+        if resp.status_code >= 400:
+            raise ProxyError.from_upstream(engine, resp.status_code, resp.content)
+        try:
+            reply = resp.json()
+            assert isinstance(reply, dict)
+        except (ValueError, AssertionError):
+            msg = f"{engine.name} answered a body that is not a JSON object"
+            raise ProxyError(502, error_body(msg, 502, "BadGatewayError")) from None
+        fl.ids["prefill_id"] = reply.get("id")
+        usage = reply.get("usage") or {}
+        fl.usage["prompt_tokens"] = usage.get("prompt_tokens")
+        end = tl.record(fl.req_id, "prefill_end", prefill_id=reply.get("id"),
+                        prompt_tokens=usage.get("prompt_tokens"),
+                        kv_transfer_params=reply.get("kv_transfer_params"),
+                        engine_timing=reply.get("labkit_timing"))["ts"]
+        self.metrics.prefill.observe(end - start)
+        return reply
+
+    async def _relay(self, fl: _Flight, resp: httpx.Response) -> AsyncIterator[bytes]:
+        """Pass decode's SSE through chunk by chunk, timestamping each token on the way."""
+        scanner, error = SSEScanner(), None
+        status = resp.status_code
+        try:
+            assert fl.decode is not None
+            with fl.decode.errors():
+                async for chunk in resp.aiter_raw():
+                    for data in scanner.feed(chunk):
+                        with contextlib.suppress(ValueError):
+                            obj = json.loads(data)
+                            if isinstance(obj, dict):
+                                self._on_decode_data(fl, obj, streamed=True)
+                    yield chunk
+        except ProxyError as exc:  # the decode engine went away mid-stream
+            status, error = exc.status, exc
+            yield f"data: {json.dumps(exc.body)}\n\ndata: [DONE]\n\n".encode()
+        except (asyncio.CancelledError, GeneratorExit):
+            status = 499
+            error = ProxyError(499, error_body("the client went away", 499, "ClientClosed"))
+            raise
+        finally:
+            await resp.aclose()
+            self._finish(fl, status, None, error)
+
+    def _on_decode_data(self, fl: _Flight, obj: dict, streamed: bool) -> None:
+        """Fold one decode answer (a JSON body, or one SSE chunk) into the timeline."""
+        tl, now = self.timeline, self.timeline.now()
+        if not fl.decode_answered:  # the first byte: KV transfer + first decode step are done
+            fl.decode_answered = True
+            timing = obj.get("labkit_timing")
+            tl.record(fl.req_id, "kv_transfer_end", ts=now, wait_s=now - fl.decode_sent,
+                      engine_timing=timing if isinstance(timing, dict) else None)
+            self.metrics.transfer_wait.observe(now - fl.decode_sent)
+        fl.ids["decode_id"] = fl.ids.get("decode_id") or obj.get("id")
+        if isinstance(obj.get("usage"), dict):
+            fl.usage.update({k: v for k, v in obj["usage"].items() if v is not None})
+        if isinstance(obj.get("error"), dict):  # vLLM reports a mid-stream failure in the stream
+            err = obj["error"]
+            tl.record(fl.req_id, "error", status=err.get("code"), message=err.get("message"))
+        if not streamed:
+            return  # a whole answer has no per-token times
+        for choice in obj.get("choices") or []:
+            delta = choice.get("delta")
+            if isinstance(delta, dict) and delta.get("role"):
+                continue  # chat's opening chunk names the role; it carries no token
+            fl.num_tokens += 1
+            if fl.first_token is None:
+                fl.first_token = now
+                tl.record(fl.req_id, "first_token", ts=now, ttft_s=now - fl.arrival)
+                self.metrics.ttft.observe(now - fl.arrival)
+            text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
+            tl.record(fl.req_id, "token", ts=now, n=fl.num_tokens, index=choice.get("index", 0),
+                      text=text)
+
+    def _finish(self, fl: _Flight, status: int, response: Response | None,
+                error: ProxyError | None = None) -> Response | None:
+        """Record `error` (if any) and `finish`, count the request, return `response`."""
+        tl = self.timeline
+        if error is not None:
+            tl.record(fl.req_id, "error", status=status, message=str(error))
+            if status >= 500:
+                role = fl.decode.role if fl.decode else (fl.prefill.role if fl.prefill else None)
+                self.metrics.upstream_errors.labels(role or "proxy").inc()
+        now = tl.now()
+        tl.record(fl.req_id, "finish", ts=now, status=status, e2e_s=now - fl.arrival,
+                  prefill_engine=fl.prefill.url if fl.prefill else None,
+                  decode_engine=fl.decode.url if fl.decode else None,
+                  prompt_tokens=fl.usage.get("prompt_tokens"),
+                  completion_tokens=fl.usage.get("completion_tokens",
+                                                 fl.num_tokens if fl.first_token else None),
+                  **fl.ids)
+        self.metrics.requests.labels(fl.route, str(status)).inc()
+        self.metrics.e2e.observe(now - fl.arrival)
+        self.metrics.in_flight.dec()
+        return response
+
+    async def health(self) -> JSONResponse:
+        """200 when every engine answers /health with 200; 503 naming the ones that do not."""
+
+        async def probe(engine: Engine) -> dict[str, Any]:
+            state: dict[str, Any] = {"role": engine.role, "url": engine.url}
+            try:
+                with engine.errors():
+                    resp = await engine.client.get("/health", timeout=self.health_timeout)
+                state.update(ok=resp.status_code == 200, status=resp.status_code)
+            except ProxyError as exc:
+                state.update(ok=False, status=None, error=str(exc))
+            return state
+
+        engines = await asyncio.gather(*(probe(e) for e in self.prefills + self.decodes))
+        down = [e for e in engines if not e["ok"]]
+        if not down:
+            return JSONResponse({"status": "ok", "engines": engines})
+        msg = "; ".join(e.get("error") or f"{e['role']} engine {e['url']} answered /health with "
+                        f"{e['status']}" for e in down)
+        return JSONResponse({**error_body(msg, 503, "ServiceUnavailableError"),
+                             "engines": engines}, status_code=503)
+
+    async def models(self) -> Response:
+        """GET /v1/models from the first decode engine (both engines serve the same model)."""
+        engine = self.decodes[0]
+        try:
+            with engine.errors():
+                resp = await engine.client.get("/v1/models")
+        except ProxyError as exc:
+            return JSONResponse(exc.body, status_code=exc.status)
+        return Response(resp.content, status_code=resp.status_code,
+                        media_type=resp.headers.get("content-type", "application/json"))
+
+
+def create_app(prefill_urls: list[str], decode_urls: list[str], connector: str = "nixl",
+               connect_timeout: float = 2.0, read_timeout: float | None = 600.0,
+               timeline: Timeline | None = None) -> FastAPI:
+    """The proxy as an ASGI app (serve it with uvicorn on 127.0.0.1).
+
+    Args:
+        prefill_urls / decode_urls: engine base URLs, used round robin.
+        connector: "nixl" (kv_transfer_params handshake) or "example" (shared storage).
+        connect_timeout / read_timeout: seconds per upstream call (read None: no limit).
+        timeline: share a Timeline with the caller (a new one by default).
+    Returns:
+        A FastAPI app; `app.state.proxy` is the PDProxy, `app.state.timeline` its Timeline.
+    """
+    proxy = PDProxy(prefill_urls, decode_urls, connector, connect_timeout, read_timeout,
+                    timeline)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await proxy.aclose()
+
+    app = FastAPI(title="labkit PD proxy", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.proxy, app.state.timeline = proxy, proxy.timeline
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        phrase = HTTPStatus(exc.status_code).phrase
+        return JSONResponse(error_body(str(exc.detail), exc.status_code, phrase),
+                            status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(error_body(str(exc.errors()), 400, "Bad Request"), status_code=400)
+
+    @app.post(COMPLETIONS)
+    async def completions(request: Request) -> Response:
+        return await proxy.completions(request, COMPLETIONS)
+
+    @app.post(CHAT)
+    async def chat_completions(request: Request) -> Response:
+        return await proxy.completions(request, CHAT)
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        return await proxy.models()
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        return await proxy.health()
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(proxy.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/timeline")
+    async def timeline(since: int = 0, limit: int | None = None) -> dict:
+        return proxy.timeline.since(since, limit)
+
+    @app.get("/timeline/requests")
+    async def timeline_requests(limit: int = 100) -> dict:
+        return {"requests": proxy.timeline.requests(limit)}
+
+    @app.get("/timeline/stream")
+    async def timeline_stream(since: int | None = None) -> StreamingResponse:
+        async def events() -> AsyncIterator[bytes]:
+            async for ev in proxy.timeline.follow(since, heartbeat=10.0):
+                yield (b": keep-alive\n\n" if ev is None
+                       else f"id: {ev['seq']}\ndata: {json.dumps(ev)}\n\n".encode())
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    return app

@@ -1,0 +1,229 @@
+"""labkit's observer events: what vLLM's KV-connector hooks (and the simulator) tell the lab.
+
+KV events carry block hashes; the views also need PHYSICAL block ids, per-step schedules and
+per-layer KV streaming times. The observer connector (`labkit/pd/observer.py`, inside vLLM)
+and the simulated engine both emit these structs; the contract is docs/architecture.md,
+section "Wire contracts", item 3.
+
+Wire: ZMQ PUB, multipart `[b"labkit-obs", msgpack(ObserverBatch)]`. Each event is a msgspec
+tagged struct (tag = class name under the key "type", like vLLM's KV events).
+
+`ObserverPublisher` runs inside vLLM's scheduler and worker processes, so it never blocks and
+never raises: sends are `NOBLOCK` on an XPUB socket with `XPUB_NODROP`, so that a full queue
+shows up as `zmq.Again`, which is counted in `.num_dropped` instead of waiting.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Literal
+
+import msgspec
+import zmq
+
+logger = logging.getLogger(__name__)
+
+OBS_TOPIC = b"labkit-obs"
+
+# PoolSnapshot.block_state values, one byte per physical block.
+BLOCK_FREE = 0  # free, no hash
+BLOCK_CACHED = 1  # free but cached: evictable, has a hash
+BLOCK_IN_USE = 2  # ref count 1
+BLOCK_SHARED = 3  # ref count >= 2
+
+
+class StepScheduled(msgspec.Struct, tag=True):
+    """One scheduler step (`build_connector_meta`). Block ids are physical ids of KV group 0;
+    block 0 is vLLM's null block."""
+
+    step: int
+    ts: float
+    token_budget: int
+    num_scheduled_tokens: dict[str, int]
+    new_block_ids: dict[str, list[int]]
+    num_computed_tokens: dict[str, int]
+    preempted: list[str]
+    finished: list[str]
+
+
+class RequestAllocated(msgspec.Struct, tag=True):
+    """Blocks given to a request (`update_state_after_alloc`)."""
+
+    ts: float
+    req_id: str
+    block_ids: list[int]
+    num_external_tokens: int
+
+
+class RequestFinished(msgspec.Struct, tag=True):
+    """A request ends (`request_finished`); `delay_free`: blocks held for a KV transfer."""
+
+    ts: float
+    req_id: str
+    block_ids: list[int]
+    delay_free: bool
+
+
+class PoolSnapshot(msgspec.Struct, tag=True):
+    """The whole block pool, one byte per physical block (BLOCK_* values); <= 4 Hz."""
+
+    ts: float
+    num_blocks: int
+    num_free: int
+    block_state: bytes
+
+
+class LayerTiming(msgspec.Struct, tag=True):
+    """One layer's KV save or load on a worker (`save_kv_layer`, `wait_for_layer_load`)."""
+
+    ts: float
+    op: Literal["save", "load"]
+    layer: str
+    start: float
+    end: float
+    num_bytes: int
+    req_ids: list[str]
+
+
+class KVTransfer(msgspec.Struct, tag=True):
+    """One completed per-request KV transfer between engines."""
+
+    ts: float
+    req_id: str
+    direction: Literal["send", "recv"]
+    num_tokens: int
+    num_bytes: int
+    start: float
+    end: float
+    connector: str
+
+
+ObsEvent = (
+    StepScheduled | RequestAllocated | RequestFinished | PoolSnapshot | LayerTiming | KVTransfer
+)
+
+
+class ObserverBatch(msgspec.Struct):
+    """Events from one engine process; `kind` is "vllm" | "sim" | "replay"."""
+
+    engine_id: str
+    role: str
+    kind: str
+    ts: float
+    events: list[ObsEvent]
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(type=ObserverBatch)
+
+
+def encode_observer_batch(batch: ObserverBatch) -> bytes:
+    """msgpack payload of one batch."""
+    return _encoder.encode(batch)
+
+
+def decode_observer_batch(payload: bytes) -> ObserverBatch:
+    """Decode one payload; raises `msgspec.DecodeError`/`ValidationError` on bad input."""
+    return _decoder.decode(payload)
+
+
+def decode_observer_frames(frames: list[bytes]) -> ObserverBatch:
+    """Decode one multipart message `[b"labkit-obs", payload]`."""
+    if len(frames) != 2 or bytes(frames[0]) != OBS_TOPIC:
+        raise ValueError("not an observer message: expected [b'labkit-obs', payload]")
+    return decode_observer_batch(frames[1])
+
+
+class ObserverPublisher:
+    """Non-blocking PUB for observer batches, safe to call from inside vLLM's engine loop.
+
+    `publish*()` return False (and count a drop) instead of waiting when the send queue is
+    full, and swallow every error after closing or on a broken socket.  Use it from ONE
+    thread (ZMQ sockets are not thread-safe); a worker process gets its own publisher.
+
+    Args:
+        endpoint: ZMQ address, e.g. `tcp://127.0.0.1:5600` (`...:*` binds a free port).
+        engine_id, role, kind: stamped on batches built by `publish()`.
+        bind: True (default) binds, so a lab subscriber connects to it; False connects to a
+            subscriber that binds (several processes into one SUB).
+        sndhwm: messages queued per subscriber before sends are dropped.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        engine_id: str = "",
+        role: str = "",
+        kind: str = "vllm",
+        bind: bool = True,
+        sndhwm: int = 1000,
+    ) -> None:
+        self.engine_id, self.role, self.kind = engine_id, role, kind
+        self.num_sent = 0
+        self.num_dropped = 0
+        self.num_errors = 0
+        self._ctx = zmq.Context.instance()
+        self._sock: zmq.Socket | None = self._ctx.socket(zmq.XPUB)
+        self._sock.setsockopt(zmq.SNDHWM, sndhwm)
+        self._sock.setsockopt(zmq.XPUB_NODROP, 1)  # full queue -> zmq.Again, not silent loss
+        self._sock.setsockopt(zmq.LINGER, 0)
+        if bind:
+            self._sock.bind(endpoint)
+            self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        else:
+            self._sock.connect(endpoint)
+            self.endpoint = endpoint
+
+    def publish(self, events: list[ObsEvent], ts: float | None = None) -> bool:
+        """Send `events` as one batch stamped with this publisher's engine; True if queued."""
+        batch = ObserverBatch(
+            engine_id=self.engine_id,
+            role=self.role,
+            kind=self.kind,
+            ts=time.time() if ts is None else ts,
+            events=events,
+        )
+        return self.publish_batch(batch)
+
+    def publish_batch(self, batch: ObserverBatch) -> bool:
+        """Send one batch without blocking; False if dropped (queue full) or failed."""
+        sock = self._sock
+        if sock is None:
+            self.num_dropped += 1
+            return False
+        try:
+            self._drain_subscriptions(sock)
+            sock.send_multipart((OBS_TOPIC, _encoder.encode(batch)), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            self.num_dropped += 1
+            return False
+        except Exception:  # never raise into the engine
+            self.num_errors += 1
+            if self.num_errors == 1:
+                logger.exception("observer publish failed (further errors only counted)")
+            return False
+        self.num_sent += 1
+        return True
+
+    @staticmethod
+    def _drain_subscriptions(sock: zmq.Socket) -> None:
+        # XPUB hands subscription messages up; read them so they do not pile up.
+        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            sock.recv(zmq.NOBLOCK)
+
+    def close(self) -> None:
+        """Close the socket (pending messages are discarded: linger 0). Idempotent."""
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            try:
+                sock.close(linger=0)
+            except Exception:  # pragma: no cover - closing must not raise into the engine
+                pass
+
+    def __enter__(self) -> ObserverPublisher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,189 @@
+"""KV-cache block allocation map: each engine's physical blocks as a grid heatmap.
+
+Up to MAX_CELLS blocks, one cell is one block, coloured by state and, when in use, by the
+request that holds it (same colour as in the other views). Above that, cells become
+super-cells of `k` consecutive blocks coloured by the fraction in use, so a 100k-block cache
+costs one bincount and a 4k-cell heatmap per redraw.
+
+    block id = (row * cols + col) * k          (row 0 at the top)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from plotly.subplots import make_subplots
+
+import plotly.graph_objects as go
+from labkit.viz.base import View
+from labkit.viz.blockstate import BlockMapState, EngineBlocks
+from labkit.viz.style import (
+    REQUEST_COLORS,
+    STATE_COLORS,
+    kind_label,
+    request_color_index,
+)
+
+MAX_CELLS = 4096
+
+# Fine grid z codes: states first, then one code per request colour.
+Z_FREE, Z_CACHED, Z_SHARED, Z_USED = 0, 1, 2, 3
+Z_REQ0 = 4
+_FINE_COLORS = [STATE_COLORS[0], STATE_COLORS[1], STATE_COLORS[3], STATE_COLORS[2], *REQUEST_COLORS]
+_COARSE_SCALE = [[0.0, STATE_COLORS[0]], [0.5, "#8ce99a"], [1.0, "#1b5e20"]]
+_FINE_HOVER = "block %{customdata[0]}<br>%{text}<br>tokens %{customdata[1]}<extra></extra>"
+_COARSE_HOVER = (
+    "blocks %{customdata[0]}–%{customdata[1]}<br>in use %{customdata[2]:.0f}%"
+    " (shared %{customdata[3]:.0f}%)<br>cached %{customdata[4]:.0f}%"
+    "<br>free %{customdata[5]:.0f}%<extra></extra>"
+)
+
+
+def _discrete_scale(colors: list[str]) -> list[list]:
+    """Colour i for integer z == i (with zmin=-0.5, zmax=len-0.5)."""
+    n = len(colors)
+    scale = []
+    for i, c in enumerate(colors):
+        scale += [[i / n, c], [(i + 1) / n, c]]
+    return scale
+
+
+@dataclass
+class BlockGrid:
+    """What the heatmap shows for one engine (a pure function of EngineBlocks)."""
+
+    z: np.ndarray  # (rows, cols); NaN pads the last row
+    customdata: np.ndarray  # (rows, cols, k)
+    text: np.ndarray | None  # (rows, cols) request per block (fine grid only)
+    blocks_per_cell: int
+    counts: np.ndarray  # [free, cached, in use, shared]
+
+    @property
+    def num_cells(self) -> int:
+        return int(np.count_nonzero(~np.isnan(self.z)))
+
+
+def grid_shape(num_cells: int) -> tuple[int, int]:
+    """(rows, cols) about twice as wide as tall."""
+    cols = max(1, math.ceil(math.sqrt(num_cells * 2)))
+    return max(1, math.ceil(num_cells / cols)), cols
+
+
+def _pad(a: np.ndarray, size: int, fill) -> np.ndarray:
+    out = np.full((size, *a.shape[1:]), fill, dtype=a.dtype)
+    out[: len(a)] = a
+    return out
+
+
+def block_grid(eng: EngineBlocks, max_cells: int = MAX_CELLS) -> BlockGrid:
+    """Lay out one engine's pool as a grid (fine <= max_cells blocks, else super-cells)."""
+    n = max(eng.num_blocks, 1)
+    state = eng.state if eng.num_blocks else np.zeros(1, np.uint8)
+    counts = np.bincount(state[1:], minlength=4)[:4]
+    k = max(1, math.ceil(n / max_cells))
+    cells = math.ceil(n / k)
+    rows, cols = grid_shape(cells)
+    size = rows * cols
+    if k == 1:
+        z = np.choose(state, [Z_FREE, Z_CACHED, Z_USED, Z_SHARED]).astype(np.float64)
+        owner = eng.owner if eng.num_blocks else np.full(1, -1, np.int32)
+        colored = (owner >= 0) & (state == 2)
+        if colored.any():
+            z[colored] = Z_REQ0 + _color_codes(eng)[owner[colored]]
+        names = np.array([*eng.req_names, ""], dtype=object)
+        text = names[owner].astype(object)
+        text[state == 0] = "free"
+        text[state == 1] = "cached (evictable)"
+        shared = state == 3
+        text[shared] = np.char.add(text[shared].astype(str), " (shared prefix)")
+        ids = np.arange(n)
+        custom = np.stack([ids, eng.tokens_per_block() if eng.num_blocks else ids * 0], axis=-1)
+        z = _pad(z, size, np.nan).reshape(rows, cols)
+        return BlockGrid(
+            z, _pad(custom, size, -1).reshape(rows, cols, 2),
+            _pad(text, size, "").reshape(rows, cols), 1, counts,
+        )  # fmt: skip
+    cell = np.arange(n) // k
+    per = np.bincount(cell * 4 + state, minlength=cells * 4).reshape(cells, 4).astype(np.float64)
+    tot = per.sum(axis=1)
+    frac = per / tot[:, None]
+    first = np.arange(cells) * k
+    last = np.minimum(first + k, n) - 1
+    used = frac[:, 2] + frac[:, 3]
+    custom = np.column_stack(
+        [first, last, 100 * used, 100 * frac[:, 3], 100 * frac[:, 1], 100 * frac[:, 0]]
+    )
+    z = _pad(used, size, np.nan).reshape(rows, cols)
+    return BlockGrid(z, _pad(custom, size, np.nan).reshape(rows, cols, 6), None, k, counts)
+
+
+def _color_codes(eng: EngineBlocks) -> np.ndarray:
+    """Colour index per request code, cached on the engine and extended as requests appear."""
+    cached = getattr(eng, "_viz_color_codes", np.zeros(0, np.int64))
+    if len(cached) < len(eng.req_names):
+        extra = [request_color_index(r) for r in eng.req_names[len(cached) :]]
+        cached = np.concatenate([cached, np.asarray(extra, np.int64)])
+        eng._viz_color_codes = cached  # type: ignore[attr-defined]
+    return cached
+
+
+def summary(eng: EngineBlocks, grid: BlockGrid) -> str:
+    """Subplot title: engine, role, kind and the counts."""
+    free, cached, used, shared = (int(c) for c in grid.counts)
+    cells = "" if grid.blocks_per_cell == 1 else f" · {grid.blocks_per_cell} blocks/cell"
+    return (
+        f"<b>{eng.name}</b> ({eng.role}, {kind_label(eng.kind)}): {used + shared} in use"
+        f" ({shared} shared) · {cached} cached · {free} free of {max(eng.num_blocks - 1, 0)}{cells}"
+    )
+
+
+class BlockMapView(View):
+    """One heatmap per engine, stacked; hover names block ids, request and tokens."""
+
+    title = "KV-cache block allocation"
+
+    def __init__(self, state: BlockMapState, max_cells: int = MAX_CELLS) -> None:
+        super().__init__(state, [e.kind for e in state.engines.values()])
+        self.max_cells = max_cells
+        self.names = list(state.engines)
+        n = max(len(self.names), 1)
+        base = make_subplots(
+            rows=n, cols=1, vertical_spacing=0.12 / n,
+            subplot_titles=[summary(e, block_grid(e, 1)) for e in state.engines.values()] or [""],
+        )  # fmt: skip
+        self.figure = go.FigureWidget(base)
+        for i, _ in enumerate(self.names):
+            self.figure.add_trace(
+                go.Heatmap(z=[[0]], showscale=False, xgap=1, ygap=1, hoverongaps=False),
+                row=i + 1, col=1,
+            )  # fmt: skip
+            self.figure.update_yaxes(autorange="reversed", showticklabels=False, row=i + 1, col=1)
+            self.figure.update_xaxes(showticklabels=False, row=i + 1, col=1)
+        self._label(self.figure, height=260 * n + 80)
+        self._modes: dict[str, int] = {}
+
+    def state_version(self) -> int:
+        return sum(e.version for e in self.state.engines.values())
+
+    def draw(self) -> None:
+        self.set_kinds(e.kind for e in self.state.engines.values())
+        for i, name in enumerate(self.names):
+            eng = self.state.engines[name]
+            grid = block_grid(eng, self.max_cells)
+            tr = self.figure.data[i]
+            fine = grid.blocks_per_cell == 1
+            if self._modes.get(name) != fine:
+                self._modes[name] = fine
+                if fine:
+                    tr.update(colorscale=_discrete_scale(_FINE_COLORS), zmin=-0.5,
+                              zmax=len(_FINE_COLORS) - 0.5, hovertemplate=_FINE_HOVER,
+                              xgap=1, ygap=1)  # fmt: skip
+                else:
+                    tr.update(colorscale=_COARSE_SCALE, zmin=0.0, zmax=1.0, text=None,
+                              hovertemplate=_COARSE_HOVER, xgap=0, ygap=0)  # fmt: skip
+            tr.z = grid.z
+            tr.customdata = grid.customdata
+            if grid.text is not None:
+                tr.text = grid.text
+            self.figure.layout.annotations[i].text = summary(eng, grid)

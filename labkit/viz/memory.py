@@ -1,0 +1,96 @@
+"""Per-GPU memory: what fills each GPU now (weights, KV cache, the rest of each engine's
+process, other processes, free), and the same categories over time. Shows where KV lives
+beside the weights, and how the memory fraction of two engines on one GPU adds up."""
+from __future__ import annotations
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from labkit.viz.base import View
+from labkit.viz.source import SourceInfo
+from labkit.viz.state import MemoryState
+from labkit.viz.style import gib
+
+CATEGORY_COLORS = {
+    "weights": "#1971c2",
+    "KV cache": "#2f9e44",
+    "engine other": "#f08c00",
+    "other processes": "#868e96",
+    "free": "#e9ecef",
+}
+ENGINE_PATTERNS = ("", "/", "x", ".", "\\", "+", "-", "|")
+
+
+class MemoryView(View):
+    """Left: stacked bar per GPU, one segment per (engine, category). Right: per GPU over time."""
+
+    title = "GPU memory"
+
+    def __init__(self, state: MemoryState, info: SourceInfo) -> None:
+        super().__init__(state, [info.kind])
+        self.gpus = [g.index for g in info.gpus] or [0]
+        self.gpu_names = {g.index: g.name for g in info.gpus}
+        self.engines = [e.name for e in info.engines]
+        n = len(self.gpus)
+        base = make_subplots(
+            rows=n, cols=2, column_widths=[0.35, 0.65], horizontal_spacing=0.08,
+            specs=[[{"rowspan": n}, {}]] + [[None, {}] for _ in range(n - 1)],
+            subplot_titles=["now (GiB)"] + [f"GPU {g} over time (GiB)" for g in self.gpus],
+        )  # fmt: skip
+        fig = self.figure = go.FigureWidget(base)
+        self.bar_keys: list[tuple[str, str]] = []
+        for ei, eng in enumerate(self.engines):
+            for cat in ("weights", "KV cache", "engine other"):
+                self.bar_keys.append((eng, cat))
+                fig.add_trace(
+                    go.Bar(name=f"{eng}: {cat}", x=[], y=[], marker_color=CATEGORY_COLORS[cat],
+                           marker_pattern_shape=ENGINE_PATTERNS[ei % len(ENGINE_PATTERNS)],
+                           hovertemplate=f"{eng} {cat}: %{{y:.2f}} GiB<extra>%{{x}}</extra>"),
+                    row=1, col=1,
+                )  # fmt: skip
+        for cat in ("other processes", "free"):
+            self.bar_keys.append(("", cat))
+            fig.add_trace(
+                go.Bar(name=cat, x=[], y=[], marker_color=CATEGORY_COLORS[cat],
+                       hovertemplate=f"{cat}: %{{y:.2f}} GiB<extra>%{{x}}</extra>"), row=1, col=1,
+            )  # fmt: skip
+        self.area_index: dict[tuple[int, str], int] = {}
+        for gi, gpu in enumerate(self.gpus):
+            for cat in MemoryState.CATEGORIES[:-1]:  # free is the gap to the total line
+                self.area_index[(gpu, cat)] = len(fig.data)
+                fig.add_trace(
+                    go.Scatter(name=cat, x=[], y=[], stackgroup=f"gpu{gpu}", mode="lines",
+                               line=dict(width=0.5, color=CATEGORY_COLORS[cat]),
+                               legendgroup=cat, showlegend=False),
+                    row=gi + 1, col=2,
+                )  # fmt: skip
+            self.area_index[(gpu, "total")] = len(fig.data)
+            fig.add_trace(
+                go.Scatter(name="capacity", x=[], y=[], mode="lines", showlegend=False,
+                           line=dict(color="black", dash="dot", width=1)), row=gi + 1, col=2,
+            )  # fmt: skip
+        fig.update_layout(barmode="stack")
+        self._label(fig, height=max(420, 220 * n + 120))
+
+    def draw(self) -> None:
+        st: MemoryState = self.state
+        kinds = {s.kind for s in st.latest.values()}
+        self.set_kinds(kinds or self.kinds)
+        labels = [f"GPU {g} {self.gpu_names.get(g, '')}".strip() for g in self.gpus]
+        per_gpu = {g: {(e, c): b for e, c, b in st.breakdown(g)} for g in self.gpus}
+        for key, tr in zip(self.bar_keys, self.figure.data):
+            tr.x = labels
+            tr.y = [gib(per_gpu[g].get(key, 0)) for g in self.gpus]
+        for gpu in self.gpus:
+            hist = st.history.get(gpu)
+            if not hist:
+                continue
+            t = np.fromiter((ts for ts, _ in hist), float, len(hist))
+            vals = np.array([v for _, v in hist], dtype=np.float64) / 2**30
+            x = t - t[0]
+            for ci, cat in enumerate(MemoryState.CATEGORIES[:-1]):
+                tr = self.figure.data[self.area_index[(gpu, cat)]]
+                tr.x, tr.y = x, vals[:, ci]
+            total = self.figure.data[self.area_index[(gpu, "total")]]
+            total.x, total.y = x, vals.sum(axis=1)

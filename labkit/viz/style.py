@@ -1,0 +1,67 @@
+"""Shared look of the views: kind labels (so a simulated figure is never taken for a real
+one), request colours, block-state colours, byte formatting."""
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterable
+from typing import Any
+
+KIND_LABELS = {"sim": "SIMULATED", "vllm": "REAL vLLM", "replay": "REPLAY"}
+KIND_COLORS = {"sim": "#b45309", "vllm": "#047857", "replay": "#1d4ed8"}
+
+# Block states of PoolSnapshot.block_state (architecture contract 3).
+FREE, CACHED, IN_USE, SHARED = 0, 1, 2, 3
+STATE_NAMES = ("free", "cached (evictable)", "in use", "shared prefix")
+STATE_COLORS = ("#eeeeee", "#a5d8ff", "#2f9e44", "#7048e8")
+
+# Request colours (plotly's D3 set minus green/purple, which mean in-use/shared above).
+REQUEST_COLORS = (
+    "#1f77b4", "#ff7f0e", "#d62728", "#8c564b", "#e377c2",
+    "#7f7f7f", "#bcbd22", "#17becf", "#f4a261", "#264653",
+)  # fmt: skip
+
+
+def kind_label(kind: str) -> str:
+    """'sim' -> 'SIMULATED', 'vllm' -> 'REAL vLLM', 'replay' -> 'REPLAY'."""
+    return KIND_LABELS.get(kind, kind.upper())
+
+
+def kinds_label(kinds: Iterable[str]) -> str:
+    """One label for a set of kinds (a mixed set lists each)."""
+    uniq = sorted(set(kinds))
+    return " + ".join(kind_label(k) for k in uniq) if uniq else "NO DATA"
+
+
+def titled(title: str, kinds: Iterable[str]) -> str:
+    """A figure title that always carries the kind: 'KV-cache blocks — SIMULATED'."""
+    return f"{title} — {kinds_label(kinds)}"
+
+
+def badge(kinds: Iterable[str]) -> dict[str, Any]:
+    """A layout annotation in the top-right corner naming the kind (e.g. SIMULATED)."""
+    kinds = sorted(set(kinds))
+    color = KIND_COLORS.get(kinds[0], "#444") if len(kinds) == 1 else "#444"
+    return dict(
+        text=f"<b>{kinds_label(kinds)}</b>",
+        xref="paper", yref="paper", x=1.0, y=1.0, xanchor="right", yanchor="bottom",
+        showarrow=False, font=dict(color="white", size=12), bgcolor=color,
+        borderpad=4, name="kind-badge",
+    )  # fmt: skip
+
+
+def request_color(req_id: str) -> str:
+    """A stable colour per request id (same colour in every view)."""
+    return REQUEST_COLORS[zlib.crc32(req_id.encode()) % len(REQUEST_COLORS)]
+
+
+def request_color_index(req_id: str) -> int:
+    return zlib.crc32(req_id.encode()) % len(REQUEST_COLORS)
+
+
+def short_req(req_id: str, n: int = 10) -> str:
+    """Request ids are long ('cmpl-3f2a...-0'); keep the tail that differs."""
+    return req_id if len(req_id) <= n else "…" + req_id[-(n - 1) :]
+
+
+def gib(num_bytes: float) -> float:
+    return num_bytes / 2**30
