@@ -34,12 +34,18 @@ class VLLMEngine(EngineHandle):
         kwargs.setdefault("kind", "vllm")
         super().__init__(name, **kwargs)
         self.serve_args = [str(a) for a in serve_args]
+        if "--port" in self.serve_args:  # labkit.config.vllm_args names the port itself
+            self.port = int(self.serve_args[self.serve_args.index("--port") + 1])
         self.python = python or sys.executable
         self.follower: LogFollower | None = None
 
     def command(self) -> list[str]:
-        return [self.python, "-m", VLLM_MAIN, "serve", *self.serve_args,
-                "--host", self.host, "--port", str(self.port)]
+        args = [self.python, "-m", VLLM_MAIN, "serve", *self.serve_args]
+        if "--host" not in self.serve_args:
+            args += ["--host", self.host]
+        if "--port" not in self.serve_args:
+            args += ["--port", str(self.port)]
+        return args
 
     def environment(self) -> dict[str, str]:
         env = super().environment()

@@ -2,6 +2,7 @@
 
 Repeat --prefill / --decode for several engines (used round robin). Binds 127.0.0.1 unless told.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -10,19 +11,39 @@ from labkit.pd.proxy import CONNECTORS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m labkit.pd",
-                                     description="Prefill -> decode proxy with a timeline.")
-    parser.add_argument("--prefill", action="append", required=True, metavar="URL",
-                        help="prefill engine base URL, e.g. http://127.0.0.1:8100 (repeatable)")
-    parser.add_argument("--decode", action="append", required=True, metavar="URL",
-                        help="decode engine base URL (repeatable)")
-    parser.add_argument("--connector", choices=CONNECTORS, default="nixl",
-                        help="nixl: kv_transfer_params handshake; example: shared storage")
+    parser = argparse.ArgumentParser(
+        prog="python -m labkit.pd", description="Prefill -> decode proxy with a timeline."
+    )
+    parser.add_argument(
+        "--prefill",
+        action="append",
+        required=True,
+        metavar="URL",
+        help="prefill engine base URL, e.g. http://127.0.0.1:8100 (repeatable)",
+    )
+    parser.add_argument(
+        "--decode",
+        action="append",
+        required=True,
+        metavar="URL",
+        help="decode engine base URL (repeatable)",
+    )
+    parser.add_argument(
+        "--connector",
+        choices=CONNECTORS,
+        default="nixl",
+        help="nixl: kv_transfer_params handshake; example: shared storage",
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8192)
     parser.add_argument("--connect-timeout", type=float, default=2.0, metavar="S")
-    parser.add_argument("--read-timeout", type=float, default=600.0, metavar="S",
-                        help="seconds to wait for an engine's answer; 0: no limit")
+    parser.add_argument(
+        "--read-timeout",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="seconds to wait for an engine's answer; 0: no limit",
+    )
     parser.add_argument("--log-level", default="warning")
     return parser.parse_args(argv)
 
@@ -33,9 +54,13 @@ def main(argv: list[str] | None = None) -> None:
 
     from labkit.pd.proxy import create_app
 
-    app = create_app(args.prefill, args.decode, connector=args.connector,
-                     connect_timeout=args.connect_timeout,
-                     read_timeout=args.read_timeout or None)
+    app = create_app(
+        args.prefill,
+        args.decode,
+        connector=args.connector,
+        connect_timeout=args.connect_timeout,
+        read_timeout=args.read_timeout or None,
+    )
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
 
 

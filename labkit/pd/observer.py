@@ -36,9 +36,11 @@ What the times measure. vLLM's `MultiConnector` calls its children in order for 
 Times are wall clock (`time.time()`, comparable across processes). Asynchronous transfer
 connectors (NixlConnector) return from the per-layer hooks at once; their transfer shows in
 `KVTransfer` events from the scheduler side instead.
-`num_bytes` of a LayerTiming is the KV of that layer for the tokens concerned: scheduled
-tokens of the step for "save", externally loaded tokens for "load"; bytes per token and
-layer come from the shapes of the KV caches handed to `register_kv_caches`.
+LayerTiming is published for steps that compute prompt tokens (prefill, chunked or not) or
+load external KV; decode-only steps publish none (one event per layer per step would be
+~2,000 events/s and carry no KV streaming). `num_bytes` is the KV of that layer for the
+tokens concerned: prompt tokens computed in the step for "save", externally loaded tokens
+for "load"; bytes per token and layer come from the KV caches given to `register_kv_caches`.
 
 This module imports vLLM, torch-free numpy, and labkit's observer schema only.
 """
@@ -242,6 +244,8 @@ class ObserverMetadata(KVConnectorMetadata):
 
     step: int = 0
     num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
+    # Prompt tokens computed this step per request (prefill work: what KV streaming is about).
+    prefill_tokens: dict[str, int] = field(default_factory=dict)
     # Requests that load KV synchronously in this step's start_load_kv: req -> tokens.
     load_tokens: dict[str, int] = field(default_factory=dict)
 
@@ -272,6 +276,7 @@ class LabkitObserverConnector(KVConnectorBase_V1, SupportsHMA):
         self._local_hits: dict[str, int] = {}
         self._pending_alloc: dict[str, tuple[float, list[int], int, Any]] = {}
         self._req_blocks: dict[str, list[int]] = {}
+        self._prompt_len: dict[str, int] = {}
         self._async_loads: dict[str, tuple[float, int]] = {}
         self._sends: dict[str, tuple[float, int]] = {}
         self._pool: PoolWatcher | None = None
@@ -352,6 +357,7 @@ class LabkitObserverConnector(KVConnectorBase_V1, SupportsHMA):
             ids = list(blocks.get_block_ids()[0])
             rid = request.request_id
             self._pending_alloc[rid] = (time.time(), ids, int(num_external_tokens), request)
+            self._prompt_len[rid] = int(request.num_prompt_tokens)
             if ids:
                 self._req_blocks[rid] = ids
             if self._pool is not None:
@@ -376,13 +382,16 @@ class LabkitObserverConnector(KVConnectorBase_V1, SupportsHMA):
         now = time.time()
         new_block_ids: dict[str, list[int]] = {}
         num_computed: dict[str, int] = {}
+        sched = so.num_scheduled_tokens
         for req in so.scheduled_new_reqs:
             ids = list(req.block_ids[0]) if req.block_ids else []
             new_block_ids[req.req_id] = ids
             num_computed[req.req_id] = int(req.num_computed_tokens)
             self._req_blocks[req.req_id] = list(ids)
+            self._note_prefill(meta, req.req_id, int(req.num_computed_tokens), sched)
         cached = so.scheduled_cached_reqs
         for i, rid in enumerate(cached.req_ids):
+            self._note_prefill(meta, rid, int(cached.num_computed_tokens[i]), sched)
             nb = cached.new_block_ids[i]
             if nb is None:
                 continue
@@ -416,6 +425,13 @@ class LabkitObserverConnector(KVConnectorBase_V1, SupportsHMA):
                     finished=finished,
                 )
             )
+
+    def _note_prefill(self, meta: ObserverMetadata, rid: str, computed: int,
+                      sched: dict[str, int]) -> None:
+        """Record the prompt tokens `rid` computes this step (chunked prefill included)."""
+        n = min(sched.get(rid, 0), self._prompt_len.get(rid, 0) - computed)
+        if n > 0:
+            meta.prefill_tokens[rid] = n
 
     def _publish_allocations(
         self, num_computed: dict[str, int], meta: ObserverMetadata, now: float
@@ -452,6 +468,7 @@ class LabkitObserverConnector(KVConnectorBase_V1, SupportsHMA):
                 else:
                     self._req_blocks.pop(rid, None)
                 self._local_hits.pop(rid, None)
+                self._prompt_len.pop(rid, None)
                 if len(self._sends) > 4096:  # sends only complete for async connectors
                     self._sends.pop(next(iter(self._sends)))
             except Exception:
@@ -557,13 +574,13 @@ class LabkitObserverConnector(KVConnectorBase_V1, SupportsHMA):
         try:
             span = self._now_bracketed(("save", layer_name))
             meta = self._meta()
-            if span is None or meta is None or not meta.num_scheduled_tokens:
-                return
-            tokens = sum(meta.num_scheduled_tokens.values())
+            if span is None or meta is None or not meta.prefill_tokens:
+                return  # decode-only steps: no prompt KV to stream, no event
+            tokens = sum(meta.prefill_tokens.values())
             self._emit(
                 obs.LayerTiming(ts=span[1], op="save", layer=layer_name, start=span[0],
                                 end=span[1], num_bytes=tokens * self._bytes_per_token_layer,
-                                req_ids=sorted(meta.num_scheduled_tokens))
+                                req_ids=sorted(meta.prefill_tokens))
             )
         except Exception:
             self.num_drops += 1
@@ -573,12 +590,11 @@ class LabkitObserverConnector(KVConnectorBase_V1, SupportsHMA):
             span = self._now_bracketed(("wait_for_save", ""))
             meta = self._meta()
             self._last_hook_ts = 0.0  # end of the forward pass: solo intervals restart
-            if span is None or meta is None or not meta.num_scheduled_tokens:
+            if span is None or meta is None or not meta.prefill_tokens:
                 return
             self._emit(
                 obs.LayerTiming(ts=span[1], op="save", layer="wait_for_save", start=span[0],
-                                end=span[1], num_bytes=0,
-                                req_ids=sorted(meta.num_scheduled_tokens))
+                                end=span[1], num_bytes=0, req_ids=sorted(meta.prefill_tokens))
             )
         except Exception:
             self.num_drops += 1

@@ -19,12 +19,14 @@ API. An engine may add `labkit_timing` (a dict of engine-measured wall-clock sec
 `{"kv_transfer_start": t0, "kv_transfer_end": t1}`) to its JSON answer or to its FIRST SSE chunk;
 the timeline keeps it as `engine_timing` on `prefill_end` / `kv_transfer_end`.
 """
+
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import itertools
 import json
+import logging
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -46,8 +48,9 @@ from prometheus_client import (
 )
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from labkit.pd.timeline import Timeline
+from labkit.pd.timeline import Timeline, timeline_router
 
+logger = logging.getLogger(__name__)
 CONNECTORS: tuple[str, ...] = ("nixl", "example")
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
 # What the prefill engine is told with NixlConnector: "compute the prompt, keep the blocks for a
@@ -60,9 +63,11 @@ NIXL_PREFILL_PARAMS: dict[str, Any] = {
     "remote_host": None,
     "remote_port": None,
 }
-# vLLM's own TTFT buckets (vllm/v1/metrics/loggers.py), cut at 640 s.
+# vLLM's TTFT buckets (vllm/v1/metrics/loggers.py), for every proxy histogram.
+# fmt: off
 _BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
-            7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0)
+            7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+# fmt: on
 
 
 def error_body(message: str, status: int, err_type: str, param: str | None = None) -> dict:
@@ -116,7 +121,7 @@ class Engine:
         except httpx.TimeoutException as exc:
             msg = f"{self.name} timed out ({type(exc).__name__})"
             raise ProxyError(504, error_body(msg, 504, "GatewayTimeoutError")) from exc
-        except httpx.TransportError as exc:
+        except httpx.RequestError as exc:
             msg = f"{self.name} is unreachable ({type(exc).__name__}: {exc})"
             raise ProxyError(502, error_body(msg, 502, "BadGatewayError")) from exc
 
@@ -124,30 +129,39 @@ class Engine:
 class ProxyMetrics:
     """The proxy's own Prometheus registry; names prefixed `labkit:proxy_` like vLLM's `vllm:`."""
 
+    HISTOGRAMS = {  # attribute: (name after `labkit:proxy_`, help)
+        "ttft": ("time_to_first_token_seconds", "Arrival to the first streamed token."),
+        "e2e": ("e2e_request_latency_seconds", "Arrival to finish."),
+        "prefill": ("prefill_time_seconds", "Prefill call, sent to answered."),
+        "transfer_wait": ("kv_transfer_wait_seconds", "Decode call to its first byte: the KV "
+                          "transfer plus the first decode step, seen from outside."),
+    }  # fmt: skip
+    ttft: Histogram
+    e2e: Histogram
+    prefill: Histogram
+    transfer_wait: Histogram
+
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
         self.requests = Counter("labkit:proxy_requests", "Requests answered, by route and HTTP "
                                 "status (499: the client went away).", ["route", "status"],
-                                registry=r)
-        self.in_flight = Gauge("labkit:proxy_requests_in_flight", "Requests in the proxy now.",
-                               registry=r)
-        self.upstream_errors = Counter("labkit:proxy_upstream_errors", "Engines that failed or "
-                                       "answered an error, by role.", ["role"], registry=r)
-        self.ttft = Histogram("labkit:proxy_time_to_first_token_seconds", "Arrival to the first "
-                              "streamed token, seen by the proxy.", registry=r, buckets=_BUCKETS)
-        self.e2e = Histogram("labkit:proxy_e2e_request_latency_seconds", "Arrival to finish.",
-                             registry=r, buckets=_BUCKETS)
-        self.prefill = Histogram("labkit:proxy_prefill_time_seconds", "Prefill call, sent to "
-                                 "answered.", registry=r, buckets=_BUCKETS)
-        self.transfer_wait = Histogram("labkit:proxy_kv_transfer_wait_seconds", "Decode call to "
-                                       "its first byte: KV transfer plus the first decode step.",
-                                       registry=r, buckets=_BUCKETS)
+                                registry=r)  # fmt: skip
+        self.in_flight = Gauge("labkit:proxy_requests_in_flight", "Requests now.", registry=r)
+        self.upstream_errors = Counter("labkit:proxy_upstream_errors", "Requests that failed "
+                                       "(5xx) at an engine, by role.", ["role"], registry=r)  # fmt: skip
+        for attr, (name, doc) in self.HISTOGRAMS.items():
+            setattr(
+                self, attr, Histogram(f"labkit:proxy_{name}", doc, registry=r, buckets=_BUCKETS)
+            )
 
 
 def prefill_request(body: dict, route: str, connector: str) -> dict:
     """The prefill engine's request: one token, not streamed (vLLM's toy proxy rules)."""
-    req = {k: v for k, v in body.items()
-           if k not in ("stream_options", "min_tokens", "min_completion_tokens")}
+    req = {
+        k: v
+        for k, v in body.items()
+        if k not in ("stream_options", "min_tokens", "min_completion_tokens")
+    }
     req["stream"] = False
     req["max_tokens"] = 1
     if route == CHAT:  # max_completion_tokens wins over max_tokens in vLLM's chat protocol
@@ -175,11 +189,14 @@ class SSEScanner:
         self._buf += chunk
         payloads = []
         while (end := self._buf.find(b"\n\n")) >= 0:
-            block, self._buf = self._buf[:end], self._buf[end + 2:]
+            block, self._buf = self._buf[:end], self._buf[end + 2 :]
             lines = [ln.rstrip(b"\r")[5:] for ln in block.split(b"\n") if ln.startswith(b"data:")]
             if lines:
-                payloads.append(b"\n".join(ln[1:] if ln[:1] == b" " else ln for ln in lines)
-                                .decode(errors="replace"))
+                payloads.append(
+                    b"\n".join(ln[1:] if ln[:1] == b" " else ln for ln in lines).decode(
+                        errors="replace"
+                    )
+                )
         return payloads
 
 
@@ -203,9 +220,15 @@ class _Flight:
 class PDProxy:
     """Round-robin prefill and decode engines, the two-step request, timeline and metrics."""
 
-    def __init__(self, prefill_urls: list[str], decode_urls: list[str], connector: str = "nixl",
-                 connect_timeout: float = 2.0, read_timeout: float | None = 600.0,
-                 timeline: Timeline | None = None) -> None:
+    def __init__(
+        self,
+        prefill_urls: list[str],
+        decode_urls: list[str],
+        connector: str = "nixl",
+        connect_timeout: float = 2.0,
+        read_timeout: float | None = 600.0,
+        timeline: Timeline | None = None,
+    ) -> None:
         if not prefill_urls or not decode_urls:
             raise ValueError("the proxy needs at least one prefill and one decode engine URL")
         if connector not in CONNECTORS:
@@ -233,8 +256,9 @@ class PDProxy:
     async def completions(self, request: Request, route: str) -> Response:
         """POST /v1/completions or /v1/chat/completions: prefill, then decode."""
         tl = self.timeline
-        fl = _Flight(request.headers.get("x-request-id") or f"pd-{uuid.uuid4().hex}", route,
-                     tl.now())
+        fl = _Flight(
+            request.headers.get("x-request-id") or f"pd-{uuid.uuid4().hex}", route, tl.now()
+        )
         self.metrics.in_flight.inc()
         try:
             body = json.loads(await request.body())
@@ -242,12 +266,20 @@ class PDProxy:
                 raise ValueError(f"the body must be a JSON object, not {type(body).__name__}")
         except ValueError as exc:
             tl.record(fl.req_id, "arrival", ts=fl.arrival, route=route)
-            err = ProxyError(400, error_body(f"Invalid JSON body: {exc}", 400, "Bad Request",
-                                             "body"))
+            err = ProxyError(
+                400, error_body(f"Invalid JSON body: {exc}", 400, "Bad Request", "body")
+            )
             return self._finish(fl, err.status, err.response(fl.req_id), err)
         stream = bool(body.get("stream"))
-        tl.record(fl.req_id, "arrival", ts=fl.arrival, route=route, model=body.get("model"),
-                  stream=stream, connector=self.connector)
+        tl.record(
+            fl.req_id,
+            "arrival",
+            ts=fl.arrival,
+            route=route,
+            model=body.get("model"),
+            stream=stream,
+            connector=self.connector,
+        )
         headers = {"X-Request-Id": fl.req_id}
         if auth := request.headers.get("authorization"):
             headers["Authorization"] = auth
@@ -258,8 +290,11 @@ class PDProxy:
             fl.decode_sent = tl.now()
             with decode.errors():
                 upstream = decode.client.build_request(
-                    "POST", route, json=decode_request(body, prefill_reply, self.connector),
-                    headers=headers)
+                    "POST",
+                    route,
+                    json=decode_request(body, prefill_reply, self.connector),
+                    headers=headers,
+                )
                 resp = await decode.client.send(upstream, stream=True)
                 if resp.status_code >= 400 or not stream:
                     try:
@@ -270,18 +305,32 @@ class PDProxy:
                 raise ProxyError.from_upstream(decode, resp.status_code, content)
         except ProxyError as exc:
             return self._finish(fl, exc.status, exc.response(fl.req_id), exc)
+        except Exception as exc:  # a bug: still answer, count and close the request
+            logger.exception("request %s failed in the proxy", fl.req_id)
+            err = ProxyError(500, error_body(f"proxy error: {exc!r}", 500, "InternalServerError"))
+            return self._finish(fl, 500, err.response(fl.req_id), err)
         if stream:
-            return StreamingResponse(self._relay(fl, resp), status_code=resp.status_code,
-                                     media_type="text/event-stream",
-                                     headers={"x-request-id": fl.req_id})
+            return StreamingResponse(
+                self._relay(fl, resp),
+                status_code=resp.status_code,
+                media_type=resp.headers.get("content-type"),
+                headers={"x-request-id": fl.req_id},
+            )
         reply: Any = None
         with contextlib.suppress(ValueError):
             reply = json.loads(content)
         if isinstance(reply, dict):
             self._on_decode_data(fl, reply, streamed=False)
-        return self._finish(fl, resp.status_code, Response(
-            content, status_code=resp.status_code, media_type="application/json",
-            headers={"x-request-id": fl.req_id}))
+        return self._finish(
+            fl,
+            resp.status_code,
+            Response(
+                content,
+                status_code=resp.status_code,
+                media_type="application/json",
+                headers={"x-request-id": fl.req_id},
+            ),
+        )
 
     async def _prefill(self, fl: _Flight, body: dict, headers: dict[str, str]) -> dict:
         """Run the prefill step; returns the prefill engine's JSON answer."""
@@ -290,7 +339,8 @@ class PDProxy:
         start = tl.record(fl.req_id, "prefill_start", engine=engine.url)["ts"]
         with engine.errors():
             resp = await engine.client.post(
-                fl.route, json=prefill_request(body, fl.route, self.connector), headers=headers)
+                fl.route, json=prefill_request(body, fl.route, self.connector), headers=headers
+            )
         if resp.status_code >= 400:
             raise ProxyError.from_upstream(engine, resp.status_code, resp.content)
         try:
@@ -302,10 +352,14 @@ class PDProxy:
         fl.ids["prefill_id"] = reply.get("id")
         usage = reply.get("usage") or {}
         fl.usage["prompt_tokens"] = usage.get("prompt_tokens")
-        end = tl.record(fl.req_id, "prefill_end", prefill_id=reply.get("id"),
-                        prompt_tokens=usage.get("prompt_tokens"),
-                        kv_transfer_params=reply.get("kv_transfer_params"),
-                        engine_timing=reply.get("labkit_timing"))["ts"]
+        end = tl.record(
+            fl.req_id,
+            "prefill_end",
+            prefill_id=reply.get("id"),
+            prompt_tokens=usage.get("prompt_tokens"),
+            kv_transfer_params=reply.get("kv_transfer_params"),
+            engine_timing=reply.get("labkit_timing"),
+        )["ts"]
         self.metrics.prefill.observe(end - start)
         return reply
 
@@ -340,8 +394,13 @@ class PDProxy:
         if not fl.decode_answered:  # the first byte: KV transfer + first decode step are done
             fl.decode_answered = True
             timing = obj.get("labkit_timing")
-            tl.record(fl.req_id, "kv_transfer_end", ts=now, wait_s=now - fl.decode_sent,
-                      engine_timing=timing if isinstance(timing, dict) else None)
+            tl.record(
+                fl.req_id,
+                "kv_transfer_end",
+                ts=now,
+                wait_s=now - fl.decode_sent,
+                engine_timing=timing if isinstance(timing, dict) else None,
+            )
             self.metrics.transfer_wait.observe(now - fl.decode_sent)
         fl.ids["decode_id"] = fl.ids.get("decode_id") or obj.get("id")
         if isinstance(obj.get("usage"), dict):
@@ -361,11 +420,13 @@ class PDProxy:
                 tl.record(fl.req_id, "first_token", ts=now, ttft_s=now - fl.arrival)
                 self.metrics.ttft.observe(now - fl.arrival)
             text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
-            tl.record(fl.req_id, "token", ts=now, n=fl.num_tokens, index=choice.get("index", 0),
-                      text=text)
+            tl.record(
+                fl.req_id, "token", ts=now, n=fl.num_tokens, index=choice.get("index", 0), text=text
+            )
 
-    def _finish(self, fl: _Flight, status: int, response: Response | None,
-                error: ProxyError | None = None) -> Response | None:
+    def _finish(
+        self, fl: _Flight, status: int, response: Response | None, error: ProxyError | None = None
+    ) -> Response | None:
         """Record `error` (if any) and `finish`, count the request, return `response`."""
         tl = self.timeline
         if error is not None:
@@ -374,13 +435,20 @@ class PDProxy:
                 role = fl.decode.role if fl.decode else (fl.prefill.role if fl.prefill else None)
                 self.metrics.upstream_errors.labels(role or "proxy").inc()
         now = tl.now()
-        tl.record(fl.req_id, "finish", ts=now, status=status, e2e_s=now - fl.arrival,
-                  prefill_engine=fl.prefill.url if fl.prefill else None,
-                  decode_engine=fl.decode.url if fl.decode else None,
-                  prompt_tokens=fl.usage.get("prompt_tokens"),
-                  completion_tokens=fl.usage.get("completion_tokens",
-                                                 fl.num_tokens if fl.first_token else None),
-                  **fl.ids)
+        tl.record(
+            fl.req_id,
+            "finish",
+            ts=now,
+            status=status,
+            e2e_s=now - fl.arrival,
+            prefill_engine=fl.prefill.url if fl.prefill else None,
+            decode_engine=fl.decode.url if fl.decode else None,
+            prompt_tokens=fl.usage.get("prompt_tokens"),
+            completion_tokens=fl.usage.get(
+                "completion_tokens", fl.num_tokens if fl.first_token else None
+            ),
+            **fl.ids,
+        )
         self.metrics.requests.labels(fl.route, str(status)).inc()
         self.metrics.e2e.observe(now - fl.arrival)
         self.metrics.in_flight.dec()
@@ -403,10 +471,13 @@ class PDProxy:
         down = [e for e in engines if not e["ok"]]
         if not down:
             return JSONResponse({"status": "ok", "engines": engines})
-        msg = "; ".join(e.get("error") or f"{e['role']} engine {e['url']} answered /health with "
-                        f"{e['status']}" for e in down)
-        return JSONResponse({**error_body(msg, 503, "ServiceUnavailableError"),
-                             "engines": engines}, status_code=503)
+        msg = "; ".join(
+            e.get("error") or f"{e['role']} engine {e['url']} answered /health with {e['status']}"
+            for e in down
+        )
+        return JSONResponse(
+            {**error_body(msg, 503, "ServiceUnavailableError"), "engines": engines}, status_code=503
+        )
 
     async def models(self) -> Response:
         """GET /v1/models from the first decode engine (both engines serve the same model)."""
@@ -416,13 +487,21 @@ class PDProxy:
                 resp = await engine.client.get("/v1/models")
         except ProxyError as exc:
             return JSONResponse(exc.body, status_code=exc.status)
-        return Response(resp.content, status_code=resp.status_code,
-                        media_type=resp.headers.get("content-type", "application/json"))
+        return Response(
+            resp.content,
+            status_code=resp.status_code,
+            media_type=resp.headers.get("content-type", "application/json"),
+        )
 
 
-def create_app(prefill_urls: list[str], decode_urls: list[str], connector: str = "nixl",
-               connect_timeout: float = 2.0, read_timeout: float | None = 600.0,
-               timeline: Timeline | None = None) -> FastAPI:
+def create_app(
+    prefill_urls: list[str],
+    decode_urls: list[str],
+    connector: str = "nixl",
+    connect_timeout: float = 2.0,
+    read_timeout: float | None = 600.0,
+    timeline: Timeline | None = None,
+) -> FastAPI:
     """The proxy as an ASGI app (serve it with uvicorn on 127.0.0.1).
 
     Args:
@@ -433,23 +512,24 @@ def create_app(prefill_urls: list[str], decode_urls: list[str], connector: str =
     Returns:
         A FastAPI app; `app.state.proxy` is the PDProxy, `app.state.timeline` its Timeline.
     """
-    proxy = PDProxy(prefill_urls, decode_urls, connector, connect_timeout, read_timeout,
-                    timeline)
+    proxy = PDProxy(prefill_urls, decode_urls, connector, connect_timeout, read_timeout, timeline)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
         await proxy.aclose()
 
-    app = FastAPI(title="labkit PD proxy", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
+    app = FastAPI(
+        title="labkit PD proxy", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+    )
     app.state.proxy, app.state.timeline = proxy, proxy.timeline
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         phrase = HTTPStatus(exc.status_code).phrase
-        return JSONResponse(error_body(str(exc.detail), exc.status_code, phrase),
-                            status_code=exc.status_code)
+        return JSONResponse(
+            error_body(str(exc.detail), exc.status_code, phrase), status_code=exc.status_code
+        )
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -475,22 +555,5 @@ def create_app(prefill_urls: list[str], decode_urls: list[str], connector: str =
     async def metrics() -> Response:
         return Response(generate_latest(proxy.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/timeline")
-    async def timeline(since: int = 0, limit: int | None = None) -> dict:
-        return proxy.timeline.since(since, limit)
-
-    @app.get("/timeline/requests")
-    async def timeline_requests(limit: int = 100) -> dict:
-        return {"requests": proxy.timeline.requests(limit)}
-
-    @app.get("/timeline/stream")
-    async def timeline_stream(since: int | None = None) -> StreamingResponse:
-        async def events() -> AsyncIterator[bytes]:
-            async for ev in proxy.timeline.follow(since, heartbeat=10.0):
-                yield (b": keep-alive\n\n" if ev is None
-                       else f"id: {ev['seq']}\ndata: {json.dumps(ev)}\n\n".encode())
-
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
-
+    app.include_router(timeline_router(proxy.timeline))
     return app

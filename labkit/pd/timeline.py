@@ -16,15 +16,20 @@ One request's events, in order::
 `ts` is wall-clock seconds anchored once and advanced with `time.perf_counter()`, so the
 timestamps of one Timeline never go backwards and stay comparable with engines' `time.time()`.
 """
+
 from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fastapi import APIRouter
 
 EVENTS: tuple[str, ...] = (
     "arrival",
@@ -71,7 +76,12 @@ class Timeline:
         if event not in EVENTS:
             raise ValueError(f"unknown timeline event {event!r}; one of {EVENTS}")
         with self._lock:
-            item = {"seq": self._next_seq, "req_id": req_id, "ts": self.now() if ts is None else ts, "event": event}
+            item = {
+                "seq": self._next_seq,
+                "req_id": req_id,
+                "ts": self.now() if ts is None else ts,
+                "event": event,
+            }
             item.update(fields)
             self._events.append(item)
             self._next_seq += 1
@@ -162,3 +172,39 @@ class Timeline:
                 yield event
             if not batch["events"] and not await self.wait(cursor, heartbeat):
                 yield None
+
+
+def timeline_router(timeline: Timeline) -> APIRouter:
+    """The timeline's HTTP face, mounted by the proxy.
+
+    GET /timeline?since=N&limit=M   -> `Timeline.since()` as JSON: {events, next, dropped}
+    GET /timeline/requests?limit=M  -> {"requests": [summary, ...]}
+    GET /timeline/stream?since=N    -> SSE, `id: seq` + `data: event`, from `since` (default:
+                                       from now on), a keep-alive comment every 10 s idle
+    """
+    from fastapi import APIRouter
+    from fastapi.responses import StreamingResponse
+
+    router = APIRouter()
+
+    @router.get("/timeline")
+    async def events(since: int = 0, limit: int | None = None) -> dict:
+        return timeline.since(since, limit)
+
+    @router.get("/timeline/requests")
+    async def requests(limit: int = 100) -> dict:
+        return {"requests": timeline.requests(limit)}
+
+    @router.get("/timeline/stream")
+    async def stream(since: int | None = None) -> StreamingResponse:
+        async def sse() -> AsyncIterator[bytes]:
+            async for ev in timeline.follow(since, heartbeat=10.0):
+                if ev is None:
+                    yield b": keep-alive\n\n"
+                else:
+                    yield f"id: {ev['seq']}\ndata: {json.dumps(ev)}\n\n".encode()
+
+        headers = {"Cache-Control": "no-cache"}
+        return StreamingResponse(sse(), media_type="text/event-stream", headers=headers)
+
+    return router

@@ -32,12 +32,8 @@ Z_FREE, Z_CACHED, Z_SHARED, Z_USED = 0, 1, 2, 3
 Z_REQ0 = 4
 _FINE_COLORS = [STATE_COLORS[0], STATE_COLORS[1], STATE_COLORS[3], STATE_COLORS[2], *REQUEST_COLORS]
 _COARSE_SCALE = [[0.0, STATE_COLORS[0]], [0.5, "#8ce99a"], [1.0, "#1b5e20"]]
-_FINE_HOVER = "block %{customdata[0]}<br>%{text}<br>tokens %{customdata[1]}<extra></extra>"
-_COARSE_HOVER = (
-    "blocks %{customdata[0]}–%{customdata[1]}<br>in use %{customdata[2]:.0f}%"
-    " (shared %{customdata[3]:.0f}%)<br>cached %{customdata[4]:.0f}%"
-    "<br>free %{customdata[5]:.0f}%<extra></extra>"
-)
+_HOVER = "%{text}<extra></extra>"
+_STATE_TEXT = ("free", "cached (evictable)", "in use", "shared")
 
 
 def _discrete_scale(colors: list[str]) -> list[list]:
@@ -51,29 +47,30 @@ def _discrete_scale(colors: list[str]) -> list[list]:
 
 @dataclass
 class BlockGrid:
-    """What the heatmap shows for one engine (a pure function of EngineBlocks)."""
+    """What the heatmap shows for one engine (a pure function of EngineBlocks).
 
-    z: np.ndarray  # (rows, cols); NaN pads the last row
-    customdata: np.ndarray  # (rows, cols, k)
-    text: np.ndarray | None  # (rows, cols) request per block (fine grid only)
+    Column form (1-D z with x = column, y = row): 1-D numeric numpy arrays travel to the
+    browser as binary buffers, where 2-D ones would be walked element by element.
+    """
+
+    z: np.ndarray  # (cells,) state/request code (fine) or fraction in use (super-cells)
+    x: np.ndarray  # (cells,) int32 column
+    y: np.ndarray  # (cells,) int32 row
+    text: list[str]  # (cells,) hover text
     blocks_per_cell: int
+    rows: int
+    cols: int
     counts: np.ndarray  # [free, cached, in use, shared]
 
     @property
     def num_cells(self) -> int:
-        return int(np.count_nonzero(~np.isnan(self.z)))
+        return len(self.z)
 
 
 def grid_shape(num_cells: int) -> tuple[int, int]:
     """(rows, cols) about twice as wide as tall."""
     cols = max(1, math.ceil(math.sqrt(num_cells * 2)))
     return max(1, math.ceil(num_cells / cols)), cols
-
-
-def _pad(a: np.ndarray, size: int, fill) -> np.ndarray:
-    out = np.full((size, *a.shape[1:]), fill, dtype=a.dtype)
-    out[: len(a)] = a
-    return out
 
 
 def block_grid(eng: EngineBlocks, max_cells: int = MAX_CELLS) -> BlockGrid:
@@ -84,38 +81,34 @@ def block_grid(eng: EngineBlocks, max_cells: int = MAX_CELLS) -> BlockGrid:
     k = max(1, math.ceil(n / max_cells))
     cells = math.ceil(n / k)
     rows, cols = grid_shape(cells)
-    size = rows * cols
+    ids = np.arange(cells, dtype=np.int32)
+    x, y = ids % cols, ids // cols
     if k == 1:
-        z = np.choose(state, [Z_FREE, Z_CACHED, Z_USED, Z_SHARED]).astype(np.float64)
+        z = np.choose(state, [Z_FREE, Z_CACHED, Z_USED, Z_SHARED]).astype(np.float32)
         owner = eng.owner if eng.num_blocks else np.full(1, -1, np.int32)
         colored = (owner >= 0) & (state == 2)
         if colored.any():
             z[colored] = Z_REQ0 + _color_codes(eng)[owner[colored]]
-        names = np.array([*eng.req_names, ""], dtype=object)
-        text = names[owner].astype(object)
-        text[state == 0] = "free"
-        text[state == 1] = "cached (evictable)"
-        shared = state == 3
-        text[shared] = np.char.add(text[shared].astype(str), " (shared prefix)")
-        ids = np.arange(n)
-        custom = np.stack([ids, eng.tokens_per_block() if eng.num_blocks else ids * 0], axis=-1)
-        z = _pad(z, size, np.nan).reshape(rows, cols)
-        return BlockGrid(
-            z, _pad(custom, size, -1).reshape(rows, cols, 2),
-            _pad(text, size, "").reshape(rows, cols), 1, counts,
-        )  # fmt: skip
+        names = [*eng.req_names, ""]
+        tokens = eng.tokens_per_block() if eng.num_blocks else np.zeros(1, np.int64)
+        text = [
+            f"block {b}<br>{_STATE_TEXT[s] if o < 0 else names[o]}"
+            f"{' (shared prefix)' if s == 3 else ''}<br>{t} tokens"
+            for b, s, o, t in zip(range(n), state.tolist(), owner.tolist(), tokens.tolist())
+        ]
+        return BlockGrid(z, x, y, text, 1, rows, cols, counts)
     cell = np.arange(n) // k
-    per = np.bincount(cell * 4 + state, minlength=cells * 4).reshape(cells, 4).astype(np.float64)
-    tot = per.sum(axis=1)
-    frac = per / tot[:, None]
+    per = np.bincount(cell * 4 + state, minlength=cells * 4).reshape(cells, 4)
+    frac = per / per.sum(axis=1, keepdims=True)
+    used = (frac[:, 2] + frac[:, 3]).astype(np.float32)
     first = np.arange(cells) * k
     last = np.minimum(first + k, n) - 1
-    used = frac[:, 2] + frac[:, 3]
-    custom = np.column_stack(
-        [first, last, 100 * used, 100 * frac[:, 3], 100 * frac[:, 1], 100 * frac[:, 0]]
-    )
-    z = _pad(used, size, np.nan).reshape(rows, cols)
-    return BlockGrid(z, _pad(custom, size, np.nan).reshape(rows, cols, 6), None, k, counts)
+    pct = np.rint(100 * frac).astype(np.int32).tolist()
+    text = [
+        f"blocks {a}–{b}<br>in use {p[2] + p[3]}% (shared {p[3]}%)<br>cached {p[1]}%<br>free {p[0]}%"
+        for a, b, p in zip(first.tolist(), last.tolist(), pct)
+    ]
+    return BlockGrid(used, x, y, text, k, rows, cols, counts)
 
 
 def _color_codes(eng: EngineBlocks) -> np.ndarray:
@@ -155,13 +148,15 @@ class BlockMapView(View):
         self.figure = go.FigureWidget(base)
         for i, _ in enumerate(self.names):
             self.figure.add_trace(
-                go.Heatmap(z=[[0]], showscale=False, xgap=1, ygap=1, hoverongaps=False),
+                go.Heatmap(z=[], x=[], y=[], showscale=False, hoverongaps=False,
+                           hovertemplate=_HOVER),
                 row=i + 1, col=1,
             )  # fmt: skip
             self.figure.update_yaxes(autorange="reversed", showticklabels=False, row=i + 1, col=1)
             self.figure.update_xaxes(showticklabels=False, row=i + 1, col=1)
         self._label(self.figure, height=260 * n + 80)
-        self._modes: dict[str, int] = {}
+        self._modes: dict[str, bool] = {}
+        self._shapes: dict[str, tuple[int, int, int]] = {}
 
     def state_version(self) -> int:
         return sum(e.version for e in self.state.engines.values())
@@ -177,13 +172,12 @@ class BlockMapView(View):
                 self._modes[name] = fine
                 if fine:
                     tr.update(colorscale=_discrete_scale(_FINE_COLORS), zmin=-0.5,
-                              zmax=len(_FINE_COLORS) - 0.5, hovertemplate=_FINE_HOVER,
-                              xgap=1, ygap=1)  # fmt: skip
+                              zmax=len(_FINE_COLORS) - 0.5, xgap=1, ygap=1)  # fmt: skip
                 else:
-                    tr.update(colorscale=_COARSE_SCALE, zmin=0.0, zmax=1.0, text=None,
-                              hovertemplate=_COARSE_HOVER, xgap=0, ygap=0)  # fmt: skip
+                    tr.update(colorscale=_COARSE_SCALE, zmin=0.0, zmax=1.0, xgap=0, ygap=0)
+            if self._shapes.get(name) != (grid.rows, grid.cols, grid.num_cells):
+                self._shapes[name] = (grid.rows, grid.cols, grid.num_cells)
+                tr.x, tr.y = grid.x, grid.y
             tr.z = grid.z
-            tr.customdata = grid.customdata
-            if grid.text is not None:
-                tr.text = grid.text
+            tr.text = np.asarray(grid.text)  # a str array: validated in C, not per item
             self.figure.layout.annotations[i].text = summary(eng, grid)

@@ -3,8 +3,6 @@ decode), the per-layer save/load times of the latest pass, and the achieved GB/s
 transfer against the link's peak (labkit.hardware.LINKS)."""
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
@@ -23,26 +21,11 @@ _HOVER = "%{y}<br>%{customdata[0]}: %{x:.1f} ms from %{base:.1f} ms%{customdata[
 
 
 def link_peak(link: str | None) -> tuple[str, float] | None:
-    """(label, peak GB/s) of a link named by the source's describe()['link'], if known."""
-    if not link:
-        return None
-    try:
-        from labkit.hardware import LINKS
-    except ImportError:
-        return None
-    spec: Any = LINKS.get(link) if hasattr(LINKS, "get") else None
-    if spec is None:
-        return None
-    if isinstance(spec, (int, float)):
-        return link, float(spec)
-    get = spec.get if isinstance(spec, dict) else lambda k, d=None: getattr(spec, k, d)
-    for key in ("peak_gbps", "gbps", "bandwidth_gbps", "GBps"):
-        if get(key) is not None:
-            return str(get("name", link) or link), float(get(key))
-    for key in ("bytes_per_s", "peak_bytes_per_s"):
-        if get(key) is not None:
-            return str(get("name", link) or link), float(get(key)) / 1e9
-    return None
+    """(name, peak GB/s) of a link named by the source's describe()['link'], if known."""
+    from labkit.hardware import LINKS
+
+    spec = LINKS.get(link) if link else None
+    return (spec.name, spec.bandwidth / 1e9) if spec is not None else None
 
 
 def phases(r: RequestTimes, now: float) -> list[tuple[float, float] | None]:
@@ -83,7 +66,7 @@ class StreamingView(View):
         fig.add_trace(go.Bar(name="save (prefill)", marker_color="#f08c00", x=[], y=[]), 1, 2)
         fig.add_trace(go.Bar(name="load (decode)", marker_color="#1971c2", x=[], y=[]), 1, 2)
         fig.add_trace(go.Bar(name="achieved GB/s", marker_color="#d6336c", x=[], y=[]), 2, 2)
-        label = f"peak: {self.peak[0]} {self.peak[1]:.0f} GB/s" if self.peak else "peak: unknown link"
+        label = f"peak: {self.peak[0]} {self.peak[1]:.3g} GB/s" if self.peak else "peak: unknown link"
         fig.add_trace(
             go.Scatter(name=label, mode="lines+markers", line=dict(color="black", dash="dash"),
                        x=[], y=[]), row=2, col=2,
@@ -120,11 +103,11 @@ class StreamingView(View):
             tr.hovertemplate = "%{x}: %{y:.2f} ms, %{customdata[0]:.1f} MB, %{customdata[1]:.1f} GB/s<extra></extra>"
         rates = st.recent_gbps()
         bars = self.figure.data[len(PHASES) + 2]
-        bars.x = [short_req(r, 14) for r, _ in rates]
-        bars.y = [g for _, g in rates]
+        labels = [short_req(r, 14) for r, _ in rates]  # (inside batch_update, reads are stale)
+        bars.x, bars.y = labels, [g for _, g in rates]
         peak = self.figure.data[len(PHASES) + 3]
         if self.peak and rates:
-            peak.x = [bars.x[0], bars.x[-1]]
+            peak.x = [labels[0], labels[-1]]
             peak.y = [self.peak[1], self.peak[1]]
         if rates:
             best = float(np.max([g for _, g in rates]))

@@ -87,10 +87,13 @@ def example_with_observer(shm: str, endpoint: str, name: str, role: str) -> dict
 
 def serve_args(model: Path, *, util: float, kv_transfer: dict | None = None,
                kv_events_endpoint: str | None = None, kv_cache_dtype: str = "auto",
-               kv_cache_memory: int | None = None, max_model_len: int = 4096) -> list[str]:
-    args = [str(model), "--load-format", "dummy", "--enforce-eager", "--block-size", "16",
+               kv_cache_memory: int | None = None, max_model_len: int = 4096,
+               eager: bool = True) -> list[str]:
+    args = [str(model), "--load-format", "dummy", "--block-size", "16",
             "--max-model-len", str(max_model_len), "--gpu-memory-utilization", str(util),
             "--kv-cache-dtype", kv_cache_dtype, "--served-model-name", "lab-1b"]
+    if eager:
+        args.append("--enforce-eager")
     if kv_cache_memory:
         args += ["--kv-cache-memory", str(kv_cache_memory)]
     if kv_transfer:

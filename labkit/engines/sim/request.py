@@ -144,10 +144,19 @@ class Request:
         start = len(hashes) * bs
         parent = hashes[-1] if hashes else None
         fn = self._hash_fn
-        while start + bs <= self.num_tokens:
-            parent = fn(parent, tuple(tokens[start:start + bs]))
-            hashes.append(parent)
-            start += bs
+        end = self.num_tokens
+        if fn is hash_block_tokens_fast:  # inlined: prompts hash thousands of blocks
+            if parent is None:
+                parent = NONE_HASH
+            while start + bs <= end:
+                parent = hash((parent, tuple(tokens[start:start + bs]))) & _MASK64
+                hashes.append(parent)
+                start += bs
+        else:
+            while start + bs <= end:
+                parent = fn(parent, tuple(tokens[start:start + bs]))
+                hashes.append(parent)
+                start += bs
         self._next_hash_at = start + bs
 
     def append_output_token_id(self, token_id: int) -> None:

@@ -1,0 +1,403 @@
+"""Simulated KV connectors: the two behaviours of vLLM 0.26's PD connectors, scheduler side
+plus a timed stand-in for the worker side.
+
+- "example" (vllm/distributed/kv_transfer/kv_connector/v1/example_connector.py): the prefill
+  engine saves the KV of whole blocks of the prompt to shared storage keyed by the prompt's
+  tokens; the decode engine finds the key and loads `align(len(prompt) - 1)` tokens, e.g. a
+  1,081-token prompt -> 1,072 external tokens, the rest computed locally. Loads and saves run
+  inside the forward pass (synchronous): they lengthen the step.
+- "nixl" (kv_connector/v1/nixl/pull_scheduler.py): prefill finishes with delay-free and returns
+  kv_transfer_params (remote_block_ids, remote_engine_id, remote_host, remote_port,
+  remote_num_tokens); decode pulls EVERY prompt token it lacks asynchronously
+  (WAITING_FOR_REMOTE_KVS), then notifies prefill, which frees its blocks (finished_sending).
+
+Engines exchange bytes and notifications through a `KVTransport` (in-process for SimCluster,
+over the network for simulated servers).
+"""
+from __future__ import annotations
+
+import hashlib
+import uuid
+from abc import ABC, abstractmethod
+from array import array
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from labkit.engines.sim.cost_model import transfer_time
+from labkit.engines.sim.request import Request, RequestStatus
+
+if TYPE_CHECKING:
+    from labkit.engines.sim.kv_cache_manager import KVCacheBlocks
+    from labkit.engines.sim.scheduler import SchedulerOutput
+    from labkit.hardware import LinkSpec
+
+STORAGE = "storage"  # the peer name of ExampleConnector's shared storage in KVTransport.link
+
+
+class KVTransport(ABC):
+    """What simulated connectors need from outside their engine. Keep implementations small.
+
+    ExampleConnector: `store` / `contains` a prompt's KV under a key (vLLM: a folder per
+    prompt hash under shared_storage_path). NixlConnector: `notify_read_done` tells the
+    prefill engine that a decode engine has read a request's blocks (vLLM: NIXL notif), and
+    the prefill engine drains them with `take_read_done`. `link` names the path the bytes
+    take between two engines (or to STORAGE); transfer time is latency + bytes / bandwidth.
+    """
+
+    @abstractmethod
+    def store(self, key: str, num_tokens: int) -> None:
+        """An engine saved `num_tokens` tokens of KV under `key`."""
+
+    @abstractmethod
+    def contains(self, key: str) -> bool:
+        """Whether KV for `key` has been saved."""
+
+    @abstractmethod
+    def link(self, src_engine_id: str, dst_engine_id: str) -> "LinkSpec":
+        """The link KV bytes cross from `src` to `dst` (either may be STORAGE)."""
+
+    @abstractmethod
+    def notify_read_done(self, remote_engine_id: str, remote_request_id: str, at: float) -> None:
+        """Decode finished reading `remote_request_id`'s blocks from `remote_engine_id` at `at`."""
+
+    @abstractmethod
+    def take_read_done(self, engine_id: str, now: float) -> list[str]:
+        """Request ids of `engine_id` whose blocks were read by `now` (drained)."""
+
+
+class InProcessTransport(KVTransport):
+    """A transport for engines living in one process (SimCluster, tests).
+
+    Args:
+        default_link: link between any two engines (e.g. LINKS["nvlink"]).
+        storage_link: link to ExampleConnector's storage (e.g. LINKS["same-gpu"]).
+        links: overrides per (src_engine_id, dst_engine_id).
+    """
+
+    def __init__(self, default_link: "LinkSpec", storage_link: "LinkSpec | None" = None,
+                 links: dict[tuple[str, str], "LinkSpec"] | None = None) -> None:
+        self.default_link = default_link
+        self.storage_link = storage_link or default_link
+        self.links = dict(links or {})
+        self._stored: dict[str, int] = {}
+        self._read_done: dict[str, list[tuple[float, str]]] = {}
+        self.on_notify: Any = None  # callable(engine_id, at): SimCluster wakes the engine
+
+    def store(self, key: str, num_tokens: int) -> None:
+        self._stored[key] = num_tokens
+
+    def contains(self, key: str) -> bool:
+        return key in self._stored
+
+    def link(self, src_engine_id: str, dst_engine_id: str) -> "LinkSpec":
+        found = self.links.get((src_engine_id, dst_engine_id))
+        if found is not None:
+            return found
+        return self.storage_link if STORAGE in (src_engine_id, dst_engine_id) else self.default_link
+
+    def notify_read_done(self, remote_engine_id: str, remote_request_id: str, at: float) -> None:
+        self._read_done.setdefault(remote_engine_id, []).append((at, remote_request_id))
+        if self.on_notify is not None:
+            self.on_notify(remote_engine_id, at)
+
+    def take_read_done(self, engine_id: str, now: float) -> list[str]:
+        pending = self._read_done.get(engine_id)
+        if not pending:
+            return []
+        ready = [rid for t, rid in pending if t <= now]
+        if ready:
+            self._read_done[engine_id] = [(t, rid) for t, rid in pending if t > now]
+        return ready
+
+
+@dataclass(slots=True)
+class TransferRecord:
+    """One finished or scheduled KV move (the observer's KVTransfer event)."""
+
+    req_id: str
+    direction: str  # "send" (save) | "recv" (load)
+    num_tokens: int
+    num_bytes: int
+    start: float
+    end: float
+    connector: str
+
+
+class SimKVConnector(ABC):
+    """Scheduler-side hooks with vLLM's names, plus `start_step` standing in for the worker.
+
+    Args:
+        engine_id: this engine's id (NIXL's engine_id).
+        block_size: tokens per block.
+        kv_bytes_per_token: KV bytes of one token on one GPU of this engine.
+        transport: how this engine reaches the others.
+    """
+
+    name = "base"
+
+    def __init__(self, engine_id: str, block_size: int, kv_bytes_per_token: int,
+                 transport: KVTransport) -> None:
+        self.engine_id = engine_id
+        self.block_size = block_size
+        self.kv_bytes_per_token = kv_bytes_per_token
+        self.transport = transport
+        self.transfers: list[TransferRecord] = []
+
+    def on_new_request(self, request: Request) -> None:
+        """A request entered the scheduler."""
+
+    @abstractmethod
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        """(tokens loadable beyond the local hits, whether they load asynchronously)."""
+
+    @abstractmethod
+    def update_state_after_alloc(self, request: Request, blocks: "KVCacheBlocks", num_external_tokens: int) -> None:
+        """Blocks were allocated; remember what to load."""
+
+    def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> Any:
+        """Per-step work for the worker; resets per-step state."""
+        return None
+
+    def start_step(self, meta: Any, now: float) -> float:
+        """Worker side of one step starting at `now`: start transfers; returns the seconds of
+        synchronous KV work the step must wait for (loads before, saves after the forward)."""
+        return 0.0
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        """(delay freeing the blocks?, kv_transfer_params for the response)."""
+        return False, None
+
+    def get_finished(self, now: float) -> tuple[set[str], set[str]]:
+        """(finished_sending, finished_recving) request ids as of `now`."""
+        return set(), set()
+
+    def next_event_time(self) -> float | None:
+        """Earliest time a pending transfer completes (None: nothing pending)."""
+        return None
+
+    def take_transfers(self) -> list[TransferRecord]:
+        out, self.transfers = self.transfers, []
+        return out
+
+    def _bytes(self, num_tokens: int) -> int:
+        return num_tokens * self.kv_bytes_per_token
+
+
+def align_to_block_size(num_tokens: int, block_size: int) -> int:
+    """example_connector.py align_to_block_size: (n - 1) // bs * bs."""
+    return (num_tokens - 1) // block_size * block_size
+
+
+def prompt_key(token_ids: list[int]) -> str:
+    """Storage key of a token prefix (vLLM hashes the int64 token bytes into a folder name)."""
+    return hashlib.sha256(array("q", token_ids).tobytes()).hexdigest()
+
+
+class ExampleConnector(SimKVConnector):
+    """vLLM's ExampleConnector: synchronous save/load of whole blocks through shared storage."""
+
+    name = "example"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._requests_need_load: dict[str, Request] = {}
+
+    def _found_match_for_prompt(self, prompt_token_ids: list[int]) -> bool:
+        # The lookup key uses prompt-minus-one (example_connector.py _found_match_for_prompt).
+        n = align_to_block_size(len(prompt_token_ids) - 1, self.block_size)
+        return self.transport.contains(prompt_key(prompt_token_ids[:n]))
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        if not self._found_match_for_prompt(request.prompt_token_ids):
+            return 0, False
+        num_tokens_to_check = align_to_block_size(request.num_prompt_tokens - 1, self.block_size)
+        # vLLM returns this unclamped; a local hit longer than the stored prefix would make it
+        # negative there (an assert fails later), the simulator clamps to 0.
+        return max(0, num_tokens_to_check - num_computed_tokens), False
+
+    def update_state_after_alloc(self, request: Request, blocks: "KVCacheBlocks", num_external_tokens: int) -> None:
+        if num_external_tokens > 0:
+            self._requests_need_load[request.request_id] = request
+
+    def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> Any:
+        """Loads for requests that hit; saves for new requests whose prompt is not stored yet.
+
+        The save covers align(len(prompt)) tokens (ReqMeta.make_meta), the whole prompt's
+        blocks, at the request's first scheduled step, as vLLM's worker does.
+        """
+        loads: list[tuple[str, int]] = []
+        saves: list[tuple[str, int, str]] = []
+        for new_req in scheduler_output.scheduled_new_reqs:
+            tokens = new_req.prompt_token_ids
+            valid = align_to_block_size(len(tokens), self.block_size)
+            if new_req.req_id in self._requests_need_load:
+                loads.append((new_req.req_id, valid))
+            elif not self._found_match_for_prompt(tokens):
+                saves.append((new_req.req_id, valid, prompt_key(tokens[:valid])))
+        for req_id in scheduler_output.resumed_req_ids:
+            request = self._requests_need_load.get(req_id)
+            if request is not None:
+                loads.append((req_id, align_to_block_size(request.num_prompt_tokens, self.block_size)))
+        self._requests_need_load.clear()
+        return loads, saves
+
+    def start_step(self, meta: Any, now: float) -> float:
+        if not meta:
+            return 0.0
+        loads, saves = meta
+        if not loads and not saves:
+            return 0.0
+        t = now
+        link_in = self.transport.link(STORAGE, self.engine_id)
+        for req_id, n in loads:
+            nbytes = self._bytes(n)
+            end = t + transfer_time(nbytes, link_in)
+            self.transfers.append(TransferRecord(req_id, "recv", n, nbytes, t, end, self.name))
+            t = end
+        link_out = self.transport.link(self.engine_id, STORAGE)
+        for req_id, n, key in saves:
+            nbytes = self._bytes(n)
+            end = t + transfer_time(nbytes, link_out)
+            self.transfers.append(TransferRecord(req_id, "send", n, nbytes, t, end, self.name))
+            self.transport.store(key, n)
+            t = end
+        return t - now
+
+
+class NixlConnector(SimKVConnector):
+    """vLLM's NixlConnector (pull mode): decode reads prefill's blocks asynchronously.
+
+    Args (beyond SimKVConnector's):
+        side_channel_host / side_channel_port: what prefill writes into kv_transfer_params.
+        tp_size: this engine's TP size (kv_transfer_params["tp_size"]).
+    """
+
+    name = "nixl"
+
+    def __init__(self, *args: Any, side_channel_host: str = "localhost", side_channel_port: int = 5600,
+                 tp_size: int = 1, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.side_channel_host = side_channel_host
+        self.side_channel_port = side_channel_port
+        self.tp_size = tp_size
+        self._reqs_need_recv: dict[str, tuple[Request, list[int]]] = {}
+        self._recving: list[tuple[float, str, str, str]] = []  # (end, req_id, remote engine, remote req)
+        self._inbound_free_at = 0.0  # reads into this engine share its inbound link, in order
+        self._reqs_to_send: set[str] = set()
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        params = request.kv_transfer_params
+        if params is not None and params.get("do_remote_prefill"):
+            # pull_scheduler.py: remote prefill -> pull every prompt token not cached locally.
+            count = request.num_prompt_tokens - num_computed_tokens
+            if count > 0:
+                return count, True
+        return 0, False
+
+    def update_state_after_alloc(self, request: Request, blocks: "KVCacheBlocks", num_external_tokens: int) -> None:
+        params = request.kv_transfer_params
+        if not params:
+            return
+        if params.get("do_remote_decode"):
+            return  # a prefill request: nothing to load (the host-buffer save path is not modelled)
+        if params.get("do_remote_prefill"):
+            if params.get("remote_block_ids") and all(
+                    p in params for p in ("remote_engine_id", "remote_request_id", "remote_host", "remote_port")):
+                # Pull into the unhashed local blocks; an empty list (full local hit) still
+                # notifies prefill so it can free its blocks.
+                local = blocks.get_unhashed_block_ids() if num_external_tokens > 0 else []
+                self._reqs_need_recv[request.request_id] = (request, local)
+            # Only trigger 1 KV transfer per request.
+            params["do_remote_prefill"] = False
+            params["_remote_blocks_processed"] = True
+
+    def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> Any:
+        meta = list(self._reqs_need_recv.values())
+        self._reqs_need_recv.clear()
+        return meta
+
+    def start_step(self, meta: Any, now: float) -> float:
+        """Start the reads (start_load_kv issues them; they overlap the forward pass)."""
+        for request, local_block_ids in meta or ():
+            params = request.kv_transfer_params or {}
+            remote_engine = str(params.get("remote_engine_id"))
+            num_blocks = len(local_block_ids)
+            num_bytes = num_blocks * self.block_size * self.kv_bytes_per_token
+            link = self.transport.link(remote_engine, self.engine_id)
+            start = max(now, self._inbound_free_at)
+            end = start + transfer_time(num_bytes, link) if num_blocks else start + link.latency
+            if num_blocks:
+                self._inbound_free_at = end
+            request.kv_recv_start, request.kv_recv_end = start, end
+            self._recving.append((end, request.request_id, remote_engine, str(params.get("remote_request_id"))))
+            num_tokens = request.num_external_tokens if num_blocks else 0
+            self.transfers.append(TransferRecord(request.request_id, "recv", num_tokens, num_bytes,
+                                                 start, end, self.name))
+        return 0.0
+
+    def get_finished(self, now: float) -> tuple[set[str], set[str]]:
+        recving: set[str] = set()
+        if self._recving:
+            still = []
+            for item in self._recving:
+                if item[0] <= now:
+                    recving.add(item[1])
+                    # The decode worker sends the NIXL notif once it sees the read complete.
+                    self.transport.notify_read_done(item[2], item[3], now)
+                else:
+                    still.append(item)
+            self._recving = still
+        sending: set[str] = set()
+        if self._reqs_to_send:
+            for rid in self.transport.take_read_done(self.engine_id, now):
+                if rid in self._reqs_to_send:
+                    self._reqs_to_send.discard(rid)
+                    sending.add(rid)
+        return sending, recving
+
+    def next_event_time(self) -> float | None:
+        return min(item[0] for item in self._recving) if self._recving else None
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        """pull_scheduler.py request_finished: prefill keeps its blocks until decode read them."""
+        params = request.kv_transfer_params
+        if not params:
+            return False, None
+        is_p_node = bool(params.get("do_remote_decode"))
+        if params.get("do_remote_prefill"):
+            # Aborted before it was scheduled: tell prefill to free (an empty read).
+            self._reqs_need_recv[request.request_id] = (request, [])
+            params["do_remote_prefill"] = False
+            return False, None
+        if not is_p_node:
+            return False, None
+        if request.status not in (RequestStatus.FINISHED_LENGTH_CAPPED, RequestStatus.FINISHED_STOPPED):
+            return False, None
+        delay_free_blocks = len(block_ids) > 0
+        if delay_free_blocks:
+            self._reqs_to_send.add(request.request_id)
+        return delay_free_blocks, dict(
+            do_remote_prefill=True,
+            do_remote_decode=False,
+            remote_block_ids=[list(block_ids)],
+            remote_engine_id=self.engine_id,
+            remote_request_id=request.request_id,
+            remote_host=self.side_channel_host,
+            remote_port=self.side_channel_port,
+            tp_size=self.tp_size,
+            remote_num_tokens=request.num_computed_tokens if delay_free_blocks else 0,
+            remote_blocks_expiry_time=None,
+        )
+
+
+CONNECTORS: dict[str, type[SimKVConnector]] = {"example": ExampleConnector, "nixl": NixlConnector}
+
+
+def make_connector(name: str, *, block_size: int, kv_bytes_per_token: int, transport: KVTransport,
+                   engine_id: str | None = None, **kwargs: Any) -> SimKVConnector:
+    """Build a connector by name ("example" | "nixl"; vLLM's class names are accepted too)."""
+    key = {"exampleconnector": "example", "nixlconnector": "nixl"}.get(name.lower(), name.lower())
+    if key not in CONNECTORS:
+        raise ValueError(f"unknown simulated connector {name!r}; choose from {sorted(CONNECTORS)}")
+    return CONNECTORS[key](engine_id or str(uuid.uuid4()), block_size, kv_bytes_per_token,
+                           transport, **kwargs)

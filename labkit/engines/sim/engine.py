@@ -1,0 +1,379 @@
+"""SimEngine: one simulated vLLM engine (scheduler + KV cache + connector + cost model).
+
+Each `step()` is one vLLM engine-core iteration: the worker reports finished KV transfers,
+the scheduler schedules, the cost model says how long the forward pass takes (plus any
+synchronous connector load/save), every request whose tokens are all computed samples one
+pseudo-random token (vLLM's dummy weights produce noise too), finished requests are freed.
+"""
+from __future__ import annotations
+
+import itertools
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from labkit.engines.sim.clock import SimClock
+from labkit.engines.sim.connector import (
+    InProcessTransport, KVTransport, SimKVConnector, TransferRecord, make_connector)
+from labkit.engines.sim.cost_model import CostModel, CostParams, StepCost, kv_cache_num_blocks, load_cost_params
+from labkit.engines.sim.kv_cache_manager import KVCacheManager
+from labkit.engines.sim.request import HASH_FUNCTIONS, Request, RequestStatus
+from labkit.engines.sim.scheduler import Scheduler, SchedulerOutput
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """What one request produced in one step (vLLM's EngineCoreOutput, trimmed)."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool = False
+    finish_reason: str | None = None
+    kv_transfer_params: dict[str, Any] | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    first_token_time: float | None = None
+
+
+@dataclass(slots=True)
+class StepResult:
+    """One engine step: what was scheduled, what came out, and when."""
+
+    step: int
+    start: float
+    end: float
+    scheduler_output: SchedulerOutput
+    sampled: list[tuple[Request, int]] = field(default_factory=list, repr=False)
+    finished: list[tuple[Request, dict[str, Any] | None]] = field(default_factory=list, repr=False)
+    kv_connector_time: float = 0.0  # synchronous connector load/save inside the step
+    _outputs: list[RequestOutput] | None = field(default=None, repr=False)
+
+    @property
+    def duration(self) -> float:
+        return self.end - self.start
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        return self.scheduler_output.total_num_scheduled_tokens
+
+    @property
+    def outputs(self) -> list[RequestOutput]:
+        """One RequestOutput per request that produced a token (built on first access)."""
+        if self._outputs is None:
+            params = {r.request_id: p for r, p in self.finished}
+            outs = []
+            for r, token in self.sampled:
+                rid = r.request_id
+                done = rid in params
+                outs.append(RequestOutput(
+                    rid, [token], done, r.get_finished_reason() if done else None,
+                    params.get(rid), r.num_prompt_tokens,
+                    r.num_local_cached_tokens + r.num_external_tokens, r.first_token_time))
+            self._outputs = outs
+        return self._outputs
+
+
+@dataclass
+class EngineStats:
+    """Counters and histogram samples behind vLLM's /metrics names (vllm/v1/metrics/loggers.py)."""
+
+    prompt_tokens_by_source: dict[str, int] = field(default_factory=lambda: {
+        "local_compute": 0, "local_cache_hit": 0, "external_kv_transfer": 0})
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    request_success: dict[str, int] = field(default_factory=dict)
+    num_steps: int = 0
+    busy_time: float = 0.0
+    # histogram samples, drained by take_samples()
+    samples: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in (
+        "time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds",
+        "request_queue_time_seconds", "request_prefill_time_seconds", "request_decode_time_seconds",
+        "request_inference_time_seconds", "request_prompt_tokens", "request_generation_tokens",
+        "iteration_tokens_total")})
+
+    def take_samples(self) -> dict[str, list[float]]:
+        out = self.samples
+        self.samples = {k: [] for k in out}
+        return out
+
+
+def serve_defaults(gpu_key: str, memory_bytes: int) -> tuple[int, int]:
+    """vLLM's `vllm serve` defaults (engine/arg_utils.py): (max_num_batched_tokens, max_num_seqs)."""
+    if memory_bytes >= 70 * 2**30 and gpu_key != "a100":
+        return 8192, 1024
+    return 2048, 256
+
+
+class SimEngine:
+    """A simulated vLLM V1 engine.
+
+    Args:
+        model: a labkit.models preset name / path, or a ModelShape.
+        gpu: a labkit.hardware.GPU_TYPES key, or a GPUType.
+        tp, pp: tensor / pipeline parallel sizes.
+        kv_cache_dtype: "auto" | "fp8" | ...
+        block_size: tokens per KV block.
+        max_num_batched_tokens: token budget per step (chunk size); None: vLLM's serve default.
+        max_num_seqs: running-request cap; None: vLLM's serve default.
+        max_model_len: None: the model's max_position_embeddings.
+        num_gpu_blocks: pool size; None: computed from gpu_memory_utilization.
+        connector: "example" | "nixl" | a SimKVConnector | None.
+        transport: how the connector reaches other engines (default: a private in-process one).
+        clock: shared SimClock (default: a fast private one).
+        seed: seeds the sampled token ids.
+    """
+
+    def __init__(self, model: Any = "lab-1b", gpu: Any = "h100", *, tp: int = 1, pp: int = 1,
+                 kv_cache_dtype: str = "auto", block_size: int = 16,
+                 max_num_batched_tokens: int | None = None, max_num_seqs: int | None = None,
+                 max_model_len: int | None = None, long_prefill_token_threshold: int = 0,
+                 num_gpu_blocks: int | None = None, gpu_memory_utilization: float = 0.92,
+                 enable_prefix_caching: bool = True, connector: str | SimKVConnector | None = None,
+                 transport: KVTransport | None = None, engine_id: str | None = None,
+                 clock: SimClock | None = None, seed: int = 0, enable_kv_cache_events: bool = False,
+                 record_observer_events: bool = False, cost_params: CostParams | None = None,
+                 hash_algo: str = "builtin", eos_token_id: int | None = None,
+                 side_channel_port: int = 5600, tp_link_bw: float | None = None) -> None:
+        from labkit.hardware import GPU_TYPES, LINKS
+        from labkit.models import get_model, normalize_kv_dtype
+
+        self.model = get_model(model) if isinstance(model, str) else model
+        self.gpu = GPU_TYPES[gpu] if isinstance(gpu, str) else gpu
+        self.tp, self.pp = tp, pp
+        self.kv_cache_dtype = normalize_kv_dtype(kv_cache_dtype)
+        self.block_size = block_size
+        d_tokens, d_seqs = serve_defaults(self.gpu.key, self.gpu.memory_bytes)
+        self.max_num_batched_tokens = max_num_batched_tokens or d_tokens
+        self.max_num_seqs = max_num_seqs or d_seqs
+        self.max_model_len = max_model_len or self.model.max_position_embeddings
+        self.cost_params = cost_params or load_cost_params(self.gpu.key)
+        self.cost_model = CostModel(self.model, self.gpu, tp, pp, self.kv_cache_dtype,
+                                    self.cost_params, tp_link_bw)
+        conn_name = connector if isinstance(connector, str) else getattr(connector, "name", None)
+        if num_gpu_blocks is None:
+            num_gpu_blocks = kv_cache_num_blocks(
+                self.model, self.gpu, gpu_memory_utilization=gpu_memory_utilization, tp=tp, pp=pp,
+                kv_cache_dtype=self.kv_cache_dtype, block_size=block_size,
+                max_num_batched_tokens=self.max_num_batched_tokens, connector=conn_name,
+                params=self.cost_params)
+        self.num_gpu_blocks = num_gpu_blocks
+        self.clock = clock or SimClock()
+        self.engine_id = engine_id or f"sim-{random.Random(seed).getrandbits(64):016x}"
+        if isinstance(connector, str):
+            self.transport = transport or InProcessTransport(LINKS["nvlink"], LINKS["same-gpu"])
+            connector = make_connector(
+                connector, block_size=block_size,
+                kv_bytes_per_token=self.cost_model.kv_bytes_per_token,
+                transport=self.transport, engine_id=self.engine_id,
+                **({"tp_size": tp, "side_channel_port": side_channel_port}
+                   if conn_name in ("nixl", "NixlConnector") else {}))
+        else:
+            self.transport = transport or (connector.transport if connector else None)
+        self.connector: SimKVConnector | None = connector
+        self.kv_cache_manager = KVCacheManager(num_gpu_blocks, block_size, self.max_model_len,
+                                               enable_prefix_caching, enable_kv_cache_events)
+        self.scheduler = Scheduler(
+            self.kv_cache_manager, max_num_batched_tokens=self.max_num_batched_tokens,
+            max_num_seqs=self.max_num_seqs, max_model_len=self.max_model_len,
+            long_prefill_token_threshold=long_prefill_token_threshold, connector=connector,
+            record_observer_events=record_observer_events)
+        self._hash_fn = HASH_FUNCTIONS[hash_algo]
+        self.eos_token_id = eos_token_id
+        rng = random.Random(seed)
+        # Pseudo-random "sampled" ids, like dummy weights produce; deterministic per seed.
+        self._next_token = itertools.cycle(
+            [rng.randrange(self.model.vocab_size) for _ in range(4093)]).__next__
+        self.stats = EngineStats()
+        self.step_count = 0
+        self.busy_until = self.clock.now()
+
+    @classmethod
+    def from_config(cls, cfg: Any, **overrides: Any) -> "SimEngine":
+        """Build from a labkit.config.EngineConfig (or anything with those attribute names)."""
+        kw: dict[str, Any] = {}
+        for name in ("model", "tp", "pp", "kv_cache_dtype", "block_size", "max_num_batched_tokens",
+                     "max_num_seqs", "max_model_len", "enable_prefix_caching"):
+            if getattr(cfg, name, None) is not None:
+                kw[name] = getattr(cfg, name)
+        if getattr(cfg, "gpu_memory_utilization", None) is not None:
+            kw["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+        if getattr(cfg, "num_gpu_blocks_override", None) is not None:
+            kw["num_gpu_blocks"] = cfg.num_gpu_blocks_override
+        kw.update(overrides)
+        return cls(**kw)
+
+    # -- requests -----------------------------------------------------------------------
+    def add_request(self, req_id: str, prompt_token_ids: list[int], max_tokens: int, *,
+                    ignore_eos: bool = True, kv_transfer_params: dict[str, Any] | None = None,
+                    arrival_time: float | None = None) -> None:
+        """Queue a request (vLLM rejects prompts over max_model_len at the API; so does this)."""
+        if req_id in self.scheduler.requests:
+            raise ValueError(f"duplicate request id {req_id!r}")
+        if len(prompt_token_ids) == 0:
+            raise ValueError("empty prompt")
+        if len(prompt_token_ids) + 1 > self.max_model_len:
+            raise ValueError(f"prompt of {len(prompt_token_ids)} tokens is longer than the maximum "
+                             f"model length of {self.max_model_len}")
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+        request = Request(
+            req_id, prompt_token_ids, max_tokens, block_size=self.block_size, hash_fn=self._hash_fn,
+            ignore_eos=ignore_eos, eos_token_id=self.eos_token_id,
+            arrival_time=self.clock.now() if arrival_time is None else arrival_time,
+            kv_transfer_params=kv_transfer_params)
+        self.scheduler.add_request(request)
+
+    def abort(self, req_id: str) -> bool:
+        """Abort a request (the client went away); True if it was unfinished."""
+        return bool(self.scheduler.finish_requests([req_id], RequestStatus.FINISHED_ABORTED))
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.get_num_unfinished_requests() > 0
+
+    def get_request(self, req_id: str) -> Request | None:
+        return self.scheduler.requests.get(req_id)
+
+    def next_event_time(self) -> float | None:
+        """When a pending async KV load lands (an idle engine should step again then)."""
+        return self.connector.next_event_time() if self.connector is not None else None
+
+    # -- one iteration --------------------------------------------------------------------
+    def step(self, now: float | None = None) -> StepResult:
+        """Run one engine iteration starting at `now` (default: the clock, which is then
+        advanced to the step's end; paced clocks sleep)."""
+        standalone = now is None
+        start = self.clock.now() if standalone else now
+        if start < self.busy_until:
+            start = self.busy_until
+        sched = self.scheduler
+        connector = self.connector
+        if connector is not None:
+            sending, recving = connector.get_finished(start)
+            if sending or recving:
+                sched.update_from_kv_xfer_finished(sending, recving)
+        so = sched.schedule()
+        self.step_count += 1
+        sync = connector.start_step(so.kv_connector_metadata, start) if connector is not None else 0.0
+        total = so.total_num_scheduled_tokens
+        if total:
+            duration = self.cost_model.step_time(total, len(so.scheduled),
+                                                 so.sum_context, so.attn_pairs) + sync
+            self.stats.num_steps += 1
+            self.stats.busy_time += duration
+            self.stats.samples["iteration_tokens_total"].append(total)
+        else:
+            duration = sync
+        end = start + duration
+        for new_req in so.scheduled_new_reqs:
+            request = sched.requests[new_req.req_id]
+            if request.scheduled_time is None:
+                request.scheduled_time = start
+        sampled, finished = sched.update_from_output(so, self._next_token)
+        if sampled:
+            self._record_tokens(sampled, end)
+        for request, _ in finished:
+            self._on_finished(request, end)
+        if connector is not None:
+            sending, recving = connector.get_finished(end)
+            if sending or recving:
+                sched.update_from_kv_xfer_finished(sending, recving)
+        self.busy_until = end
+        if standalone:
+            self.clock.advance_to(end)
+        return StepResult(self.step_count, start, end, so, sampled, finished, sync)
+
+    def _record_tokens(self, sampled: list[tuple[Request, int]], t: float) -> None:
+        """Token timings: first token (TTFT, prefill stats) or one inter-token latency each."""
+        itl = self.stats.samples["inter_token_latency_seconds"]
+        self.stats.generation_tokens += len(sampled)
+        for request, _ in sampled:
+            last = request.last_token_time
+            if last is None:
+                request.first_token_time = t
+                self._take_prefill_stats(request, t)
+            else:
+                itl.append(t - last)
+            request.last_token_time = t
+            if request.token_times is not None:
+                request.token_times.append(t)
+
+    def _take_prefill_stats(self, request: Request, t: float) -> None:
+        """First output of a request: PrefillStats -> prompt tokens by source, TTFT."""
+        if request.prefill_stats_taken:
+            return
+        request.prefill_stats_taken = True
+        by = self.stats.prompt_tokens_by_source
+        local, ext = request.num_local_cached_tokens, request.num_external_tokens
+        by["local_cache_hit"] += local
+        by["external_kv_transfer"] += ext
+        by["local_compute"] += request.num_prompt_tokens - local - ext
+        self.stats.prompt_tokens += request.num_prompt_tokens
+        self.stats.samples["time_to_first_token_seconds"].append(t - request.arrival_time)
+
+    def _on_finished(self, request: Request, t: float) -> None:
+        request.finished_time = t
+        reason = request.get_finished_reason() or "length"
+        s = self.stats
+        s.request_success[reason] = s.request_success.get(reason, 0) + 1
+        sm = s.samples
+        sched_t = request.scheduled_time if request.scheduled_time is not None else request.arrival_time
+        first = request.first_token_time if request.first_token_time is not None else t
+        sm["e2e_request_latency_seconds"].append(t - request.arrival_time)
+        sm["request_queue_time_seconds"].append(sched_t - request.arrival_time)
+        sm["request_prefill_time_seconds"].append(first - sched_t)
+        sm["request_decode_time_seconds"].append(t - first)
+        sm["request_inference_time_seconds"].append(t - sched_t)
+        sm["request_prompt_tokens"].append(request.num_prompt_tokens)
+        sm["request_generation_tokens"].append(request.num_output_tokens)
+
+    # -- observability ------------------------------------------------------------------
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.kv_cache_manager.usage
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting) + len(self.scheduler.skipped_waiting)
+
+    @property
+    def num_preemptions(self) -> int:
+        return self.scheduler.num_preemptions
+
+    @property
+    def prefix_cache_stats(self) -> tuple[int, int]:
+        """(queries, hits) in tokens, cumulative (vllm:prefix_cache_queries/hits_total)."""
+        s = self.kv_cache_manager.prefix_cache_stats
+        return s.queries + s.preempted_queries, s.hits + s.preempted_hits
+
+    @property
+    def external_prefix_cache_stats(self) -> tuple[int, int]:
+        """(queries, hits) of the connector (vllm:external_prefix_cache_queries/hits_total)."""
+        s = self.scheduler.connector_prefix_cache_stats
+        return s.queries + s.preempted_queries, s.hits + s.preempted_hits
+
+    def step_cost(self, so: SchedulerOutput) -> StepCost:
+        """The roofline breakdown of a scheduled step (for views)."""
+        return self.cost_model.step_cost(so.total_num_scheduled_tokens, len(so.scheduled),
+                                         so.sum_context, so.attn_pairs)
+
+    def take_kv_events(self) -> list:
+        """BlockStored / BlockRemoved / AllBlocksCleared since the last call (needs
+        enable_kv_cache_events=True)."""
+        return self.kv_cache_manager.take_events()
+
+    def take_transfers(self) -> list[TransferRecord]:
+        return self.connector.take_transfers() if self.connector is not None else []
+
+    def take_observer_events(self) -> list[tuple]:
+        events, self.scheduler.observer_events = self.scheduler.observer_events, []
+        return events
+
+    def block_states(self) -> bytes:
+        return self.kv_cache_manager.block_pool.block_states()
+
+    def reset_prefix_cache(self) -> bool:
+        return self.kv_cache_manager.reset_prefix_cache()

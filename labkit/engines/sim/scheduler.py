@@ -1,0 +1,507 @@
+"""The simulated scheduler: vLLM V1's `Scheduler.schedule()` / `update_from_output()` rules.
+
+Copied from vllm/v1/core/sched/scheduler.py (FCFS policy, no speculative decoding, no
+encoder inputs, no async scheduling):
+
+- One token budget per step (max_num_batched_tokens). RUNNING requests go first, in order:
+  decodes take 1 token each, unfinished prefills take a chunk (long_prefill_token_threshold,
+  then the budget). If allocate_slots fails, the LAST running request is preempted (blocks
+  freed, num_computed_tokens = 0, back to the head of WAITING) until it fits.
+- Then WAITING requests (only if nobody was preempted this step), while running <
+  max_num_seqs: local prefix hits (get_computed_blocks), connector hits
+  (get_num_new_matched_tokens), allocate_slots with the whole-prompt admission gate
+  (scheduler_reserve_full_isl), update_state_after_alloc. Async KV loads park the request
+  in WAITING_FOR_REMOTE_KVS until the connector reports finished_recving.
+- update_from_output: every request whose tokens are all computed samples one token; a
+  stopped request is freed, unless the connector delays the free (P/D prefill).
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from labkit.engines.sim.connector import SimKVConnector
+from labkit.engines.sim.kv_cache_manager import KVCacheBlocks, KVCacheManager, PrefixCacheStats
+from labkit.engines.sim.request import Request, RequestStatus
+
+_WAITING = RequestStatus.WAITING
+_RUNNING = RequestStatus.RUNNING
+_PREEMPTED = RequestStatus.PREEMPTED
+_WAITING_FOR_REMOTE_KVS = RequestStatus.WAITING_FOR_REMOTE_KVS
+
+
+@dataclass(slots=True)
+class NewRequestData:
+    """vllm/v1/core/sched/output.py NewRequestData: first schedule of a request."""
+
+    req_id: str
+    prompt_token_ids: list[int]
+    block_ids: tuple[list[int], ...]
+    num_computed_tokens: int  # prefix hits (local + external) before this step
+
+
+@dataclass(slots=True)
+class CachedRequestData:
+    """vllm/v1/core/sched/output.py CachedRequestData: running and resumed requests."""
+
+    req_ids: list[str] = field(default_factory=list)
+    resumed_req_ids: set[str] = field(default_factory=set)
+    new_block_ids: list[tuple[list[int], ...] | None] = field(default_factory=list)
+    num_computed_tokens: list[int] = field(default_factory=list)
+    num_output_tokens: list[int] = field(default_factory=list)
+
+
+class SchedulerOutput:
+    """vllm/v1/core/sched/output.py SchedulerOutput, plus the sums the cost model needs.
+
+    `num_scheduled_tokens` and `scheduled_cached_reqs` are built on first access: the hot
+    path only keeps `scheduled`, one (request, num_tokens, num_computed_tokens before,
+    num_output_tokens before) entry per scheduled request, running ones first.
+    """
+
+    __slots__ = ("scheduled", "num_running_scheduled", "scheduled_new_reqs", "resumed_req_ids",
+                 "req_to_new_blocks", "total_num_scheduled_tokens", "preempted_req_ids",
+                 "finished_req_ids", "token_budget", "kv_connector_metadata", "sum_context",
+                 "attn_pairs", "_num_scheduled_tokens", "_cached")
+
+    def __init__(self, scheduled: list[tuple[Request, int, int, int]], num_running_scheduled: int,
+                 scheduled_new_reqs: list[NewRequestData], resumed_req_ids: set[str],
+                 req_to_new_blocks: dict[str, KVCacheBlocks], total_num_scheduled_tokens: int,
+                 preempted_req_ids: set[str], finished_req_ids: set[str], token_budget: int) -> None:
+        self.scheduled = scheduled
+        self.num_running_scheduled = num_running_scheduled
+        self.scheduled_new_reqs = scheduled_new_reqs
+        self.resumed_req_ids = resumed_req_ids
+        self.req_to_new_blocks = req_to_new_blocks
+        self.total_num_scheduled_tokens = total_num_scheduled_tokens
+        self.preempted_req_ids = preempted_req_ids
+        self.finished_req_ids = finished_req_ids
+        self.token_budget = token_budget
+        self.kv_connector_metadata: Any = None
+        self.sum_context = 0  # tokens whose KV the step reads or writes
+        self.attn_pairs = 0   # causal (query, key) pairs
+        self._num_scheduled_tokens: dict[str, int] | None = None
+        self._cached: CachedRequestData | None = None
+
+    @property
+    def num_reqs(self) -> int:
+        return len(self.scheduled)
+
+    @property
+    def num_scheduled_tokens(self) -> dict[str, int]:
+        if self._num_scheduled_tokens is None:
+            self._num_scheduled_tokens = {e[0].request_id: e[1] for e in self.scheduled}
+        return self._num_scheduled_tokens
+
+    @property
+    def scheduled_cached_reqs(self) -> CachedRequestData:
+        """Running requests (new_block_ids None when no block was added) then resumed ones."""
+        if self._cached is None:
+            cached = CachedRequestData(resumed_req_ids=set(self.resumed_req_ids))
+            blocks = self.req_to_new_blocks
+            resumed = self.resumed_req_ids
+            for i, (request, _, computed, num_output) in enumerate(self.scheduled):
+                rid = request.request_id
+                if i >= self.num_running_scheduled and rid not in resumed:
+                    continue  # a new request: it is in scheduled_new_reqs
+                cached.req_ids.append(rid)
+                nb = blocks.get(rid)
+                cached.new_block_ids.append(nb.get_block_ids() if nb is not None else None)
+                cached.num_computed_tokens.append(computed)
+                cached.num_output_tokens.append(num_output)
+            self._cached = cached
+        return self._cached
+
+    def __repr__(self) -> str:
+        return (f"SchedulerOutput(new={[r.req_id for r in self.scheduled_new_reqs]}, "
+                f"num_scheduled_tokens={self.num_scheduled_tokens}, "
+                f"preempted={self.preempted_req_ids}, finished={self.finished_req_ids})")
+
+
+class Scheduler:
+    """FCFS continuous-batching scheduler over a KVCacheManager.
+
+    Args:
+        kv_cache_manager: the block allocator.
+        max_num_batched_tokens: token budget per step (vLLM's chunk size).
+        max_num_seqs: cap on running requests.
+        max_model_len: cap on a request's tokens.
+        long_prefill_token_threshold: cap on one prefill chunk (0: none, vLLM's default).
+        connector: KV connector (scheduler side) or None.
+        scheduler_reserve_full_isl: admit a new request only if its whole prompt fits.
+        clock: returns the time used for finish / preemption stamps.
+    """
+
+    def __init__(self, kv_cache_manager: KVCacheManager, *, max_num_batched_tokens: int = 2048,
+                 max_num_seqs: int = 256, max_model_len: int = 8192, long_prefill_token_threshold: int = 0,
+                 connector: SimKVConnector | None = None, scheduler_reserve_full_isl: bool = True,
+                 record_observer_events: bool = False) -> None:
+        self.kv_cache_manager = kv_cache_manager
+        self.max_num_scheduled_tokens = max_num_batched_tokens
+        self.max_num_running_reqs = max_num_seqs
+        self.max_model_len = max_model_len
+        self.long_prefill_token_threshold = long_prefill_token_threshold
+        self.connector = connector
+        self.scheduler_reserve_full_isl = scheduler_reserve_full_isl
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.skipped_waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.finished_req_ids: set[str] = set()
+        self.reset_preempted_req_ids: set[str] = set()
+        self.finished_recving_kv_req_ids: set[str] = set()
+        self._inflight_prefills: set[Request] = set()
+        self.connector_prefix_cache_stats = PrefixCacheStats()
+        self.num_preemptions = 0
+        # ("alloc", req_id, block_ids, num_external) / ("finished", req_id, block_ids, delay_free)
+        self.record_observer_events = record_observer_events
+        self.observer_events: list[tuple] = []
+
+    # -- queue management ---------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+        if self.connector is not None:
+            self.connector.on_new_request(request)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.waiting) + len(self.skipped_waiting) + len(self.running)
+
+    def has_requests(self) -> bool:
+        """Unfinished requests, or finished ones still holding blocks for a transfer."""
+        return bool(self.requests) or bool(self.finished_req_ids)
+
+    # -- schedule -----------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        kv = self.kv_cache_manager
+        empty = kv.empty_kv_cache_blocks
+        threshold = self.long_prefill_token_threshold
+        max_model_len = self.max_model_len
+        scheduled_new_reqs: list[Request] = []
+        scheduled_resumed_reqs: list[Request] = []
+        preempted_reqs: list[Request] = []
+        req_to_new_blocks: dict[str, KVCacheBlocks] = {}
+        # (request, tokens, computed before, outputs before) in schedule order.
+        scheduled: list[tuple[Request, int, int, int]] = []
+        token_budget = self.max_num_scheduled_tokens
+        running = self.running
+        allocate_slots = kv.allocate_slots
+        req_to_blocks, num_cached_block = kv.req_to_blocks, kv.num_cached_block
+        bs, caching = kv.block_size, kv.enable_caching
+
+        # First, the RUNNING requests.
+        req_index = 0
+        while req_index < len(running) and token_budget > 0:
+            request = running[req_index]
+            computed = request.num_computed_tokens
+            num_new_tokens = request.num_tokens - computed
+            if 0 < threshold < num_new_tokens:
+                num_new_tokens = threshold
+            if num_new_tokens > token_budget:
+                num_new_tokens = token_budget
+            if num_new_tokens > max_model_len - computed - 1:
+                num_new_tokens = max_model_len - computed - 1
+            if num_new_tokens <= 0:
+                req_index += 1
+                continue
+            rid = request.request_id
+            total = computed + num_new_tokens
+            blocks = req_to_blocks.get(rid)
+            if blocks is not None and total <= len(blocks) * bs:
+                # allocate_slots' result when no new block is needed (most decode steps):
+                # only newly full blocks get cached.
+                new_blocks = empty
+                if caching:
+                    n_full = (total if total < request.num_tokens else request.num_tokens) // bs
+                    if n_full > num_cached_block.get(rid, 0):
+                        kv.cache_blocks(request, n_full * bs)
+            else:
+                while True:
+                    new_blocks = allocate_slots(request, num_new_tokens)
+                    if new_blocks is not None:
+                        break
+                    # FCFS: preempt the lowest-priority (last) running request. It is never
+                    # one already scheduled this step (those sit before req_index).
+                    preempted_req = running.pop()
+                    self._preempt_request(preempted_req)
+                    preempted_reqs.append(preempted_req)
+                    if preempted_req is request:
+                        break
+                if new_blocks is None:
+                    break
+            scheduled.append((request, num_new_tokens, computed, request.num_output_tokens))
+            if new_blocks.blocks:
+                req_to_new_blocks[rid] = new_blocks
+            token_budget -= num_new_tokens
+            req_index += 1
+
+        # Next, the WAITING requests.
+        num_running_scheduled = len(scheduled)
+        if not preempted_reqs:
+            token_budget = self._schedule_waiting(token_budget, scheduled, req_to_new_blocks,
+                                                  scheduled_new_reqs, scheduled_resumed_reqs)
+
+        new_reqs_data = [
+            NewRequestData(r.request_id, r.prompt_token_ids,
+                           req_to_new_blocks[r.request_id].get_block_ids(), r.num_computed_tokens)
+            for r in scheduled_new_reqs
+        ]
+        out = SchedulerOutput(
+            scheduled, num_running_scheduled, new_reqs_data,
+            {r.request_id for r in scheduled_resumed_reqs}, req_to_new_blocks,
+            self.max_num_scheduled_tokens - token_budget, self.reset_preempted_req_ids,
+            self.finished_req_ids, self.max_num_scheduled_tokens)
+        if self.connector is not None:
+            out.kv_connector_metadata = self.connector.build_connector_meta(out)
+        self._update_after_schedule(out)
+        return out
+
+    def _schedule_waiting(self, token_budget: int, scheduled: list[tuple[Request, int, int, int]],
+                          req_to_new_blocks: dict[str, KVCacheBlocks],
+                          scheduled_new_reqs: list[Request], scheduled_resumed_reqs: list[Request]) -> int:
+        """The WAITING half of schedule(); returns the token budget left."""
+        kv = self.kv_cache_manager
+        empty = kv.empty_kv_cache_blocks
+        threshold = self.long_prefill_token_threshold
+        running = self.running
+        step_skipped: deque[Request] = deque()
+        connector = self.connector
+        while (self.waiting or self.skipped_waiting) and token_budget > 0:
+            if len(running) >= self.max_num_running_reqs:
+                break
+            queue = self.skipped_waiting or self.waiting
+            request = queue[0]
+            if request.status == _WAITING_FOR_REMOTE_KVS and not self._try_promote_blocked_waiting_request(request):
+                queue.popleft()
+                step_skipped.appendleft(request)
+                continue
+
+            num_external_computed_tokens = 0
+            load_kv_async = False
+            conn_queries = conn_hits = 0
+            if request.num_computed_tokens == 0:
+                new_computed_blocks, num_new_local_computed_tokens = kv.get_computed_blocks(request)
+                if connector is not None:
+                    ext_tokens, load_kv_async = connector.get_num_new_matched_tokens(
+                        request, num_new_local_computed_tokens)
+                    if ext_tokens is None:
+                        queue.popleft()
+                        step_skipped.appendleft(request)
+                        continue
+                    num_external_computed_tokens = ext_tokens
+                    conn_queries = request.num_tokens - num_new_local_computed_tokens
+                    conn_hits = num_external_computed_tokens
+                num_computed_tokens = num_new_local_computed_tokens + num_external_computed_tokens
+                if request.num_preemptions <= 0:
+                    # PrefillStats.set: overwritten at each attempt, taken at first output.
+                    request.num_local_cached_tokens = num_new_local_computed_tokens
+                    request.num_external_tokens = num_external_computed_tokens
+            else:
+                # KV transfer: a WAITING request with num_computed_tokens > 0 finished its load.
+                new_computed_blocks = empty
+                num_new_local_computed_tokens = 0
+                num_computed_tokens = request.num_computed_tokens
+
+            if load_kv_async:
+                num_new_tokens = 0
+            else:
+                num_new_tokens = request.num_tokens - num_computed_tokens
+                if 0 < threshold < num_new_tokens:
+                    num_new_tokens = threshold
+                num_new_tokens = min(num_new_tokens, token_budget)
+
+            reserved_blocks = self._inflight_prefill_reserved_blocks() if load_kv_async else 0
+            new_blocks = kv.allocate_slots(
+                request, num_new_tokens,
+                num_new_computed_tokens=num_new_local_computed_tokens,
+                new_computed_blocks=new_computed_blocks,
+                num_external_computed_tokens=num_external_computed_tokens,
+                delay_cache_blocks=load_kv_async,
+                full_sequence_must_fit=self.scheduler_reserve_full_isl,
+                reserved_blocks=reserved_blocks,
+            )
+            if new_blocks is None:
+                break
+
+            rid = request.request_id
+            if connector is not None:
+                connector.update_state_after_alloc(request, kv.get_blocks(rid), num_external_computed_tokens)
+                if conn_queries:
+                    self.connector_prefix_cache_stats.record(conn_queries, conn_hits,
+                                                             request.num_preemptions > 0)
+            if self.record_observer_events:
+                self.observer_events.append(
+                    ("alloc", rid, kv.get_block_ids(rid)[0], num_external_computed_tokens))
+
+            queue.popleft()
+            if load_kv_async:
+                request.status = _WAITING_FOR_REMOTE_KVS
+                step_skipped.appendleft(request)
+                request.num_computed_tokens = num_computed_tokens
+                self._inflight_prefills.add(request)
+                continue
+
+            running.append(request)
+            if request.status == _WAITING:
+                scheduled_new_reqs.append(request)
+            else:
+                scheduled_resumed_reqs.append(request)
+            req_to_new_blocks[rid] = kv.get_blocks(rid)
+            scheduled.append((request, num_new_tokens, num_computed_tokens, request.num_output_tokens))
+            token_budget -= num_new_tokens
+            request.status = _RUNNING
+            request.num_computed_tokens = num_computed_tokens
+            if num_computed_tokens + num_new_tokens < request.num_tokens:
+                self._inflight_prefills.add(request)
+        # Re-queue the requests skipped in this pass ahead of older skipped ones, in order.
+        if step_skipped:
+            self.skipped_waiting.extendleft(step_skipped)
+        return token_budget
+
+    def _update_after_schedule(self, out: SchedulerOutput) -> None:
+        """Advance num_computed_tokens now, so a prefill can get its next chunk next step."""
+        sum_ctx = pairs = 0
+        inflight = self._inflight_prefills
+        for request, n, c, _ in out.scheduled:
+            sum_ctx += c + n
+            pairs += n * c + (n * (n + 1) >> 1)
+            c += n
+            request.num_computed_tokens = c
+            if c >= request.num_tokens:
+                request.is_prefill_chunk = False
+                if inflight:
+                    inflight.discard(request)
+            else:
+                request.is_prefill_chunk = True
+        out.sum_context, out.attn_pairs = sum_ctx, pairs
+        self.finished_req_ids = set()
+        self.reset_preempted_req_ids = set()
+
+    def _preempt_request(self, request: Request) -> None:
+        """Free its blocks and send it back to the head of WAITING (recompute later)."""
+        self.kv_cache_manager.free(request)
+        self._inflight_prefills.discard(request)
+        request.status = _PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+        self.reset_preempted_req_ids.add(request.request_id)
+
+    def _inflight_prefill_reserved_blocks(self) -> int:
+        remaining = self.kv_cache_manager.remaining_blocks
+        return sum(remaining(r) for r in self._inflight_prefills)
+
+    def _try_promote_blocked_waiting_request(self, request: Request) -> bool:
+        """WAITING_FOR_REMOTE_KVS -> WAITING once the load finished (_update_waiting_for_remote_kv)."""
+        rid = request.request_id
+        if rid not in self.finished_recving_kv_req_ids:
+            return False
+        self.kv_cache_manager.cache_blocks(request, request.num_computed_tokens)
+        # On a full prompt hit the last token is recomputed to sample the next one.
+        if request.num_computed_tokens == request.num_tokens:
+            request.num_computed_tokens = request.num_tokens - 1
+        self.finished_recving_kv_req_ids.discard(rid)
+        request.status = _PREEMPTED if request.num_preemptions else _WAITING
+        return True
+
+    # -- after the forward pass --------------------------------------------------------
+    def update_from_output(self, out: SchedulerOutput, next_token: Callable[[], int]
+                           ) -> tuple[list[tuple[Request, int]], list[tuple[Request, dict[str, Any] | None]]]:
+        """Append one sampled token to every request whose tokens are all computed (a partial
+        prefill chunk samples nothing); stop and free finished ones.
+
+        Returns (sampled (request, token) pairs, finished (request, kv_transfer_params) pairs).
+        """
+        sampled: list[tuple[Request, int]] = []
+        stopped: list[Request] = []
+        max_model_len = self.max_model_len
+        for entry in out.scheduled:
+            request = entry[0]
+            if request.status > _PREEMPTED or request.num_computed_tokens < request.num_tokens:
+                continue
+            token = next_token()
+            # Request.append_output_token_id, inlined (hot path).
+            request.all_token_ids.append(token)
+            num_tokens = request.num_tokens = request.num_tokens + 1
+            num_output = request.num_output_tokens = request.num_output_tokens + 1
+            if num_tokens >= request._next_hash_at:
+                request.update_block_hashes()
+            sampled.append((request, token))
+            # vllm/v1/core/sched/utils.py check_stop
+            if not request.ignore_eos and token == request.eos_token_id:
+                request.status = RequestStatus.FINISHED_STOPPED
+            elif num_output >= request.max_tokens or num_tokens >= max_model_len:
+                request.status = RequestStatus.FINISHED_LENGTH_CAPPED
+            else:
+                continue
+            stopped.append(request)
+        if not stopped:
+            return sampled, []
+        stopped_set = set(stopped)
+        self.running = [r for r in self.running if r not in stopped_set]
+        return sampled, [(request, self.free_request(request)) for request in stopped]
+
+    def free_request(self, request: Request, delay_free_blocks: bool = False) -> dict[str, Any] | None:
+        """_free_request: connector.request_finished decides whether blocks outlive the request."""
+        self._inflight_prefills.discard(request)
+        connector_delay, params = False, None
+        block_ids: list[int] = []
+        if self.connector is not None or self.record_observer_events:
+            block_ids = self.kv_cache_manager.get_block_ids_for_computed_tokens(
+                request.request_id, request.num_computed_tokens)[0]
+        if self.connector is not None:
+            connector_delay, params = self.connector.request_finished(request, block_ids)
+        rid = request.request_id
+        self.finished_req_ids.add(rid)
+        delay = delay_free_blocks or connector_delay
+        if self.record_observer_events:
+            self.observer_events.append(("finished", rid, block_ids, delay))
+        if not delay:
+            self._free_blocks(request)
+        return params
+
+    def _free_blocks(self, request: Request) -> None:
+        self.kv_cache_manager.free(request)
+        self.requests.pop(request.request_id, None)
+
+    def finish_requests(self, request_ids: list[str], finished_status: RequestStatus) -> list[Request]:
+        """Abort from outside (client went away): out of the queues, then freed."""
+        valid = []
+        for rid in request_ids:
+            request = self.requests.get(rid)
+            if request is None or request.is_finished():
+                continue
+            valid.append(request)
+        running_set = {r for r in valid if r.status == _RUNNING}
+        if running_set:
+            self.running = [r for r in self.running if r not in running_set]
+        waiting_set = {r for r in valid if r.status != _RUNNING}
+        if waiting_set:
+            self.waiting = deque(r for r in self.waiting if r not in waiting_set)
+            self.skipped_waiting = deque(r for r in self.skipped_waiting if r not in waiting_set)
+        for request in valid:
+            delay = False
+            if request.status == _WAITING_FOR_REMOTE_KVS:
+                # Blocks are being written by an async load: free them when it lands.
+                delay = request.request_id not in self.finished_recving_kv_req_ids
+                self.finished_recving_kv_req_ids.discard(request.request_id)
+            request.status = finished_status
+            self.free_request(request, delay_free_blocks=delay)
+        return valid
+
+    def update_from_kv_xfer_finished(self, finished_sending: set[str], finished_recving: set[str]) -> None:
+        """_update_from_kv_xfer_finished: loads landed (promote next step), sends done (free)."""
+        for rid in finished_recving:
+            request = self.requests.get(rid)
+            if request is None:
+                continue
+            if request.status == _WAITING_FOR_REMOTE_KVS:
+                self.finished_recving_kv_req_ids.add(rid)
+            else:
+                self._free_blocks(request)
+        for rid in finished_sending:
+            request = self.requests.get(rid)
+            if request is not None:
+                self._free_blocks(request)

@@ -1,0 +1,222 @@
+"""The KV transport between simulated engine PROCESSES, for both connector modes of vLLM 0.26.
+
+`labkit.engines.sim.connector` decides WHAT moves (vLLM's ExampleConnector / NixlConnector
+rules); this module carries the facts between two `python -m labkit.engines.sim` servers:
+
+- "example" (vllm/distributed/kv_transfer/kv_connector/v1/example_connector.py): prefill saves
+  a prompt's KV into a folder per prompt hash under `shared_storage_path`; decode looks the
+  folder up. Here a small marker file `<storage>/<key>.json` ({num_tokens, num_bytes,
+  engine_id}) stands for the safetensors files: no tensors, the same lookup. The storage
+  folder must lie inside the lab's run directory (`check_storage_path`).
+- "nixl" (kv_connector/v1/nixl/): prefill answers with kv_transfer_params naming its engine,
+  host and port (here: its HTTP port) and the block ids it holds (delay-free). Decode reads
+  the blocks (the time comes from the link model, in simulated time), then notifies prefill,
+  which frees them. The notification is `POST /labkit/kv/read {remote_request_id,
+  block_ids}` on prefill's HTTP server (vLLM: a NIXL notif); its answer says how many bytes
+  the blocks hold.
+
+    decode engine                                 prefill engine
+    add_request(kv_transfer_params) -> register_remote(params)
+    step: read lands (sim time) -> notify_read_done --POST /labkit/kv/read--> deliver_read
+                                                  step: take_read_done -> blocks freed
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from labkit.engines.sim.connector import STORAGE, KVTransport
+from labkit.hardware import LINKS, LinkSpec
+
+logger = logging.getLogger(__name__)
+
+READ_ROUTE = "/labkit/kv/read"
+_KEY = re.compile(r"^[0-9a-f]{16,128}$")
+
+
+def run_root() -> Path:
+    """The folder every lab run lives under: $LABKIT_RUN_DIR, else ~/.cache/labkit/runs."""
+    env = os.environ.get("LABKIT_RUN_DIR")
+    return Path(env if env else Path.home() / ".cache" / "labkit" / "runs").expanduser().resolve()
+
+
+def check_storage_path(path: str | Path, root: str | Path | None = None) -> Path:
+    """Resolve `path` and refuse it unless it lies inside the run directory `root`.
+
+    Raises:
+        ValueError: the path (after resolving links and '..') is outside `root`.
+    """
+    base = Path(root).expanduser().resolve() if root is not None else run_root()
+    resolved = Path(path).expanduser().resolve()
+    if resolved != base and base not in resolved.parents:
+        raise ValueError(f"KV storage path {resolved} is outside the run directory {base}; "
+                         f"use a folder under it (or set LABKIT_RUN_DIR)")
+    return resolved
+
+
+class NetworkTransport(KVTransport):
+    """`KVTransport` between engine processes: marker files for "example", HTTP for "nixl".
+
+    Every method runs on the server's event-loop thread (the engine loop and the HTTP
+    routes share it), so no locks are needed.
+
+    Args:
+        link: the link KV crosses between two engines (NIXL reads).
+        storage_link: the link to ExampleConnector's storage (save and load).
+        storage_dir: ExampleConnector's folder (checked with `check_storage_path`); None: no
+            storage (nixl only).
+        kv_bytes_per_token: KV bytes of one token on one GPU (marker files record bytes).
+        engine_id: this engine's id (written into marker files).
+        timeout: seconds for one notification POST.
+    """
+
+    def __init__(self, link: LinkSpec, storage_link: LinkSpec | None = None, *,
+                 storage_dir: str | Path | None = None, kv_bytes_per_token: int = 0,
+                 engine_id: str = "", timeout: float = 5.0) -> None:
+        self.default_link = link
+        self.storage_link = storage_link or link
+        self.storage_dir = check_storage_path(storage_dir) if storage_dir is not None else None
+        if self.storage_dir is not None:
+            self.storage_dir.mkdir(parents=True, exist_ok=True)
+        self.kv_bytes_per_token = kv_bytes_per_token
+        self.engine_id = engine_id
+        self.timeout = timeout
+        self._remotes: dict[str, tuple[str, int]] = {}  # engine id -> (host, port)
+        self._remote_blocks: dict[str, list[int]] = {}  # remote request id -> its block ids
+        self._read_done: list[str] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._client: httpx.AsyncClient | None = None
+        self.num_notifications = 0
+        self.num_failed_notifications = 0
+        self.on_read_delivered: Callable[[str], None] | None = None  # wakes the engine loop
+        self.on_read_acked: Callable[[str, int], None] | None = None  # (req id, bytes)
+
+    # ------------------------------------------------------------- ExampleConnector
+    def _marker(self, key: str) -> Path:
+        if self.storage_dir is None:
+            raise RuntimeError("no KV storage folder configured (--kv-storage)")
+        if not _KEY.match(key):
+            raise ValueError(f"bad storage key {key!r}: expected a hex digest")
+        return self.storage_dir / f"{key}.json"
+
+    def store(self, key: str, num_tokens: int) -> None:
+        """Record a saved prompt: write the marker atomically (tmp file, then rename)."""
+        path = self._marker(key)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"num_tokens": num_tokens, "engine_id": self.engine_id,
+                                   "num_bytes": num_tokens * self.kv_bytes_per_token}))
+        os.replace(tmp, path)
+
+    def contains(self, key: str) -> bool:
+        return self.storage_dir is not None and self._marker(key).is_file()
+
+    def stored(self, key: str) -> dict[str, Any] | None:
+        """A marker's content, or None."""
+        try:
+            return json.loads(self._marker(key).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def link(self, src_engine_id: str, dst_engine_id: str) -> LinkSpec:
+        return self.storage_link if STORAGE in (src_engine_id, dst_engine_id) else self.default_link
+
+    # ------------------------------------------------------------- NixlConnector, decode
+    def register_remote(self, params: dict[str, Any] | None) -> None:
+        """Remember where a decode request's KV lives (its kv_transfer_params from prefill)."""
+        if not params or not params.get("do_remote_prefill"):
+            return
+        engine, host, port = (params.get("remote_engine_id"), params.get("remote_host"),
+                              params.get("remote_port"))
+        if engine and host and port:
+            self._remotes[str(engine)] = (str(host), int(port))
+        rid = params.get("remote_request_id")
+        blocks = params.get("remote_block_ids") or []
+        if rid is not None:
+            self._remote_blocks[str(rid)] = [int(b) for b in (blocks[0] if blocks and
+                                                              isinstance(blocks[0], list) else blocks)]
+
+    def notify_read_done(self, remote_engine_id: str, remote_request_id: str, at: float) -> None:
+        """Tell prefill its blocks were read: a POST sent in the background (never blocks
+        the engine loop); failures are counted, as vLLM's nixl_num_failed_notifications."""
+        addr = self._remotes.get(remote_engine_id)
+        blocks = self._remote_blocks.pop(remote_request_id, [])
+        if addr is None:
+            self.num_failed_notifications += 1
+            logger.warning("no address for remote engine %s (request %s)", remote_engine_id,
+                           remote_request_id)
+            return
+        body = {"remote_request_id": remote_request_id, "block_ids": blocks,
+                "remote_engine_id": remote_engine_id}
+        url = f"http://{addr[0]}:{addr[1]}{READ_ROUTE}"
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (a synchronous caller): post inline
+            self._post_sync(url, body)
+            return
+        task = loop.create_task(self._post(url, body))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _post(self, url: str, body: dict[str, Any]) -> None:
+        if self._client is None:
+            self._client = httpx.AsyncClient(timeout=self.timeout)
+        try:
+            resp = await self._client.post(url, json=body)
+            resp.raise_for_status()
+            self._acked(body["remote_request_id"], resp.json())
+        except (httpx.HTTPError, ValueError) as exc:
+            self.num_failed_notifications += 1
+            logger.warning("KV read notification to %s failed: %s", url, exc)
+
+    def _post_sync(self, url: str, body: dict[str, Any]) -> None:
+        try:
+            resp = httpx.post(url, json=body, timeout=self.timeout)
+            resp.raise_for_status()
+            self._acked(body["remote_request_id"], resp.json())
+        except (httpx.HTTPError, ValueError) as exc:
+            self.num_failed_notifications += 1
+            logger.warning("KV read notification to %s failed: %s", url, exc)
+
+    def _acked(self, req_id: str, answer: dict[str, Any]) -> None:
+        self.num_notifications += 1
+        if self.on_read_acked is not None:
+            self.on_read_acked(req_id, int(answer.get("num_bytes", 0)))
+
+    async def aclose(self) -> None:
+        """Wait for notifications in flight (briefly), then close the HTTP client."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=self.timeout)
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    # ------------------------------------------------------------- NixlConnector, prefill
+    def deliver_read(self, remote_request_id: str) -> None:
+        """A decode engine read this request's blocks (the route calls this)."""
+        self._read_done.append(remote_request_id)
+        if self.on_read_delivered is not None:
+            self.on_read_delivered(remote_request_id)
+
+    def has_pending_reads(self) -> bool:
+        return bool(self._read_done)
+
+    def take_read_done(self, engine_id: str, now: float) -> list[str]:
+        """Every delivered read (the decode engine's clock is not ours: `now` is not compared)."""
+        out, self._read_done = self._read_done, []
+        return out
+
+
+def link_named(key: str) -> LinkSpec:
+    """A hardware.LINKS entry by key, with the choices in the error."""
+    try:
+        return LINKS[key]
+    except KeyError:
+        raise ValueError(f"unknown link {key!r}; choose from {sorted(LINKS)}") from None

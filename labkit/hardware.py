@@ -1,0 +1,178 @@
+"""The GPUs the lab runs on: a datasheet table, link peaks, and NVML detection.
+
+`detect()` asks NVML (nvidia-ml-py, imported inside the function, never at import time);
+with no driver or no GPU it returns a simulated machine and says so. `simulated()` builds
+the cluster the simulator runs on where there is no GPU.
+"""
+from __future__ import annotations
+
+import importlib.util
+import re
+from dataclasses import dataclass, field, replace
+
+GiB = 1 << 30
+MiB = 1 << 20
+# CUDA reports less than NVML's total (what the driver keeps): an H100 80GB HBM3 shows
+# 81,559 MiB in NVML and 79.18 GiB (81,080 MiB) to torch.cuda.mem_get_info, which is the
+# base vLLM multiplies --gpu-memory-utilization with (fixtures/vllm-0.26/logs).
+_CUDA_RESERVED = 479 * MiB
+
+
+@dataclass(frozen=True)
+class GPUType:
+    """Peak numbers of one GPU model (dense, from NVIDIA's datasheets)."""
+
+    key: str
+    name: str
+    memory_bytes: int  # total as CUDA reports it: the base of --gpu-memory-utilization
+    bf16_flops: float
+    fp8_flops: float | None
+    mem_bw: float
+    compute_capability: tuple[int, int]
+    nvlink_bw: float | None  # bytes/s, one direction, GPU<->GPU
+    pcie_bw: float  # bytes/s, one direction
+
+    @property
+    def supports_fp8_kv(self) -> bool:
+        """vLLM's fp8 KV cache needs compute capability 8.9 (Ada) or newer."""
+        return self.compute_capability >= (8, 9)
+
+
+GPU_TYPES: dict[str, GPUType] = {
+    "h100": GPUType("h100", "NVIDIA H100 80GB HBM3", 81_080 * MiB, 989e12, 1979e12, 3.35e12,
+                    (9, 0), 450e9, 64e9),
+    "h200": GPUType("h200", "NVIDIA H200", 143_771 * MiB - _CUDA_RESERVED, 989e12, 1979e12,
+                    4.8e12, (9, 0), 450e9, 64e9),
+    "a100": GPUType("a100", "NVIDIA A100-SXM4-80GB", 81_920 * MiB - _CUDA_RESERVED, 312e12, None,
+                    2.039e12, (8, 0), 300e9, 32e9),
+    "l4": GPUType("l4", "NVIDIA L4", 23_034 * MiB - _CUDA_RESERVED, 121e12, 242e12, 300e9,
+                  (8, 9), None, 32e9),
+}
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    """A path KV can take from the prefill GPU to the decode GPU (peak, one direction)."""
+
+    key: str
+    name: str
+    bandwidth: float  # bytes/s
+    latency: float  # seconds
+
+
+LINKS: dict[str, LinkSpec] = {
+    # ExampleConnector writes safetensors files to /dev/shm and reads them back: measured
+    # ~1.3 GB/s for a 1,072-token prefill of the lab-1b shape on an H100 (DESIGN.md).
+    "same-gpu": LinkSpec("same-gpu", "same GPU, through host /dev/shm files", 1.3e9, 1e-3),
+    "nvlink": LinkSpec("nvlink", "NVLink 4 (18 links)", 450e9, 3e-6),
+    "pcie": LinkSpec("pcie", "PCIe Gen5 x16", 64e9, 5e-6),
+    "rdma": LinkSpec("rdma", "InfiniBand NDR 400 Gb/s (RDMA)", 50e9, 5e-6),
+    "tcp": LinkSpec("tcp", "TCP over 25 GbE", 3.125e9, 50e-6),
+}
+
+
+@dataclass(frozen=True)
+class GPUInfo:
+    """One GPU as NVML sees it (or as the simulator pretends it)."""
+
+    index: int
+    name: str
+    uuid: str
+    memory_total: int
+    memory_used: int
+    compute_capability: tuple[int, int]
+    gpu_type: GPUType | None
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """The machine: its GPUs, whether they are simulated, and their type."""
+
+    gpus: list[GPUInfo]
+    simulated: bool
+    gpu_type: GPUType
+    note: str = field(default="", compare=False)
+
+    @property
+    def num_gpus(self) -> int:
+        return len(self.gpus)
+
+
+def gpu_type_for(name: str) -> GPUType | None:
+    """The GPU_TYPES entry for an NVML device name ("NVIDIA H100 80GB HBM3" -> h100).
+
+    Whole words only: "GH200" (Grace Hopper) and "L40S" are other GPUs.
+    """
+    low = name.lower()
+    for key in ("h200", "h100", "a100", "l4"):
+        if re.search(rf"\b{key}\b", low):
+            return GPU_TYPES[key]
+    return None
+
+
+def simulated(num_gpus: int = 2, gpu_type: str = "h100") -> Hardware:
+    """A simulated machine of `num_gpus` GPUs of `gpu_type` (a GPU_TYPES key)."""
+    if gpu_type not in GPU_TYPES:
+        raise ValueError(f"unknown gpu_type {gpu_type!r} (known: {', '.join(GPU_TYPES)})")
+    if num_gpus < 0:
+        raise ValueError(f"num_gpus must be >= 0, got {num_gpus}")
+    t = GPU_TYPES[gpu_type]
+    gpus = [GPUInfo(i, t.name, f"SIM-{gpu_type}-{i}", t.memory_bytes, 0, t.compute_capability, t)
+            for i in range(num_gpus)]
+    return Hardware(gpus, True, t, note=f"simulated: {num_gpus} x {t.name}")
+
+
+def _unknown_type(info: GPUInfo) -> GPUType:
+    """A GPUType for a GPU outside the table: NVML's memory, peaks of the nearest kind."""
+    cc = info.compute_capability
+    near = GPU_TYPES["h100" if cc >= (9, 0) else "l4" if cc >= (8, 9) else "a100"]
+    return replace(near, key="other", name=info.name,
+                   memory_bytes=max(0, info.memory_total - _CUDA_RESERVED),
+                   compute_capability=cc, fp8_flops=near.fp8_flops if cc >= (8, 9) else None)
+
+
+def detect() -> Hardware:
+    """The GPUs present, through NVML; a simulated machine with no GPU when NVML fails."""
+    try:
+        import pynvml
+    except ImportError:
+        return replace(simulated(0), note="no GPU: nvidia-ml-py is not installed")
+    try:
+        pynvml.nvmlInit()
+    except Exception as exc:  # NVMLError_LibraryNotFound, DriverNotLoaded, ...
+        return replace(simulated(0), note=f"no GPU: NVML unavailable ({exc})")
+    try:
+        gpus = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            name = _text(pynvml.nvmlDeviceGetName(h))
+            mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+            cc = tuple(pynvml.nvmlDeviceGetCudaComputeCapability(h))
+            gpus.append(GPUInfo(i, name, _text(pynvml.nvmlDeviceGetUUID(h)), int(mem.total),
+                                int(mem.used), (int(cc[0]), int(cc[1])), gpu_type_for(name)))
+    except Exception as exc:
+        return replace(simulated(0), note=f"no GPU: NVML query failed ({exc})")
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:
+            pass
+    if not gpus:
+        return replace(simulated(0), note="no GPU found by NVML")
+    first = gpus[0]
+    kind = first.gpu_type or _unknown_type(first)
+    return Hardware(gpus, False, kind, note=f"{len(gpus)} x {first.name}")
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def vllm_available() -> bool:
+    """Whether vLLM can be imported here (without importing it)."""
+    return importlib.util.find_spec("vllm") is not None
+
+
+def nixl_available() -> bool:
+    """Whether the NIXL wheel vLLM's NixlConnector needs can be imported here."""
+    return importlib.util.find_spec("nixl") is not None

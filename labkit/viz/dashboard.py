@@ -1,0 +1,204 @@
+"""The dashboard: every view + the controls in one ipywidgets layout, refreshed from a
+`TelemetrySource` at >= 4 Hz. One refresh = one `poll()`, fold the delta into the reducers,
+redraw only the views whose state moved (each inside `batch_update()`).
+
+    dash = Dashboard(source, on_apply=lab.reconfigure)
+    dash.start()        # asyncio task in Jupyter, a daemon thread elsewhere
+    dash                # displays it
+    dash.stop()
+"""
+from __future__ import annotations
+
+import asyncio
+import html
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import ipywidgets as w
+
+from labkit.viz.base import View
+from labkit.viz.blocks import BlockMapView
+from labkit.viz.controls import ControlPanel, StartupProgress
+from labkit.viz.latency import LatencyView
+from labkit.viz.memory import MemoryView
+from labkit.viz.schedule import ScheduleView
+from labkit.viz.source import SourceInfo, TelemetryDelta, TelemetrySource
+from labkit.viz.state import BlockMapState, LatencyState, MemoryState, ScheduleState, TransferState
+from labkit.viz.streaming import StreamingView
+from labkit.viz.style import KIND_COLORS, kind_label
+
+
+def header_text(info: SourceInfo) -> str:
+    """'SIMULATED', 'REAL vLLM on NVIDIA H100 80GB HBM3 ×2', 'REPLAY' (+ engines)."""
+    label = kind_label(info.kind)
+    if info.kind == "vllm" and info.gpus:
+        names = [g.name for g in info.gpus]
+        uniq = sorted(set(names))
+        label += " on " + ", ".join(f"{n} ×{names.count(n)}" if names.count(n) > 1 else n for n in uniq)
+    return label
+
+
+class Dashboard:
+    """All views of one PD pair (or any set of engines), live.
+
+    Args:
+        source: anything with `poll() -> TelemetryDelta` and `describe() -> dict`.
+        on_apply: called with a validated config when the learner presses Apply.
+        interval: seconds between refreshes (0.25 = 4 Hz).
+        max_cells: block-map cells per engine before blocks are grouped into super-cells.
+    """
+
+    def __init__(
+        self,
+        source: TelemetrySource,
+        on_apply: Callable[[Any], None] | None = None,
+        interval: float = 0.25,
+        max_cells: int = 4096,
+    ) -> None:
+        self.source = source
+        self.info = SourceInfo.from_dict(source.describe())
+        self.interval = interval
+        engines = [(e.name, e.role, e.kind) for e in self.info.engines]
+        self.blocks = BlockMapState(
+            {e.name: (e.role, e.kind, e.num_blocks, e.block_size) for e in self.info.engines}
+        )
+        self.transfers = TransferState()
+        self.memory = MemoryState()
+        self.schedule = ScheduleState()
+        self.latency = LatencyState()
+        kinds = [self.info.kind, *(k for _, _, k in engines)]
+        self.views: dict[str, View] = {
+            "blocks": BlockMapView(self.blocks, max_cells=max_cells),
+            "streaming": StreamingView(self.transfers, kinds, link=self.info.link),
+            "memory": MemoryView(self.memory, self.info),
+            "schedule": ScheduleView(self.schedule, engines),
+            "latency": LatencyView(self.latency, engines, self.info.kind),
+        }
+        self.timings: dict[str, float] = dict.fromkeys(["poll", "fold", *self.views], 0.0)
+        self.num_refreshes = 0
+        self.last_error: str | None = None
+        self.progress = StartupProgress()
+        self.controls = ControlPanel(on_apply=on_apply)
+        self.header = w.HTML(self._header_html())
+        self.status = w.HTML("")
+        self._task: asyncio.Task | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.widget = self._layout()
+
+    # -- layout --------------------------------------------------------------------------------
+    def _header_html(self) -> str:
+        color = KIND_COLORS.get(self.info.kind, "#444")
+        engines = ", ".join(f"{e.name} ({e.role})" for e in self.info.engines)
+        return (
+            f'<div style="display:flex;gap:12px;align-items:center">'
+            f'<span style="background:{color};color:white;padding:4px 10px;border-radius:4px;'
+            f'font-weight:bold">{html.escape(header_text(self.info))}</span>'
+            f"<span>PD Lab · {html.escape(engines)}</span></div>"
+        )
+
+    def _layout(self) -> w.Widget:
+        v = self.views
+        figs = w.VBox(
+            [
+                w.HBox([v["blocks"].figure, v["streaming"].figure]),
+                w.HBox([v["schedule"].figure, v["memory"].figure]),
+                v["latency"].figure,
+            ],
+            layout=w.Layout(width="78%"),
+        )
+        side = w.VBox([self.progress.widget, self.controls.widget], layout=w.Layout(width="22%"))
+        return w.VBox([self.header, self.status, w.HBox([figs, side])])
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
+        return self.widget._repr_mimebundle_(**kwargs)
+
+    # -- refresh -------------------------------------------------------------------------------
+    def fold(self, delta: TelemetryDelta) -> None:
+        """Feed one delta into every reducer (no drawing)."""
+        for batch in delta.observer:
+            self.blocks.apply(batch)
+            self.transfers.apply(batch)
+            self.schedule.apply(batch)
+        for ev in delta.timeline:
+            self.transfers.apply_timeline(ev)
+            self.latency.apply_timeline(ev)
+        for m in delta.metrics:
+            self.latency.apply_metrics(m)
+        for em in delta.engine_memory:
+            self.memory.apply_engine_memory(em)
+        for s in delta.gpu_samples:
+            self.memory.apply_sample(s)
+
+    def refresh(self) -> dict[str, float]:
+        """One poll + fold + redraw; returns CPU seconds per stage (time.process_time)."""
+        clock = time.process_time
+        t = clock()
+        delta = self.source.poll()
+        t1 = clock()
+        self.timings["poll"] = t1 - t
+        self.fold(delta)
+        t2 = clock()
+        self.timings["fold"] = t2 - t1
+        for name, view in self.views.items():
+            t3 = clock()
+            view.update()
+            self.timings[name] = clock() - t3
+        self.num_refreshes += 1
+        return dict(self.timings)
+
+    def _safe_refresh(self) -> None:
+        try:
+            self.refresh()
+            if self.last_error is not None:
+                self.last_error = None
+                self.status.value = ""
+        except Exception as e:  # keep refreshing; say what went wrong once
+            msg = f"{type(e).__name__}: {e}"
+            if msg != self.last_error:
+                self.last_error = msg
+                self.status.value = f'<span style="color:#c92a2a">refresh failed: {html.escape(msg)}</span>'
+
+    async def _run_async(self) -> None:
+        while not self._stop.is_set():
+            t = time.monotonic()
+            self._safe_refresh()
+            await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - t)))
+
+    def _run_thread(self) -> None:
+        while not self._stop.is_set():
+            t = time.monotonic()
+            self._safe_refresh()
+            self._stop.wait(max(0.0, self.interval - (time.monotonic() - t)))
+
+    def start(self) -> None:
+        """Refresh every `interval` s: on the running asyncio loop (Jupyter) or a thread."""
+        if self.running:
+            return
+        self._stop.clear()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._thread = threading.Thread(target=self._run_thread, name="labkit-dashboard",
+                                            daemon=True)  # fmt: skip
+            self._thread.start()
+        else:
+            self._task = loop.create_task(self._run_async())
+
+    def stop(self) -> None:
+        """Stop refreshing (idempotent); a thread is joined."""
+        self._stop.set()
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    @property
+    def running(self) -> bool:
+        return (self._task is not None and not self._task.done()) or (
+            self._thread is not None and self._thread.is_alive()
+        )

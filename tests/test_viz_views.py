@@ -1,0 +1,183 @@
+"""Each view built from a scripted event sequence: the figure DATA follows the events, and the
+kind (SIMULATED / REAL vLLM / REPLAY) is in every title."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from labkit.telemetry.metrics import MetricsSnapshot
+from labkit.telemetry.observer_schema import (
+    KVTransfer,
+    LayerTiming,
+    ObserverBatch,
+    PoolSnapshot,
+    RequestAllocated,
+    RequestFinished,
+    StepScheduled,
+)
+from labkit.viz.blocks import MAX_CELLS, Z_REQ0, BlockMapView, block_grid
+from labkit.viz.latency import LatencyView
+from labkit.viz.memory import MemoryView
+from labkit.viz.schedule import ScheduleView
+from labkit.viz.source import EngineMemory, GpuSample, MetricsSample, SourceInfo
+from labkit.viz.state import BlockMapState, LatencyState, MemoryState, ScheduleState, TransferState
+from labkit.viz.streaming import StreamingView
+
+FIXTURES = Path("/work/shared/fixtures/vllm-0.26")
+GiB = 2**30
+
+
+def ob(events, engine="prefill-0", role="prefill", kind="sim") -> ObserverBatch:
+    return ObserverBatch(engine, role, kind, 0.0, events)
+
+
+def step(n, budget, sched, new_blocks, computed, finished=()) -> StepScheduled:
+    return StepScheduled(n, float(n), budget, sched, new_blocks, computed, [], list(finished))
+
+
+def test_block_map_follows_allocation_sharing_and_free():
+    st = BlockMapState({"prefill-0": ("prefill", "sim", 64, 16)})
+    view = BlockMapView(st)
+    assert view.update()
+    z0 = np.asarray(view.figure.data[0].z)
+    assert len(z0) == 64 and (z0 == 0).all()
+    st.apply(ob([RequestAllocated(0.0, "a", [1, 2, 3], 0), step(1, 64, {"a": 40}, {"a": [1, 2, 3]}, {"a": 0})]))
+    st.apply(ob([RequestAllocated(0.0, "b", [1, 2, 4], 0), step(2, 64, {"b": 8}, {"b": [1, 2, 4]}, {"b": 32})]))
+    assert view.update()
+    z1 = np.asarray(view.figure.data[0].z)
+    assert z1[1] == z1[2] == 2, "shared-prefix blocks have their own colour"
+    assert z1[3] >= Z_REQ0 and z1[4] >= Z_REQ0, "in-use blocks take their request's colour"
+    text = view.figure.data[0].text
+    assert "a (shared prefix)" in text[1] and "16 tokens" in text[1] and text[4].startswith("block 4<br>b")
+    assert "4 in use (2 shared)" in view.figure.layout.annotations[0].text
+    st.apply(ob([RequestFinished(3.0, "a", [1, 2, 3], False)]))
+    st.apply(ob([step(3, 64, {}, {}, {}, finished=["b"])]))
+    assert view.update()
+    z2 = np.asarray(view.figure.data[0].z)
+    assert z2[1:5].tolist() == [1, 1, 0, 0], "full blocks stay cached, tails are free"
+    assert not view.update(), "no new events: no redraw"
+    assert "SIMULATED" in view.figure.layout.title.text
+    assert "SIMULATED" in view.figure.layout.annotations[0].text
+
+
+def test_block_map_100k_blocks_is_bounded_super_cells():
+    n = 100_000
+    st = BlockMapState({"d": ("decode", "vllm", n, 16)})
+    rng = np.random.default_rng(1)
+    state = np.zeros(n, np.uint8)
+    state[: n // 2] = 2  # first half in use, second half free
+    state[n // 2 : n // 2 + 1000] = 1
+    st.apply(ob([PoolSnapshot(0.0, n, n // 2, state.tobytes())], engine="d", role="decode", kind="vllm"))
+    grid = block_grid(st.engines["d"])
+    assert grid.num_cells <= MAX_CELLS and grid.blocks_per_cell == 25
+    assert grid.z[0] == pytest.approx(1.0) and grid.z[-1] == pytest.approx(0.0)
+    assert grid.counts.tolist() == [n // 2 - 1000, 1000, n // 2 - 1, 0]
+    view = BlockMapView(st)
+    view.update()
+    assert len(view.figure.data[0].z) == grid.num_cells
+    assert "REAL vLLM" in view.figure.layout.title.text
+    churn = rng.integers(0, 4, n, dtype=np.uint8)
+    st.apply(ob([PoolSnapshot(1.0, n, 0, churn.tobytes())], engine="d", role="decode", kind="vllm"))
+    view.update()
+    z = np.asarray(view.figure.data[0].z)
+    assert 0.3 < z.mean() < 0.7  # about half of random states are 2 or 3
+
+
+def test_streaming_view_bars_appear():
+    st = TransferState()
+    view = StreamingView(st, ["sim"], link="nvlink")
+    for ev, t in [("arrival", 0.0), ("prefill_start", 0.01), ("prefill_end", 0.05),
+                  ("kv_transfer_start", 0.05), ("kv_transfer_end", 0.08), ("first_token", 0.09),
+                  ("finish", 0.3)]:
+        st.apply_timeline({"req_id": "req-a", "ts": 100 + t, "event": ev})
+    view.update()
+    queue, prefill, transfer, decode = view.figure.data[:4]
+    assert list(prefill.x) == pytest.approx([40.0]) and list(prefill.base) == pytest.approx([10.0])
+    assert list(transfer.x) == pytest.approx([30.0]) and list(decode.x) == pytest.approx([220.0])
+    assert len(view.figure.data[4].x) == 0  # no layer timings yet
+    st.apply(ob([KVTransfer(0, "req-a", "recv", 1000, 64_000_000, 100.05, 100.07, "NixlConnector")]
+                + [LayerTiming(0, "load", f"model.layers.{i}.attn", 100.05 + i / 1e3, 100.0505 + i / 1e3,
+                               4_000_000, ["req-a"]) for i in range(4)], engine="decode-0", role="decode"))
+    view.update()
+    load = view.figure.data[5]
+    assert list(load.x) == ["L0", "L1", "L2", "L3"] and list(load.y) == pytest.approx([0.5] * 4)
+    rate, peak = view.figure.data[6], view.figure.data[7]
+    assert list(rate.y) == pytest.approx([3.2])
+    assert peak.y[0] == pytest.approx(450.0) and "NVLink" in peak.name
+    assert "SIMULATED" in view.figure.layout.title.text
+
+
+def test_memory_view_moves():
+    info = SourceInfo.from_dict({
+        "kind": "vllm", "gpus": [{"index": 0, "name": "NVIDIA H100", "total_bytes": 80 * GiB}],
+        "engines": [{"name": "p", "role": "prefill", "gpus": [0]}, {"name": "d", "role": "decode", "gpus": [0]}],
+    })
+    st = MemoryState()
+    view = MemoryView(st, info)
+    st.apply_engine_memory(EngineMemory("p", 0, 2 * GiB, 10 * GiB))
+    st.apply_sample(GpuSample(1.0, 0, 20 * GiB, 80 * GiB, {"p": 14 * GiB, "d": 5 * GiB}))
+    view.update()
+    bars = {tr.name: tr.y[0] for tr in view.figure.data[: len(view.bar_keys)]}
+    assert bars["p: KV cache"] == pytest.approx(10) and bars["free"] == pytest.approx(60)
+    st.apply_sample(GpuSample(2.0, 0, 40 * GiB, 80 * GiB, {"p": 14 * GiB, "d": 25 * GiB}))
+    view.update()
+    bars = {tr.name: tr.y[0] for tr in view.figure.data[: len(view.bar_keys)]}
+    assert bars["free"] == pytest.approx(40) and bars["d: engine other"] == pytest.approx(25)
+    other = view.figure.data[view.area_index[(0, "engine other")]]
+    assert list(other.y) == pytest.approx([7, 27]) and list(other.x) == pytest.approx([0, 1])
+    assert "REAL vLLM" in view.figure.layout.title.text
+
+
+def test_schedule_view_chunks_fit_the_budget():
+    st = ScheduleState()
+    view = ScheduleView(st, [("prefill-0", "prefill", "sim")])
+    budget = 512
+    # A 1300-token prompt in chunks beside two decoding requests.
+    st.apply(ob([step(1, budget, {"x": 1, "y": 1, "long": 510}, {}, {"x": 90, "y": 40, "long": 0}),
+                 step(2, budget, {"x": 1, "y": 1, "long": 510}, {}, {"x": 91, "y": 41, "long": 510}),
+                 step(3, budget, {"x": 1, "y": 1, "long": 280}, {}, {"x": 92, "y": 42, "long": 1020})]))
+    view.update()
+    pre, dec, bud = view.figure.data
+    assert list(pre.x) == [1, 2, 3] and list(pre.y) == [510, 510, 280]
+    assert list(dec.y) == [2, 2, 2] and list(dec.base) == [510, 510, 280], "decodes sit on the chunk"
+    assert list(bud.y) == [budget] * 3
+    for s in (1, 2, 3):
+        total = sum(y for x, y in zip(pre.x, pre.y) if x == s) + sum(y for x, y in zip(dec.x, dec.y) if x == s)
+        assert total <= budget
+    assert "SIMULATED" in view.figure.layout.title.text
+
+
+def test_latency_view_cdfs():
+    st = LatencyState()
+    view = LatencyView(st, [("decode-0", "decode", "replay")], "replay")
+    for i, ttft in enumerate([0.1, 0.2, 0.4]):
+        st.apply_timeline({"req_id": f"r{i}", "ts": 10.0 * i, "event": "arrival"})
+        st.apply_timeline({"req_id": f"r{i}", "ts": 10.0 * i + ttft, "event": "first_token"})
+        st.apply_timeline({"req_id": f"r{i}", "ts": 10.0 * i + ttft + 0.02, "event": "token"})
+    snap = MetricsSnapshot.parse((FIXTURES / "metrics/nixl-decode.txt").read_text())
+    st.apply_metrics(MetricsSample("decode-0", 0.0, snap, "decode", "replay"))
+    view.update()
+    ttft_proxy, ttft_engine, itl_proxy, _ = view.figure.data
+    assert list(ttft_proxy.x) == pytest.approx([100, 200, 400])
+    assert list(ttft_proxy.y) == pytest.approx([1 / 3, 2 / 3, 1])
+    assert list(itl_proxy.x) == pytest.approx([20, 20, 20])
+    assert ttft_engine.y[-1] == pytest.approx(1.0) and len(ttft_engine.x) > 5
+    assert "REPLAY" in view.figure.layout.title.text
+
+
+def test_png_render(tmp_path):
+    """Needs kaleido >= 1 + Chrome, or kaleido 0.2 with $LABKIT_PLOTLYJS (a plotly.js v2)."""
+    pytest.importorskip("kaleido")
+    from labkit.viz.export import save_png
+
+    st = ScheduleState()
+    view = ScheduleView(st, [("p", "prefill", "sim")])
+    st.apply(ob([step(1, 64, {"a": 60}, {}, {"a": 0})], engine="p"))
+    view.update()
+    try:
+        out = save_png(view.figure, tmp_path / "s.png")
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
