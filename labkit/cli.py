@@ -4,6 +4,7 @@ Each subcommand is one `register_*` function (adds its parser, sets `func`) list
 COMMANDS, and one `cmd_*` function that takes the parsed args and returns an exit code.
 Adding a subcommand = writing those two and appending the first to COMMANDS.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,7 +14,15 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from labkit.config import ConfigError, EngineConfig, PDConfig, Plan, env_for, serve_command, validate
+from labkit.config import (
+    ConfigError,
+    EngineConfig,
+    PDConfig,
+    Plan,
+    env_for,
+    serve_command,
+    validate,
+)
 from labkit.hardware import GPU_TYPES, GiB
 
 EXIT_CONFIG_ERROR = 2
@@ -23,8 +32,11 @@ NIXL_SIDE_CHANNEL_PORTS = (5600, 5610)
 
 # ---- labkit plan ----------------------------------------------------------------------------
 def register_plan(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("plan", help="check a PD configuration and print its placement, memory "
-                       "and vllm serve commands (starts nothing)")
+    p = sub.add_parser(
+        "plan",
+        help="check a PD configuration and print its placement, memory "
+        "and vllm serve commands (starts nothing)",
+    )
     p.add_argument("--model", default="lab-1b", help="preset, HF name or config.json path")
     p.add_argument("--tp", type=int, default=1, help="tensor parallel size of both engines")
     p.add_argument("--pp", type=int, default=1, help="pipeline parallel size of both engines")
@@ -33,10 +45,17 @@ def register_plan(sub: argparse._SubParsersAction) -> None:
         p.add_argument(f"--{role}-pp", type=int, help=f"pipeline parallel size of {role} only")
         p.add_argument(f"--{role}-util", type=float, help=f"gpu_memory_utilization of {role}")
     p.add_argument("--kv-dtype", default="auto", help="auto | bfloat16 | float16 | fp8 | ...")
-    p.add_argument("--gpus", type=int, help="number of GPUs (default: those present, or 2 simulated)")
-    p.add_argument("--gpu-type", choices=sorted(GPU_TYPES), help="plan for this GPU (simulated "
-                   "where it differs from the machine's)")
-    p.add_argument("--sim", action="store_true", help="plan a simulated cluster even on a GPU machine")
+    p.add_argument(
+        "--gpus", type=int, help="number of GPUs (default: those present, or 2 simulated)"
+    )
+    p.add_argument(
+        "--gpu-type",
+        choices=sorted(GPU_TYPES),
+        help="plan for this GPU (simulated where it differs from the machine's)",
+    )
+    p.add_argument(
+        "--sim", action="store_true", help="plan a simulated cluster even on a GPU machine"
+    )
     p.add_argument("--chunk", type=int, help="max_num_batched_tokens (default: vLLM's)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-model-len", type=int)
@@ -45,8 +64,11 @@ def register_plan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--colocated", action="store_true", help="one engine for both phases (no PD)")
     p.add_argument("--no-chunked-prefill", action="store_true")
     p.add_argument("--load-format", choices=["dummy", "auto"], default="dummy")
-    p.add_argument("--model-dir", help="directory or HF name vllm serve gets (default: "
-                   "~/.cache/labkit/models/<model> for dummy weights, the HF name otherwise)")
+    p.add_argument(
+        "--model-dir",
+        help="directory or HF name vllm serve gets (default: "
+        "~/.cache/labkit/models/<model> for dummy weights, the HF name otherwise)",
+    )
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan)
 
@@ -57,15 +79,28 @@ def config_from_args(a: argparse.Namespace) -> PDConfig:
 
     def engine(role: str) -> EngineConfig:
         return EngineConfig(
-            model=a.model, role=role,  # type: ignore[arg-type]
-            tp=getattr(a, f"{role}_tp") or a.tp, pp=getattr(a, f"{role}_pp") or a.pp,
-            kv_cache_dtype=a.kv_dtype, block_size=a.block_size, max_num_batched_tokens=a.chunk,
-            max_num_seqs=seqs, gpu_memory_utilization=getattr(a, f"{role}_util"),
-            max_model_len=a.max_model_len, enable_chunked_prefill=not a.no_chunked_prefill,
-            load_format=a.load_format)
+            model=a.model,
+            role=role,  # type: ignore[arg-type]
+            tp=getattr(a, f"{role}_tp") or a.tp,
+            pp=getattr(a, f"{role}_pp") or a.pp,
+            kv_cache_dtype=a.kv_dtype,
+            block_size=a.block_size,
+            max_num_batched_tokens=a.chunk,
+            max_num_seqs=seqs,
+            gpu_memory_utilization=getattr(a, f"{role}_util"),
+            max_model_len=a.max_model_len,
+            enable_chunked_prefill=not a.no_chunked_prefill,
+            load_format=a.load_format,
+        )
 
-    return PDConfig(prefill=engine("prefill"), decode=engine("decode"), connector=a.connector,
-                    num_gpus=a.gpus, gpu_type=a.gpu_type, colocated=a.colocated)
+    return PDConfig(
+        prefill=engine("prefill"),
+        decode=engine("decode"),
+        connector=a.connector,
+        num_gpus=a.gpus,
+        gpu_type=a.gpu_type,
+        colocated=a.colocated,
+    )
 
 
 def _model_dir(a: argparse.Namespace, plan: Plan) -> str:
@@ -96,9 +131,16 @@ def _gb(n: float) -> str:
 def format_plan(plan: Plan, commands: list[dict]) -> str:
     """The plan as a readable text report."""
     sim = "simulated " if plan.kind == "sim" else ""
-    via = f"{plan.connector} connector over {plan.link}" if plan.connector else "no connector (colocated)"
-    lines = [f"PD plan ({plan.kind}): {plan.model.name} on {plan.num_gpus} x {sim}{plan.gpu_type.name}, {via}",
-             "", "Placement"]
+    via = (
+        f"{plan.connector} connector over {plan.link}"
+        if plan.connector
+        else "no connector (colocated)"
+    )
+    lines = [
+        f"PD plan ({plan.kind}): {plan.model.name} on {plan.num_gpus} x {sim}{plan.gpu_type.name}, {via}",
+        "",
+        "Placement",
+    ]
     for ep in plan.engines:
         ranks = ", ".join(f"GPU {r.gpu} (pp{r.pp_rank}/tp{r.tp_rank})" for r in ep.ranks)
         lines.append(f"  {ep.name:<10} tp={ep.config.tp} pp={ep.config.pp}  {ranks}")
@@ -106,15 +148,19 @@ def format_plan(plan: Plan, commands: list[dict]) -> str:
     for g in plan.gpus:
         lines.append(f"  GPU {g.index}  total {g.total / GiB:.2f}")
         for m in g.lines:
-            lines.append(f"    {m.engine:<18}{_gb(m.weights)}  {_gb(m.kv)}    {_gb(m.activation)}  "
-                         f"{_gb(m.overhead)}  {_gb(m.budget)}")
+            lines.append(
+                f"    {m.engine:<18}{_gb(m.weights)}  {_gb(m.kv)}    {_gb(m.activation)}  "
+                f"{_gb(m.overhead)}  {_gb(m.budget)}"
+            )
         lines.append(f"    {'free':<18}{_gb(g.free)}")
     lines += ["", "KV capacity"]
     for ep in plan.engines:
-        lines.append(f"  {ep.name:<10} {ep.num_blocks:,} blocks x {ep.config.block_size} = "
-                     f"{ep.num_tokens:,} tokens ({ep.kv_bytes_per_token:,} B/token/GPU, "
-                     f"{ep.kv_cache_dtype}); max_model_len {ep.max_model_len:,} -> "
-                     f"{ep.max_concurrency:.1f}x; chunk {ep.max_num_batched_tokens:,}")
+        lines.append(
+            f"  {ep.name:<10} {ep.num_blocks:,} blocks x {ep.config.block_size} = "
+            f"{ep.num_tokens:,} tokens ({ep.kv_bytes_per_token:,} B/token/GPU, "
+            f"{ep.kv_cache_dtype}); max_model_len {ep.max_model_len:,} -> "
+            f"{ep.max_concurrency:.1f}x; chunk {ep.max_num_batched_tokens:,}"
+        )
     lines += ["", "Commands"]
     for c in commands:
         env = " ".join(f"{k}={v}" for k, v in c["env"].items())
@@ -146,8 +192,11 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [register_plan]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="labkit", description="PD Lab: prefill/decode "
-                                     "separated vLLM engines (or the simulator), planned and watched")
+    parser = argparse.ArgumentParser(
+        prog="labkit",
+        description="PD Lab: prefill/decode "
+        "separated vLLM engines (or the simulator), planned and watched",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for register in COMMANDS:
         register(sub)

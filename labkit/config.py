@@ -8,6 +8,7 @@ GPU runs which (pp_rank, tp_rank), each GPU's memory (weights, KV, activation, o
 free), each engine's KV capacity in blocks and tokens (vLLM's own formula), the connector.
 The simulator reads the same Plan, so the two engine kinds agree on every number.
 """
+
 from __future__ import annotations
 
 import json
@@ -171,7 +172,7 @@ class Plan:
         d = asdict(self)
         d["gpu_type"] = self.gpu_type.key
         d["model"] = self.model.name
-        for e, ed in zip(self.engines, d["engines"]):
+        for e, ed in zip(self.engines, d["engines"], strict=True):
             ed.pop("source", None)
             ed["gpus"], ed["max_concurrency"] = e.gpus, round(e.max_concurrency, 2)
         return d
@@ -181,14 +182,19 @@ def valid_tp_sizes(model: ModelShape, limit: int = MAX_TP) -> list[int]:
     """TP sizes vLLM can shard `model` over: heads, KV heads, MLP and padded vocab divide."""
     kv, out = model.num_kv_heads, []
     for tp in range(1, limit + 1):
-        if (model.num_heads % tp == 0 and (kv % tp == 0 or tp % kv == 0)
-                and model.intermediate_size % tp == 0 and _pad_vocab(model.vocab_size) % tp == 0):
+        if (
+            model.num_heads % tp == 0
+            and (kv % tp == 0 or tp % kv == 0)
+            and model.intermediate_size % tp == 0
+            and _pad_vocab(model.vocab_size) % tp == 0
+        ):
             out.append(tp)
     return out
 
 
-def default_max_num_batched_tokens(gpu: GPUType, max_model_len: int, max_num_seqs: int,
-                                   chunked: bool) -> int:
+def default_max_num_batched_tokens(
+    gpu: GPUType, max_model_len: int, max_num_seqs: int, chunked: bool
+) -> int:
     """vLLM's serve default (engine/arg_utils.py get_batch_defaults and
     _set_default_max_num_seqs_and_batched_tokens_args): 8192 on GPUs of >= 70 GiB but
     A100, else 2048; without chunked prefill at least max_model_len; at most
@@ -215,6 +221,7 @@ def activation_bytes(model: ModelShape, num_tokens: int, max_num_seqs: int, tp: 
 
 def _check_engine(name: str, e: EngineConfig) -> ModelShape:
     """Field-level checks of one engine; returns its model."""
+
     def bad(problem: str, fix: str) -> ConfigError:
         return ConfigError(f"{name}: {problem}", fix)
 
@@ -224,49 +231,78 @@ def _check_engine(name: str, e: EngineConfig) -> ModelShape:
             raise bad(f"{fld}={v!r} is out of range", f"use an integer in {lo}..{hi}")
     if e.role not in ("prefill", "decode", "both"):
         raise bad(f"role={e.role!r} is unknown", "use 'prefill', 'decode' or 'both'")
-    if not isinstance(e.block_size, int) or e.block_size <= 0 or e.block_size % 16 or e.block_size > 1024:
-        raise bad(f"block_size={e.block_size!r} is not allowed",
-                  "use a multiple of 16 up to 1024 (16, 32, 64, 128): vLLM 0.26's FlashAttention "
-                  "and Triton kernels take multiples of 16 (v1/attention/backends/flash_attn.py)")
+    if (
+        not isinstance(e.block_size, int)
+        or e.block_size <= 0
+        or e.block_size % 16
+        or e.block_size > 1024
+    ):
+        raise bad(
+            f"block_size={e.block_size!r} is not allowed",
+            "use a multiple of 16 up to 1024 (16, 32, 64, 128): vLLM 0.26's FlashAttention "
+            "and Triton kernels take multiples of 16 (v1/attention/backends/flash_attn.py)",
+        )
     for fld in ("max_num_batched_tokens", "max_model_len", "num_gpu_blocks_override"):
         v = getattr(e, fld)
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0 or v > 1 << 24):
-            raise bad(f"{fld}={v!r} is out of range", f"use a positive integer (or None: the planner picks)")
+        if v is not None and (
+            not isinstance(v, int) or isinstance(v, bool) or v <= 0 or v > 1 << 24
+        ):
+            raise bad(
+                f"{fld}={v!r} is out of range",
+                "use a positive integer (or None: the planner picks)",
+            )
     u = e.gpu_memory_utilization
     if u is not None and not 0 < u <= 1:
-        raise bad(f"gpu_memory_utilization={u!r} is outside (0, 1]",
-                  "use a fraction of the whole GPU such as 0.4, or None to let the planner pick")
+        raise bad(
+            f"gpu_memory_utilization={u!r} is outside (0, 1]",
+            "use a fraction of the whole GPU such as 0.4, or None to let the planner pick",
+        )
     if e.kv_offloading_size_gb is not None and not 0 < e.kv_offloading_size_gb <= 4096:
-        raise bad(f"kv_offloading_size_gb={e.kv_offloading_size_gb!r} is out of range",
-                  "use a positive size in GiB of host memory, or None for no CPU offload")
+        raise bad(
+            f"kv_offloading_size_gb={e.kv_offloading_size_gb!r} is out of range",
+            "use a positive size in GiB of host memory, or None for no CPU offload",
+        )
     try:
         normalize_kv_dtype(e.kv_cache_dtype)
     except ValueError:
-        raise bad(f"kv_cache_dtype={e.kv_cache_dtype!r} is unknown",
-                  "use 'auto' (the model dtype), 'bfloat16', 'float16', 'fp8', 'fp8_e4m3' or 'fp8_e5m2'") from None
+        raise bad(
+            f"kv_cache_dtype={e.kv_cache_dtype!r} is unknown",
+            "use 'auto' (the model dtype), 'bfloat16', 'float16', 'fp8', 'fp8_e4m3' or 'fp8_e5m2'",
+        ) from None
     try:
         model = get_model(e.model)
     except (KeyError, ValueError, OSError) as exc:
         from labkit.models import PRESETS
-        raise bad(f"model {e.model!r} is unknown ({exc.__class__.__name__})",
-                  f"use a preset ({', '.join(PRESETS)}) or a path to a config.json") from None
+
+        raise bad(
+            f"model {e.model!r} is unknown ({exc.__class__.__name__})",
+            f"use a preset ({', '.join(PRESETS)}) or a path to a config.json",
+        ) from None
     if e.load_format not in ("dummy", "auto"):
         raise bad(f"load_format={e.load_format!r} is unknown", "use 'dummy' or 'auto'")
     if model.synthetic and e.load_format != "dummy":
-        raise bad(f"{model.name} is synthetic: there are no weights to load",
-                  "use load_format='dummy' (random weights; memory and timing stay real)")
+        raise bad(
+            f"{model.name} is synthetic: there are no weights to load",
+            "use load_format='dummy' (random weights; memory and timing stay real)",
+        )
     tps = valid_tp_sizes(model)
     if e.tp not in tps:
-        raise bad(f"tp={e.tp} cannot shard {model.name} ({model.num_heads} heads, "
-                  f"{model.num_kv_heads} KV heads, MLP {model.intermediate_size})",
-                  f"use tp in {tps}")
+        raise bad(
+            f"tp={e.tp} cannot shard {model.name} ({model.num_heads} heads, "
+            f"{model.num_kv_heads} KV heads, MLP {model.intermediate_size})",
+            f"use tp in {tps}",
+        )
     if e.pp > model.num_layers:
-        raise bad(f"pp={e.pp} exceeds the {model.num_layers} layers of {model.name}",
-                  f"use pp <= {model.num_layers}")
+        raise bad(
+            f"pp={e.pp} exceeds the {model.num_layers} layers of {model.name}",
+            f"use pp <= {model.num_layers}",
+        )
     if e.max_model_len is not None and e.max_model_len > model.max_position_embeddings:
-        raise bad(f"max_model_len={e.max_model_len} exceeds {model.name}'s "
-                  f"max_position_embeddings {model.max_position_embeddings}",
-                  f"use max_model_len <= {model.max_position_embeddings}")
+        raise bad(
+            f"max_model_len={e.max_model_len} exceeds {model.name}'s "
+            f"max_position_embeddings {model.max_position_embeddings}",
+            f"use max_model_len <= {model.max_position_embeddings}",
+        )
     return model
 
 
@@ -276,7 +312,9 @@ def _machine(cfg: PDConfig, hw: Hardware) -> tuple[GPUType, int, bool, list[str]
         raise ConfigError(f"gpu_type={cfg.gpu_type!r} is unknown", f"use one of {list(GPU_TYPES)}")
     n = cfg.num_gpus
     if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 64):
-        raise ConfigError(f"num_gpus={n!r} is out of range", "use 1..64, or None for the GPUs present")
+        raise ConfigError(
+            f"num_gpus={n!r} is out of range", "use 1..64, or None for the GPUs present"
+        )
     if hw.simulated or hw.num_gpus == 0 or (cfg.gpu_type and cfg.gpu_type != hw.gpu_type.key):
         key = cfg.gpu_type or (hw.gpu_type.key if hw.gpu_type.key in GPU_TYPES else "h100")
         count = n or hw.num_gpus or 2
@@ -284,10 +322,17 @@ def _machine(cfg: PDConfig, hw: Hardware) -> tuple[GPUType, int, bool, list[str]
             why = f"this machine has {hw.num_gpus} x {hw.gpu_type.name}"
         else:
             why = hw.note if hw.note.startswith("no GPU") else "no GPU here"
-        return GPU_TYPES[key], count, True, [f"simulated cluster: {count} x {GPU_TYPES[key].name} ({why})"]
+        return (
+            GPU_TYPES[key],
+            count,
+            True,
+            [f"simulated cluster: {count} x {GPU_TYPES[key].name} ({why})"],
+        )
     if n is not None and n > hw.num_gpus:
-        raise ConfigError(f"num_gpus={n} but this machine has {hw.num_gpus} GPU(s)",
-                          f"use num_gpus <= {hw.num_gpus}, or set gpu_type to plan a simulated cluster")
+        raise ConfigError(
+            f"num_gpus={n} but this machine has {hw.num_gpus} GPU(s)",
+            f"use num_gpus <= {hw.num_gpus}, or set gpu_type to plan a simulated cluster",
+        )
     return hw.gpu_type, n or hw.num_gpus, False, []
 
 
@@ -297,7 +342,9 @@ def _gib(b: float) -> str:
 
 def _pick_connector(cfg: PDConfig, kind: str, shared: bool, engines: list[EngineConfig]) -> str:
     if cfg.connector not in ("auto", "example", "nixl"):
-        raise ConfigError(f"connector={cfg.connector!r} is unknown", "use 'auto', 'example' or 'nixl'")
+        raise ConfigError(
+            f"connector={cfg.connector!r} is unknown", "use 'auto', 'example' or 'nixl'"
+        )
     any_pp = any(e.pp > 1 for e in engines)
     conn = cfg.connector
     if conn == "auto":
@@ -310,20 +357,25 @@ def _pick_connector(cfg: PDConfig, kind: str, shared: bool, engines: list[Engine
             "NixlConnector cannot move KV with pp > 1 in vLLM 0.26 (the pull connector "
             "handshakes with PP rank 0 only; NixlPushConnector refuses PP on decode: "
             "kv_connector/v1/nixl/base_worker.py)",
-            "use pp=1 on both engines with nixl, or connector='example' (PP works there, with tp=1)")
+            "use pp=1 on both engines with nixl, or connector='example' (PP works there, with tp=1)",
+        )
     if conn == "nixl" and kind == "vllm" and not nixl_available():
-        raise ConfigError("connector='nixl' but the nixl package is not importable",
-                          "pip install nixl==1.5.1 nixl-cu13==1.5.1, or use connector='example'")
+        raise ConfigError(
+            "connector='nixl' but the nixl package is not importable",
+            "pip install nixl==1.5.1 nixl-cu13==1.5.1, or use connector='example'",
+        )
     if conn == "example" and any(e.tp > 1 for e in engines):
         raise ConfigError(
             "ExampleConnector with tp > 1 corrupts KV: it names its files by layer only, so TP "
             "ranks overwrite each other's shards (kv_connector/v1/example_connector.py)",
-            "use tp=1 on both engines with connector='example', or connector='nixl' (pp=1)")
+            "use tp=1 on both engines with connector='example', or connector='nixl' (pp=1)",
+        )
     return conn
 
 
-def _pick_utilization(names: list[str], engines: list[EngineConfig], shared: bool,
-                      notes: list[str]) -> list[float]:
+def _pick_utilization(
+    names: list[str], engines: list[EngineConfig], shared: bool, notes: list[str]
+) -> list[float]:
     utils = [e.gpu_memory_utilization for e in engines]
     if not shared:
         picked = [0.9 if u is None else u for u in utils]
@@ -336,29 +388,45 @@ def _pick_utilization(names: list[str], engines: list[EngineConfig], shared: boo
                 f"gpu_memory_utilization on the shared GPU adds up to {sum(picked):.2f} "
                 f"(prefill {picked[0]}, decode {picked[1]}): each fraction is of the whole GPU and "
                 f"each process also holds a CUDA context outside it",
-                f"make them add up to <= {SHARED_GPU_MAX_UTIL}, e.g. 0.4 and 0.4")
-    for name, u, p in zip(names, utils, picked):
+                f"make them add up to <= {SHARED_GPU_MAX_UTIL}, e.g. 0.4 and 0.4",
+            )
+    for name, u, p in zip(names, utils, picked, strict=True):
         if u is None:
-            notes.append(f"{name}: gpu_memory_utilization {p} picked"
-                         + (" (two engines share GPU 0)" if shared else ""))
+            notes.append(
+                f"{name}: gpu_memory_utilization {p} picked"
+                + (" (two engines share GPU 0)" if shared else "")
+            )
     return picked
 
 
-
-def _plan_engine(name: str, role: Role, e: EngineConfig, model: ModelShape, gpu: GPUType,
-                 util: float, first_gpu: int, notes: list[str]) -> EnginePlan:
+def _plan_engine(
+    name: str,
+    role: Role,
+    e: EngineConfig,
+    model: ModelShape,
+    gpu: GPUType,
+    util: float,
+    first_gpu: int,
+    notes: list[str],
+) -> EnginePlan:
     """Resolve one engine and count its memory the way vLLM's gpu_worker does:
     available KV = ceil(total * util) - weights - peak activation - non-torch
     (v1/worker/gpu_worker.py determine_available_memory), blocks = available // page
     (v1/core/kv_cache_utils.py get_num_blocks), the smallest worker wins."""
     kvd = normalize_kv_dtype(e.kv_cache_dtype)
-    ranks = [RankPlacement(p, t, first_gpu + p * e.tp + t) for p in range(e.pp) for t in range(e.tp)]
+    ranks = [
+        RankPlacement(p, t, first_gpu + p * e.tp + t) for p in range(e.pp) for t in range(e.tp)
+    ]
     model_len = e.max_model_len or model.max_position_embeddings
     chunk = e.max_num_batched_tokens or default_max_num_batched_tokens(
-        gpu, model_len, e.max_num_seqs, e.enable_chunked_prefill)
+        gpu, model_len, e.max_num_seqs, e.enable_chunked_prefill
+    )
     act = activation_bytes(model, chunk, e.max_num_seqs, e.tp)
-    overhead = (NON_TORCH_BYTES + (NON_TORCH_DIST_BYTES if e.world_size > 1 else 0)
-                + (0 if e.enforce_eager else CUDAGRAPH_BYTES))
+    overhead = (
+        NON_TORCH_BYTES
+        + (NON_TORCH_DIST_BYTES if e.world_size > 1 else 0)
+        + (0 if e.enforce_eager else CUDAGRAPH_BYTES)
+    )
     budget = math.ceil(gpu.memory_bytes * util)
     weights = model.weight_bytes(e.tp, e.pp)
     layers = model.layers_per_stage(e.pp)
@@ -368,49 +436,96 @@ def _plan_engine(name: str, role: Role, e: EngineConfig, model: ModelShape, gpu:
     worst = min(range(e.pp), key=lambda s: avail[s] // pages[s])
     if avail[worst] < pages[worst]:
         need = (weights[worst] + act + overhead + pages[worst]) / gpu.memory_bytes
-        fits = [t for t in valid_tp_sizes(model) if t > e.tp
-                and budget - model.weight_bytes(t, e.pp)[0] - act - overhead > pages[0]]
-        more = f"use tp={fits[0]}" if fits else "use a larger pp or a smaller model"
+        fits = [
+            t
+            for t in valid_tp_sizes(model)
+            if t > e.tp and budget - model.weight_bytes(t, e.pp)[0] - act - overhead > pages[0]
+        ]
+        more = (
+            f"use tp={fits[0]} ({fits[0] * e.pp} GPUs per engine)"
+            if fits
+            else "use a larger pp or a smaller model"
+        )
         raise ConfigError(
             f"{name}: {model.name} needs {_gib(weights[worst])} weights + {_gib(act)} activations "
             f"+ {_gib(overhead)} overhead per GPU, more than its {_gib(budget)} share "
             f"(gpu_memory_utilization {util} of {_gib(gpu.memory_bytes)})",
-            (f"raise gpu_memory_utilization to >= {math.ceil(need * 100) / 100}, or " if need <= 0.9 else "")
-            + f"{more}" + (", or a smaller max_num_batched_tokens" if act > weights[worst] else ""))
-    num_blocks = min(a // p for a, p in zip(avail, pages))
+            (
+                f"raise gpu_memory_utilization to >= {math.ceil(need * 100) / 100}, or "
+                if need <= 0.9
+                else ""
+            )
+            + f"{more}"
+            + (", or a smaller max_num_batched_tokens" if act > weights[worst] else ""),
+        )
+    num_blocks = min(a // p for a, p in zip(avail, pages, strict=True))
     if e.num_gpu_blocks_override is not None:
         if e.num_gpu_blocks_override > num_blocks:
-            raise ConfigError(f"{name}: num_gpu_blocks_override={e.num_gpu_blocks_override} needs "
-                              f"more than the {num_blocks} blocks that fit",
-                              f"use num_gpu_blocks_override <= {num_blocks}, or raise gpu_memory_utilization")
+            raise ConfigError(
+                f"{name}: num_gpu_blocks_override={e.num_gpu_blocks_override} needs "
+                f"more than the {num_blocks} blocks that fit",
+                f"use num_gpu_blocks_override <= {num_blocks}, or raise gpu_memory_utilization",
+            )
         num_blocks = e.num_gpu_blocks_override
     num_tokens = num_blocks * e.block_size
     if e.max_model_len is None and e.enable_chunked_prefill:
         model_len = min(model.max_position_embeddings, num_tokens)
-        why = ("the KV capacity" if model_len < model.max_position_embeddings
-               else f"{model.name}'s max_position_embeddings")
+        why = (
+            "the KV capacity"
+            if model_len < model.max_position_embeddings
+            else f"{model.name}'s max_position_embeddings"
+        )
         notes.append(f"{name}: max_model_len {model_len} picked ({why})")
     elif -(-model_len // e.block_size) > num_blocks:
         raise ConfigError(
             f"{name}: max_model_len={model_len} needs {-(-model_len // e.block_size)} KV blocks, "
             f"the engine has {num_blocks} ({num_tokens} tokens)",
-            f"use max_model_len <= {num_tokens}, raise gpu_memory_utilization, or use fp8 KV / more tp")
+            f"use max_model_len <= {num_tokens}, raise gpu_memory_utilization, or use fp8 KV / more tp",
+        )
     if chunk < e.block_size:
-        raise ConfigError(f"{name}: max_num_batched_tokens={chunk} is smaller than block_size={e.block_size}",
-                          f"use a chunk of at least {e.block_size} tokens (a multiple of block_size)")
+        raise ConfigError(
+            f"{name}: max_num_batched_tokens={chunk} is smaller than block_size={e.block_size}",
+            f"use a chunk of at least {e.block_size} tokens (a multiple of block_size)",
+        )
     if chunk < e.max_num_seqs:
-        raise ConfigError(f"{name}: max_num_batched_tokens={chunk} < max_num_seqs={e.max_num_seqs} "
-                          "(vLLM refuses: config/scheduler.py verify_max_model_len)",
-                          f"set max_num_seqs <= {chunk}, or a larger chunk")
+        raise ConfigError(
+            f"{name}: max_num_batched_tokens={chunk} < max_num_seqs={e.max_num_seqs} "
+            "(vLLM refuses: config/scheduler.py verify_max_model_len)",
+            f"set max_num_seqs <= {chunk}, or a larger chunk",
+        )
     if not e.enable_chunked_prefill and chunk < model_len:
-        raise ConfigError(f"{name}: without chunked prefill a prompt must fit one step, but "
-                          f"max_num_batched_tokens={chunk} < max_model_len={model_len}",
-                          f"enable chunked prefill, or set max_model_len <= {chunk}")
-    resolved = replace(e, role=role, max_num_batched_tokens=chunk, max_model_len=model_len,
-                       gpu_memory_utilization=util, extra_args=list(e.extra_args))
-    return EnginePlan(name, role, resolved, ranks, util, chunk, model_len, kvd,
-                      max(layers) * tok_bytes, max(pages), weights, act, overhead,
-                      min(avail), num_blocks, num_tokens, source=e)
+        raise ConfigError(
+            f"{name}: without chunked prefill a prompt must fit one step, but "
+            f"max_num_batched_tokens={chunk} < max_model_len={model_len}",
+            f"enable chunked prefill, or set max_model_len <= {chunk}",
+        )
+    resolved = replace(
+        e,
+        role=role,
+        max_num_batched_tokens=chunk,
+        max_model_len=model_len,
+        gpu_memory_utilization=util,
+        extra_args=list(e.extra_args),
+    )
+    return EnginePlan(
+        name,
+        role,
+        resolved,
+        ranks,
+        util,
+        chunk,
+        model_len,
+        kvd,
+        max(layers) * tok_bytes,
+        max(pages),
+        weights,
+        act,
+        overhead,
+        min(avail),
+        num_blocks,
+        num_tokens,
+        source=e,
+    )
 
 
 def validate(cfg: PDConfig, hardware: Hardware | None = None) -> Plan:
@@ -420,6 +535,7 @@ def validate(cfg: PDConfig, hardware: Hardware | None = None) -> Plan:
     """
     if hardware is None:
         from labkit.hardware import detect
+
         hardware = detect()
     if cfg.colocated:
         named = [("colocated", "both", cfg.prefill)]
@@ -430,55 +546,72 @@ def validate(cfg: PDConfig, hardware: Hardware | None = None) -> Plan:
     if len(models) == 2:
         p, d = engines
         if replace(models[0], name="") != replace(models[1], name=""):
-            raise ConfigError(f"prefill runs {p.model!r} but decode runs {d.model!r}: KV moves "
-                              "between engines only for the same model", "use the same model on both")
+            raise ConfigError(
+                f"prefill runs {p.model!r} but decode runs {d.model!r}: KV moves "
+                "between engines only for the same model",
+                "use the same model on both",
+            )
         if normalize_kv_dtype(p.kv_cache_dtype) != normalize_kv_dtype(d.kv_cache_dtype):
-            raise ConfigError(f"kv_cache_dtype differs (prefill {p.kv_cache_dtype!r}, decode "
-                              f"{d.kv_cache_dtype!r}): connectors move raw KV bytes and NIXL "
-                              "checks it in its handshake", "use the same kv_cache_dtype on both")
+            raise ConfigError(
+                f"kv_cache_dtype differs (prefill {p.kv_cache_dtype!r}, decode "
+                f"{d.kv_cache_dtype!r}): connectors move raw KV bytes and NIXL "
+                "checks it in its handshake",
+                "use the same kv_cache_dtype on both",
+            )
         if p.block_size != d.block_size:
-            raise ConfigError(f"block_size differs (prefill {p.block_size}, decode {d.block_size}): "
-                              "the transferred blocks would not line up",
-                              "use the same block_size on both engines")
+            raise ConfigError(
+                f"block_size differs (prefill {p.block_size}, decode {d.block_size}): "
+                "the transferred blocks would not line up",
+                "use the same block_size on both engines",
+            )
     gpu, num_gpus, simulated, notes = _machine(cfg, hardware)
     kind: Literal["vllm", "sim"] = "sim" if simulated or not vllm_available() else "vllm"
     if not simulated and kind == "sim":
         notes.append("vLLM is not installed: simulated engines on this machine's GPU shapes")
     for n, _, e in named:
         if normalize_kv_dtype(e.kv_cache_dtype).startswith("fp8") and not gpu.supports_fp8_kv:
-            raise ConfigError(f"{n}: fp8 KV cache needs compute capability >= 8.9, the {gpu.name} "
-                              f"has {gpu.compute_capability[0]}.{gpu.compute_capability[1]}",
-                              "use kv_cache_dtype='auto' here, or an L4/H100/H200")
+            raise ConfigError(
+                f"{n}: fp8 KV cache needs compute capability >= 8.9, the {gpu.name} "
+                f"has {gpu.compute_capability[0]}.{gpu.compute_capability[1]}",
+                "use kv_cache_dtype='auto' here, or an L4/H100/H200",
+            )
     worlds = [e.world_size for e in engines]
     shared = len(engines) == 2 and worlds == [1, 1] and num_gpus == 1
     if not shared and sum(worlds) > num_gpus:
         split = " + ".join(f"{n} {e.tp}x{e.pp}" for n, _, e in named)
-        raise ConfigError(f"{split} (tp x pp) needs {sum(worlds)} GPUs, there are {num_gpus}",
-                          "lower tp/pp (both engines at tp=pp=1 share one GPU), or plan a "
-                          f"simulated cluster with num_gpus={sum(worlds)}")
+        raise ConfigError(
+            f"{split} (tp x pp) needs {sum(worlds)} GPUs, there are {num_gpus}",
+            "lower tp/pp (both engines at tp=pp=1 share one GPU), or plan a "
+            f"simulated cluster with num_gpus={sum(worlds)}",
+        )
     connector = None if cfg.colocated else _pick_connector(cfg, kind, shared, engines)
     utils = _pick_utilization([n for n, _, _ in named], engines, shared, notes)
     plans, first = [], 0
-    for (n, role, e), model, u in zip(named, models, utils):
+    for (n, role, e), model, u in zip(named, models, utils, strict=True):
         plans.append(_plan_engine(n, role, e, model, gpu, u, 0 if shared else first, notes))
         first += e.world_size
     gpus = _gpu_lines(plans, models[0], gpu, num_gpus)
     if shared:
-        notes.append("two engines on one GPU: start them one after the other, or each counts "
-                     "the other's start-up allocations as its own and gets less KV")
+        notes.append(
+            "two engines on one GPU: start them one after the other, or each counts "
+            "the other's start-up allocations as its own and gets less KV"
+        )
     if connector == "example":
         link = "same-gpu"
     elif connector == "nixl":
         link = "nvlink" if gpu.nvlink_bw else "pcie"
     else:
         link = "same-gpu"
-    notes.append("activation, non-torch and CUDA-context memory are estimates; weights and KV "
-                 "follow vLLM's arithmetic exactly")
+    notes.append(
+        "activation, non-torch and CUDA-context memory are estimates; weights and KV "
+        "follow vLLM's arithmetic exactly"
+    )
     return Plan(kind, gpu, num_gpus, connector, link, models[0], plans, gpus, notes)
 
 
-def _gpu_lines(plans: list[EnginePlan], model: ModelShape, gpu: GPUType,
-               num_gpus: int) -> list[GPUPlan]:
+def _gpu_lines(
+    plans: list[EnginePlan], model: ModelShape, gpu: GPUType, num_gpus: int
+) -> list[GPUPlan]:
     """Each GPU's memory: one line per engine rank on it, and what is left free."""
     out = [GPUPlan(i, gpu.memory_bytes, [], gpu.memory_bytes) for i in range(num_gpus)]
     for ep in plans:
@@ -486,16 +619,23 @@ def _gpu_lines(plans: list[EnginePlan], model: ModelShape, gpu: GPUType,
         tok_layer = ep.kv_bytes_per_token // max(layers)
         for r in ep.ranks:
             kv = ep.num_blocks * ep.config.block_size * tok_layer * layers[r.pp_rank]
-            line = MemoryLine(ep.name, ep.weight_bytes[r.pp_rank], kv, ep.activation_bytes,
-                              ep.overhead_bytes + CUDA_CONTEXT_BYTES,
-                              math.ceil(gpu.memory_bytes * ep.gpu_memory_utilization))
+            line = MemoryLine(
+                ep.name,
+                ep.weight_bytes[r.pp_rank],
+                kv,
+                ep.activation_bytes,
+                ep.overhead_bytes + CUDA_CONTEXT_BYTES,
+                math.ceil(gpu.memory_bytes * ep.gpu_memory_utilization),
+            )
             g = out[r.gpu]
             g.lines.append(line)
             g.free -= line.weights + line.kv + line.activation + line.overhead
     for g in out:
         if g.free < 0:
-            raise ConfigError(f"GPU {g.index} is over-committed by {_gib(-g.free)}",
-                              "lower gpu_memory_utilization of the engines on it")
+            raise ConfigError(
+                f"GPU {g.index} is over-committed by {_gib(-g.free)}",
+                "lower gpu_memory_utilization of the engines on it",
+            )
     return out
 
 
@@ -520,10 +660,15 @@ def shared_storage_path(run_dir: str | Path) -> str:
     return str(run / "kv-store")
 
 
-def kv_transfer_config(connector: str | None, role: Role, run_dir: str | Path,
-                       observer_endpoint: str | None = None, *,
-                       connector_extra: dict[str, Any] | None = None,
-                       offload_gib: float | None = None) -> dict[str, Any] | None:
+def kv_transfer_config(
+    connector: str | None,
+    role: Role,
+    run_dir: str | Path,
+    observer_endpoint: str | None = None,
+    *,
+    connector_extra: dict[str, Any] | None = None,
+    offload_gib: float | None = None,
+) -> dict[str, Any] | None:
     """The --kv-transfer-config JSON for one engine (None: no connector at all).
 
     With an observer endpoint (or CPU offload beside a PD connector) the connectors are
@@ -539,24 +684,49 @@ def kv_transfer_config(connector: str | None, role: Role, run_dir: str | Path,
         if connector == "example":
             extra["shared_storage_path"] = shared_storage_path(run_dir)
         extra.update(connector_extra or {})
-        children.append({"kv_connector": _CONNECTOR_CLASS[connector], "kv_role": kr,
-                         "kv_connector_extra_config": extra})
+        children.append(
+            {
+                "kv_connector": _CONNECTOR_CLASS[connector],
+                "kv_role": kr,
+                "kv_connector_extra_config": extra,
+            }
+        )
     if offload_gib is not None:
-        children.append({"kv_connector": "OffloadingConnector", "kv_role": "kv_both",
-                         "kv_connector_extra_config": {"cpu_bytes_to_use": int(offload_gib * GiB)}})
+        children.append(
+            {
+                "kv_connector": "OffloadingConnector",
+                "kv_role": "kv_both",
+                "kv_connector_extra_config": {"cpu_bytes_to_use": int(offload_gib * GiB)},
+            }
+        )
     if observer_endpoint is not None:
-        children.append({"kv_connector": OBSERVER_CLASS, "kv_connector_module_path": OBSERVER_MODULE,
-                         "kv_role": kr, "kv_connector_extra_config": {"observer_endpoint": observer_endpoint}})
+        children.append(
+            {
+                "kv_connector": OBSERVER_CLASS,
+                "kv_connector_module_path": OBSERVER_MODULE,
+                "kv_role": kr,
+                "kv_connector_extra_config": {"observer_endpoint": observer_endpoint},
+            }
+        )
     if not children:
         return None
     if len(children) == 1:
         return children[0]
-    return {"kv_connector": "MultiConnector", "kv_role": kr,
-            "kv_connector_extra_config": {"connectors": children}}
+    return {
+        "kv_connector": "MultiConnector",
+        "kv_role": kr,
+        "kv_connector_extra_config": {"connectors": children},
+    }
 
 
-def vllm_args(engine: EngineConfig | None, plan: Plan, role_index: int | str, model_dir: str,
-              port: int, extra: dict[str, Any] | None = None) -> list[str]:
+def vllm_args(
+    engine: EngineConfig | None,
+    plan: Plan,
+    role_index: int | str,
+    model_dir: str,
+    port: int,
+    extra: dict[str, Any] | None = None,
+) -> list[str]:
     """The argument list after `vllm serve` for engine `role_index` of `plan`.
 
     `extra` keys (all optional): run_dir (ExampleConnector storage; default $LABKIT_RUN_DIR),
@@ -569,15 +739,31 @@ def vllm_args(engine: EngineConfig | None, plan: Plan, role_index: int | str, mo
     x = dict(extra or {})
     ep = plan.engine(role_index)
     c = ep.config
-    args = [str(model_dir), "--host", "127.0.0.1", "--port", str(int(port)),
-            "--tensor-parallel-size", str(c.tp), "--pipeline-parallel-size", str(c.pp),
-            "--kv-cache-dtype", ep.kv_cache_dtype, "--block-size", str(c.block_size),
-            "--max-num-batched-tokens", str(ep.max_num_batched_tokens),
-            "--max-num-seqs", str(c.max_num_seqs),
-            "--gpu-memory-utilization", f"{ep.gpu_memory_utilization:g}",
-            "--max-model-len", str(ep.max_model_len),
-            "--enable-prefix-caching" if c.enable_prefix_caching else "--no-enable-prefix-caching",
-            "--enable-chunked-prefill" if c.enable_chunked_prefill else "--no-enable-chunked-prefill"]
+    args = [
+        str(model_dir),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(int(port)),
+        "--tensor-parallel-size",
+        str(c.tp),
+        "--pipeline-parallel-size",
+        str(c.pp),
+        "--kv-cache-dtype",
+        ep.kv_cache_dtype,
+        "--block-size",
+        str(c.block_size),
+        "--max-num-batched-tokens",
+        str(ep.max_num_batched_tokens),
+        "--max-num-seqs",
+        str(c.max_num_seqs),
+        "--gpu-memory-utilization",
+        f"{ep.gpu_memory_utilization:g}",
+        "--max-model-len",
+        str(ep.max_model_len),
+        "--enable-prefix-caching" if c.enable_prefix_caching else "--no-enable-prefix-caching",
+        "--enable-chunked-prefill" if c.enable_chunked_prefill else "--no-enable-chunked-prefill",
+    ]
     if c.load_format == "dummy":
         args += ["--load-format", "dummy"]
     if c.enforce_eager:
@@ -593,21 +779,37 @@ def vllm_args(engine: EngineConfig | None, plan: Plan, role_index: int | str, mo
     if offload is not None and plan.connector is None and observer is None:
         args += ["--kv-offloading-size", f"{offload:g}"]
         offload = None
-    run_dir = x.get("run_dir") or os.environ.get("LABKIT_RUN_DIR") or "labkit-run"
-    ktc = kv_transfer_config(plan.connector, ep.role, run_dir, observer,
-                             connector_extra=x.get("connector_extra"), offload_gib=offload)
+    run_dir = x.get("run_dir") or os.environ.get("LABKIT_RUN_DIR") or "default"
+    ktc = kv_transfer_config(
+        plan.connector,
+        ep.role,
+        run_dir,
+        observer,
+        connector_extra=x.get("connector_extra"),
+        offload_gib=offload,
+    )
     if ktc is not None:
         args += ["--kv-transfer-config", json.dumps(ktc, separators=(",", ":"))]
     if x.get("kv_events_endpoint"):
-        events = {"enable_kv_cache_events": True, "publisher": "zmq",
-                  "endpoint": x["kv_events_endpoint"], "topic": x.get("kv_events_topic", "kv")}
+        events = {
+            "enable_kv_cache_events": True,
+            "publisher": "zmq",
+            "endpoint": x["kv_events_endpoint"],
+            "topic": x.get("kv_events_topic", "kv"),
+        }
         args += ["--kv-events-config", json.dumps(events, separators=(",", ":"))]
     args += list((engine.extra_args if engine is not None else c.extra_args) or [])
     return args
 
 
-def serve_command(engine: EngineConfig | None, plan: Plan, role_index: int | str, model_dir: str,
-                  port: int, extra: dict[str, Any] | None = None) -> list[str]:
+def serve_command(
+    engine: EngineConfig | None,
+    plan: Plan,
+    role_index: int | str,
+    model_dir: str,
+    port: int,
+    extra: dict[str, Any] | None = None,
+) -> list[str]:
     """["vllm", "serve", *vllm_args(...)]."""
     return ["vllm", "serve", *vllm_args(engine, plan, role_index, model_dir, port, extra)]
 
@@ -618,8 +820,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def env_for(engine: EngineConfig | EnginePlan | int | str, plan: Plan,
-            side_channel_port: int | None = None) -> dict[str, str]:
+def env_for(
+    engine: EngineConfig | EnginePlan | int | str, plan: Plan, side_channel_port: int | None = None
+) -> dict[str, str]:
     """Environment variables one engine's process needs on top of the parent's:
     CUDA_VISIBLE_DEVICES (its GPUs, rank order) and, with NIXL, its own side-channel port."""
     ep = plan.engine(engine)

@@ -4,6 +4,7 @@
 with no driver or no GPU it returns a simulated machine and says so. `simulated()` builds
 the cluster the simulator runs on where there is no GPU.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -39,14 +40,34 @@ class GPUType:
 
 
 GPU_TYPES: dict[str, GPUType] = {
-    "h100": GPUType("h100", "NVIDIA H100 80GB HBM3", 81_080 * MiB, 989e12, 1979e12, 3.35e12,
-                    (9, 0), 450e9, 64e9),
-    "h200": GPUType("h200", "NVIDIA H200", 143_771 * MiB - _CUDA_RESERVED, 989e12, 1979e12,
-                    4.8e12, (9, 0), 450e9, 64e9),
-    "a100": GPUType("a100", "NVIDIA A100-SXM4-80GB", 81_920 * MiB - _CUDA_RESERVED, 312e12, None,
-                    2.039e12, (8, 0), 300e9, 32e9),
-    "l4": GPUType("l4", "NVIDIA L4", 23_034 * MiB - _CUDA_RESERVED, 121e12, 242e12, 300e9,
-                  (8, 9), None, 32e9),
+    "h100": GPUType(
+        "h100", "NVIDIA H100 80GB HBM3", 81_080 * MiB, 989e12, 1979e12, 3.35e12, (9, 0), 450e9, 64e9
+    ),
+    "h200": GPUType(
+        "h200",
+        "NVIDIA H200",
+        143_771 * MiB - _CUDA_RESERVED,
+        989e12,
+        1979e12,
+        4.8e12,
+        (9, 0),
+        450e9,
+        64e9,
+    ),
+    "a100": GPUType(
+        "a100",
+        "NVIDIA A100-SXM4-80GB",
+        81_920 * MiB - _CUDA_RESERVED,
+        312e12,
+        None,
+        2.039e12,
+        (8, 0),
+        300e9,
+        32e9,
+    ),
+    "l4": GPUType(
+        "l4", "NVIDIA L4", 23_034 * MiB - _CUDA_RESERVED, 121e12, 242e12, 300e9, (8, 9), None, 32e9
+    ),
 }
 
 
@@ -117,8 +138,10 @@ def simulated(num_gpus: int = 2, gpu_type: str = "h100") -> Hardware:
     if num_gpus < 0:
         raise ValueError(f"num_gpus must be >= 0, got {num_gpus}")
     t = GPU_TYPES[gpu_type]
-    gpus = [GPUInfo(i, t.name, f"SIM-{gpu_type}-{i}", t.memory_bytes, 0, t.compute_capability, t)
-            for i in range(num_gpus)]
+    gpus = [
+        GPUInfo(i, t.name, f"SIM-{gpu_type}-{i}", t.memory_bytes, 0, t.compute_capability, t)
+        for i in range(num_gpus)
+    ]
     return Hardware(gpus, True, t, note=f"simulated: {num_gpus} x {t.name}")
 
 
@@ -126,9 +149,14 @@ def _unknown_type(info: GPUInfo) -> GPUType:
     """A GPUType for a GPU outside the table: NVML's memory, peaks of the nearest kind."""
     cc = info.compute_capability
     near = GPU_TYPES["h100" if cc >= (9, 0) else "l4" if cc >= (8, 9) else "a100"]
-    return replace(near, key="other", name=info.name,
-                   memory_bytes=max(0, info.memory_total - _CUDA_RESERVED),
-                   compute_capability=cc, fp8_flops=near.fp8_flops if cc >= (8, 9) else None)
+    return replace(
+        near,
+        key="other",
+        name=info.name,
+        memory_bytes=max(0, info.memory_total - _CUDA_RESERVED),
+        compute_capability=cc,
+        fp8_flops=near.fp8_flops if cc >= (8, 9) else None,
+    )
 
 
 def detect() -> Hardware:
@@ -148,8 +176,17 @@ def detect() -> Hardware:
             name = _text(pynvml.nvmlDeviceGetName(h))
             mem = pynvml.nvmlDeviceGetMemoryInfo(h)
             cc = tuple(pynvml.nvmlDeviceGetCudaComputeCapability(h))
-            gpus.append(GPUInfo(i, name, _text(pynvml.nvmlDeviceGetUUID(h)), int(mem.total),
-                                int(mem.used), (int(cc[0]), int(cc[1])), gpu_type_for(name)))
+            gpus.append(
+                GPUInfo(
+                    i,
+                    name,
+                    _text(pynvml.nvmlDeviceGetUUID(h)),
+                    int(mem.total),
+                    int(mem.used),
+                    (int(cc[0]), int(cc[1])),
+                    gpu_type_for(name),
+                )
+            )
     except Exception as exc:
         return replace(simulated(0), note=f"no GPU: NVML query failed ({exc})")
     finally:

@@ -6,6 +6,7 @@ bytes each token costs, counted the way vLLM counts them (sources cited at each 
 Synthetic shapes ("lab-1b", "lab-tiny") run in real vLLM with `--load-format dummy` from a
 directory `write_model_dir()` writes: config.json plus a tokenizer, no download needed.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,11 +19,18 @@ _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # learners type. fp8 variants store one byte per element.
 _KV_DTYPE_ALIASES = {
     "auto": "auto",
-    "bfloat16": "bfloat16", "bf16": "bfloat16",
-    "float16": "float16", "fp16": "float16", "half": "float16",
-    "fp8": "fp8", "fp8_e4m3": "fp8_e4m3", "fp8_e5m2": "fp8_e5m2",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "fp8": "fp8",
+    "fp8_e4m3": "fp8_e4m3",
+    "fp8_e5m2": "fp8_e5m2",
 }
-_VOCAB_PADDING = 64  # DEFAULT_VOCAB_PADDING_SIZE, vllm/model_executor/layers/vocab_parallel_embedding.py
+_VOCAB_PADDING = (
+    64  # DEFAULT_VOCAB_PADDING_SIZE, vllm/model_executor/layers/vocab_parallel_embedding.py
+)
 
 
 def normalize_kv_dtype(kv_cache_dtype: str) -> str:
@@ -44,8 +52,13 @@ def kv_dtype_bytes(kv_cache_dtype: str, model_dtype: str = "bfloat16") -> int:
 
 def _normalize_model_dtype(dtype: str) -> str:
     key = str(dtype).replace("torch.", "").lower()
-    key = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
-           "float": "float32"}.get(key, key)
+    key = {
+        "bf16": "bfloat16",
+        "fp16": "float16",
+        "half": "float16",
+        "fp32": "float32",
+        "float": "float32",
+    }.get(key, key)
     if key not in _DTYPE_BYTES:
         raise ValueError(f"unsupported model dtype {dtype!r} (bfloat16, float16, float32)")
     return key
@@ -223,39 +236,132 @@ def from_hf_config(cfg: dict, name: str = "custom") -> ModelShape:
         head_dim=int(text.get("head_dim") or hidden // heads),
         intermediate_size=int(text["intermediate_size"]),
         vocab_size=int(text["vocab_size"]),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
-        qkv_bias=bool(text.get("attention_bias", model_type.startswith("qwen2") or arch.startswith("Qwen2"))),
+        tie_word_embeddings=bool(
+            cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
+        ),
+        qkv_bias=bool(
+            text.get("attention_bias", model_type.startswith("qwen2") or arch.startswith("Qwen2"))
+        ),
         dtype=_normalize_model_dtype(dtype),
         max_position_embeddings=int(text.get("max_position_embeddings") or 8192),
         rope_theta=float(text.get("rope_theta") or 10000.0),
     )
 
 
-def _preset(name: str, hf: str | None, arch: str, layers: int, hidden: int, heads: int, kv: int,
-            hd: int, inter: int, vocab: int, **kw: Any) -> ModelShape:
+def _preset(
+    name: str,
+    hf: str | None,
+    arch: str,
+    layers: int,
+    hidden: int,
+    heads: int,
+    kv: int,
+    hd: int,
+    inter: int,
+    vocab: int,
+    **kw: Any,
+) -> ModelShape:
     return ModelShape(name, hf, arch, layers, hidden, heads, kv, hd, inter, vocab, **kw)
 
 
 _L, _Q = "LlamaForCausalLM", "Qwen2ForCausalLM"
 # Shapes from each model's Hugging Face config.json.
-PRESETS: dict[str, ModelShape] = {p.name: p for p in [
-    _preset("llama-3.1-8b", "meta-llama/Llama-3.1-8B", _L, 32, 4096, 32, 8, 128, 14336, 128256,
-            max_position_embeddings=131072, rope_theta=500000.0),
-    _preset("llama-3.1-70b", "meta-llama/Llama-3.1-70B", _L, 80, 8192, 64, 8, 128, 28672, 128256,
-            max_position_embeddings=131072, rope_theta=500000.0),
-    _preset("llama-2-70b", "meta-llama/Llama-2-70b-hf", _L, 80, 8192, 64, 8, 128, 28672, 32000,
-            dtype="float16", max_position_embeddings=4096),
-    _preset("llama-3.2-1b", "meta-llama/Llama-3.2-1B", _L, 16, 2048, 32, 8, 64, 8192, 128256,
-            tie_word_embeddings=True, max_position_embeddings=131072, rope_theta=500000.0),
-    _preset("qwen2.5-0.5b", "Qwen/Qwen2.5-0.5B-Instruct", _Q, 24, 896, 14, 2, 64, 4864, 151936,
-            tie_word_embeddings=True, qkv_bias=True, max_position_embeddings=32768,
-            rope_theta=1000000.0),
-    _preset("qwen2.5-7b", "Qwen/Qwen2.5-7B-Instruct", _Q, 28, 3584, 28, 4, 128, 18944, 152064,
-            qkv_bias=True, max_position_embeddings=32768, rope_theta=1000000.0),
-    # The shape real vLLM ran for the fixtures (../shared/fixtures/vllm-0.26): 1.65 GiB weights.
-    _preset("lab-1b", None, _L, 16, 2048, 16, 8, 128, 5632, 32000, synthetic=True),
-    _preset("lab-tiny", None, _L, 4, 256, 4, 2, 64, 704, 32000, synthetic=True),
-]}
+PRESETS: dict[str, ModelShape] = {
+    p.name: p
+    for p in [
+        _preset(
+            "llama-3.1-8b",
+            "meta-llama/Llama-3.1-8B",
+            _L,
+            32,
+            4096,
+            32,
+            8,
+            128,
+            14336,
+            128256,
+            max_position_embeddings=131072,
+            rope_theta=500000.0,
+        ),
+        _preset(
+            "llama-3.1-70b",
+            "meta-llama/Llama-3.1-70B",
+            _L,
+            80,
+            8192,
+            64,
+            8,
+            128,
+            28672,
+            128256,
+            max_position_embeddings=131072,
+            rope_theta=500000.0,
+        ),
+        _preset(
+            "llama-2-70b",
+            "meta-llama/Llama-2-70b-hf",
+            _L,
+            80,
+            8192,
+            64,
+            8,
+            128,
+            28672,
+            32000,
+            dtype="float16",
+            max_position_embeddings=4096,
+        ),
+        _preset(
+            "llama-3.2-1b",
+            "meta-llama/Llama-3.2-1B",
+            _L,
+            16,
+            2048,
+            32,
+            8,
+            64,
+            8192,
+            128256,
+            tie_word_embeddings=True,
+            max_position_embeddings=131072,
+            rope_theta=500000.0,
+        ),
+        _preset(
+            "qwen2.5-0.5b",
+            "Qwen/Qwen2.5-0.5B-Instruct",
+            _Q,
+            24,
+            896,
+            14,
+            2,
+            64,
+            4864,
+            151936,
+            tie_word_embeddings=True,
+            qkv_bias=True,
+            max_position_embeddings=32768,
+            rope_theta=1000000.0,
+        ),
+        _preset(
+            "qwen2.5-7b",
+            "Qwen/Qwen2.5-7B-Instruct",
+            _Q,
+            28,
+            3584,
+            28,
+            4,
+            128,
+            18944,
+            152064,
+            qkv_bias=True,
+            max_position_embeddings=32768,
+            rope_theta=1000000.0,
+        ),
+        # The shape real vLLM ran for the fixtures (../shared/fixtures/vllm-0.26): 1.65 GiB weights.
+        _preset("lab-1b", None, _L, 16, 2048, 16, 8, 128, 5632, 32000, synthetic=True),
+        _preset("lab-tiny", None, _L, 4, 256, 4, 2, 64, 704, 32000, synthetic=True),
+    ]
+}
 
 
 def get_model(name_or_path: str) -> ModelShape:
@@ -275,12 +381,18 @@ def get_model(name_or_path: str) -> ModelShape:
         marker = path.parent / _LABKIT_MARKER
         if marker.is_file():  # a directory write_model_dir() wrote: keep its preset name
             meta = json.loads(marker.read_text())
-            shape = replace(shape, name=meta.get("name", shape.name), hf_name=meta.get("hf_name"),
-                            synthetic=bool(meta.get("synthetic", False)))
+            shape = replace(
+                shape,
+                name=meta.get("name", shape.name),
+                hf_name=meta.get("hf_name"),
+                synthetic=bool(meta.get("synthetic", False)),
+            )
         return shape
     known = ", ".join(PRESETS)
-    raise KeyError(f"unknown model {name_or_path!r}: not a preset ({known}), "
-                   "a preset's HF name, nor a path to a config.json")
+    raise KeyError(
+        f"unknown model {name_or_path!r}: not a preset ({known}), "
+        "a preset's HF name, nor a path to a config.json"
+    )
 
 
 BOS_ID, EOS_ID = 1, 2
@@ -345,19 +457,31 @@ def _pseudo_words():
 
 def build_tokenizer(vocab_size: int):
     """A byte-level BPE `tokenizers.Tokenizer` of exactly `vocab_size` ids (<s>=1, </s>=2)."""
-    from tokenizers import (AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors,
-                            trainers)
+    from tokenizers import (
+        AddedToken,
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     if vocab_size < len(_SPECIALS) + len(alphabet):
-        raise ValueError(f"vocab_size {vocab_size} < {len(_SPECIALS) + len(alphabet)} (bytes + specials)")
+        raise ValueError(
+            f"vocab_size {vocab_size} < {len(_SPECIALS) + len(alphabet)} (bytes + specials)"
+        )
     # Train merges on the word list (every word with and without a leading space), then
     # pad the vocabulary with pseudo-words that no merge produces but that decode.
     base = Tokenizer(models.BPE(unk_token="<unk>"))
     base.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=min(vocab_size, len(alphabet) + 4096),
-                                  special_tokens=_SPECIALS, initial_alphabet=alphabet,
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=min(vocab_size, len(alphabet) + 4096),
+        special_tokens=_SPECIALS,
+        initial_alphabet=alphabet,
+        show_progress=False,
+    )
     base.train_from_iterator([" ".join(_WORDS), "\n".join(_WORDS)], trainer=trainer)
     trained = json.loads(base.to_str())["model"]
     vocab: dict[str, int] = dict(sorted(trained["vocab"].items(), key=lambda kv: kv[1]))
@@ -369,7 +493,8 @@ def build_tokenizer(vocab_size: int):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS_ID)])
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS_ID)]
+    )
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in _SPECIALS])
     return tok
 
@@ -377,7 +502,10 @@ def build_tokenizer(vocab_size: int):
 def _tokenizer_config(max_len: int) -> dict[str, Any]:
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "</s>",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "pad_token": "</s>",
         "model_max_length": max_len,
         "clean_up_tokenization_spaces": False,
         "chat_template": _CHAT_TEMPLATE,

@@ -1,5 +1,6 @@
 """Planning: every bad configuration is refused fast with a problem and a fix; good ones get
 vLLM's placement, memory arithmetic and `vllm serve` arguments."""
+
 from __future__ import annotations
 
 import json
@@ -23,6 +24,7 @@ from labkit.hardware import GPU_TYPES, GiB, GPUInfo, Hardware, simulated
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "vllm-0.26"
 ARG_UTILS = Path("/tmp/vllmsrc/vllm/engine/arg_utils.py")
+CLI_ARGS = Path("/tmp/vllmsrc/vllm/entrypoints/openai/cli_args.py")
 NO_GPU = simulated(0)
 
 
@@ -30,14 +32,21 @@ def pd(num_gpus=None, gpu_type=None, connector="auto", colocated=False, **both) 
     pre = {k[8:]: v for k, v in both.items() if k.startswith("prefill_")}
     dec = {k[7:]: v for k, v in both.items() if k.startswith("decode_")}
     common = {k: v for k, v in both.items() if not k.startswith(("prefill_", "decode_"))}
-    return PDConfig(EngineConfig(role="prefill", **{**common, **pre}),
-                    EngineConfig(role="decode", **{**common, **dec}),
-                    connector=connector, num_gpus=num_gpus, gpu_type=gpu_type, colocated=colocated)
+    return PDConfig(
+        EngineConfig(role="prefill", **{**common, **pre}),
+        EngineConfig(role="decode", **{**common, **dec}),
+        connector=connector,
+        num_gpus=num_gpus,
+        gpu_type=gpu_type,
+        colocated=colocated,
+    )
 
 
 def real(n: int, key: str = "h100") -> Hardware:
     t = GPU_TYPES[key]
-    gpus = [GPUInfo(i, t.name, f"GPU-{i}", t.memory_bytes, 0, t.compute_capability, t) for i in range(n)]
+    gpus = [
+        GPUInfo(i, t.name, f"GPU-{i}", t.memory_bytes, 0, t.compute_capability, t) for i in range(n)
+    ]
     return Hardware(gpus, False, t)
 
 
@@ -46,34 +55,90 @@ BAD = {
     "tp*pp over the GPUs": (pd(num_gpus=2, tp=2), r"needs 4 GPUs, there are 2", r"num_gpus=4"),
     "tp zero": (pd(tp=0), r"tp=0 is out of range", r"1\.\.64"),
     "tp absurd": (pd(tp=128), r"tp=128", r"1\.\.64"),
-    "pp over layers": (pd(model="lab-tiny", pp=5, connector="example"), r"pp=5 exceeds the 4 layers", r"pp <= 4"),
-    "weights do not fit": (pd(model="llama-3.1-70b", gpu_type="l4", num_gpus=2),
-                           r"needs 65\.\d+ GiB weights", r"tp=|pp"),
-    "max_model_len KV does not fit": (pd(model="llama-3.1-8b", gpu_type="l4", max_model_len=131072),
-                                      r"max_model_len=131072 needs \d+ KV blocks", r"max_model_len <= \d+"),
-    "max_model_len over the model": (pd(max_model_len=100_000), r"exceeds lab-1b's max_position", r"8192"),
-    "fp8 on A100": (pd(gpu_type="a100", kv_cache_dtype="fp8"), r"fp8 KV cache needs compute capability", r"auto"),
+    "pp over layers": (
+        pd(model="lab-tiny", pp=5, connector="example"),
+        r"pp=5 exceeds the 4 layers",
+        r"pp <= 4",
+    ),
+    "weights do not fit": (
+        pd(model="llama-3.1-70b", gpu_type="l4", num_gpus=2),
+        r"needs 131\.\d+ GiB weights .* more than its 19\.\d+ GiB share",
+        r"tp=8 \(8 GPUs per engine\)",
+    ),
+    "max_model_len KV does not fit": (
+        pd(model="llama-3.1-8b", gpu_type="l4", max_model_len=131072),
+        r"max_model_len=131072 needs \d+ KV blocks",
+        r"max_model_len <= \d+",
+    ),
+    "max_model_len over the model": (
+        pd(max_model_len=100_000),
+        r"exceeds lab-1b's max_position",
+        r"8192",
+    ),
+    "fp8 on A100": (
+        pd(gpu_type="a100", kv_cache_dtype="fp8"),
+        r"fp8 KV cache needs compute capability",
+        r"auto",
+    ),
     "unknown kv dtype": (pd(kv_cache_dtype="int3"), r"kv_cache_dtype='int3' is unknown", r"fp8"),
-    "kv dtype differs": (pd(prefill_kv_cache_dtype="fp8"), r"kv_cache_dtype differs", r"same kv_cache_dtype"),
-    "block size not a multiple of 16": (pd(block_size=24), r"block_size=24 is not allowed", r"multiple of 16"),
+    "kv dtype differs": (
+        pd(prefill_kv_cache_dtype="fp8"),
+        r"kv_cache_dtype differs",
+        r"same kv_cache_dtype",
+    ),
+    "block size not a multiple of 16": (
+        pd(block_size=24),
+        r"block_size=24 is not allowed",
+        r"multiple of 16",
+    ),
     "block size zero": (pd(block_size=0), r"block_size=0", r"multiple of 16"),
     "block sizes differ": (pd(decode_block_size=32), r"block_size differs", r"same block_size"),
-    "chunk below block size": (pd(max_num_batched_tokens=8, max_num_seqs=4), r"smaller than block_size=16", r"at least 16"),
-    "chunk below max_num_seqs": (pd(max_num_batched_tokens=128), r"128 < max_num_seqs=256", r"max_num_seqs <= 128"),
+    "chunk below block size": (
+        pd(max_num_batched_tokens=8, max_num_seqs=4),
+        r"smaller than block_size=16",
+        r"at least 16",
+    ),
+    "chunk below max_num_seqs": (
+        pd(max_num_batched_tokens=128),
+        r"128 < max_num_seqs=256",
+        r"max_num_seqs <= 128",
+    ),
     "chunk below max_model_len without chunked prefill": (
         pd(max_num_batched_tokens=2048, enable_chunked_prefill=False, max_model_len=4096),
-        r"without chunked prefill", r"max_model_len <= 2048"),
+        r"without chunked prefill",
+        r"max_model_len <= 2048",
+    ),
     "negative chunk": (pd(max_num_batched_tokens=-5), r"max_num_batched_tokens=-5", r"positive"),
     "utilization above 1": (pd(gpu_memory_utilization=1.5), r"outside \(0, 1\]", r"fraction"),
     "utilization zero": (pd(gpu_memory_utilization=0.0), r"outside \(0, 1\]", r"fraction"),
-    "shared GPU over 0.9": (pd(num_gpus=1, gpu_memory_utilization=0.5), r"adds up to 1\.00", r"<= 0\.9"),
+    "shared GPU over 0.9": (
+        pd(num_gpus=1, gpu_memory_utilization=0.5),
+        r"adds up to 1\.00",
+        r"<= 0\.9",
+    ),
     "max_num_seqs zero": (pd(max_num_seqs=0), r"max_num_seqs=0", r"1\.\.65536"),
     "unknown model": (pd(model="gpt-17"), r"model 'gpt-17' is unknown", r"lab-1b"),
-    "models differ": (pd(decode_model="lab-tiny"), r"prefill runs 'lab-1b' but decode runs 'lab-tiny'", r"same model"),
+    "models differ": (
+        pd(decode_model="lab-tiny"),
+        r"prefill runs 'lab-1b' but decode runs 'lab-tiny'",
+        r"same model",
+    ),
     "synthetic model with real weights": (pd(load_format="auto"), r"synthetic", r"dummy"),
-    "pp with nixl": (pd(num_gpus=4, pp=2, connector="nixl"), r"NixlConnector cannot move KV with pp > 1", r"pp=1"),
-    "example with tp": (pd(num_gpus=4, tp=2, connector="example"), r"ExampleConnector with tp > 1", r"tp=1"),
-    "blocks override too big": (pd(num_gpu_blocks_override=10_000_000), r"num_gpu_blocks_override=10000000", r"<= \d+"),
+    "pp with nixl": (
+        pd(num_gpus=4, pp=2, connector="nixl"),
+        r"NixlConnector cannot move KV with pp > 1",
+        r"pp=1",
+    ),
+    "example with tp": (
+        pd(num_gpus=4, tp=2, connector="example"),
+        r"ExampleConnector with tp > 1",
+        r"tp=1",
+    ),
+    "blocks override too big": (
+        pd(num_gpu_blocks_override=10_000_000),
+        r"num_gpu_blocks_override=10000000",
+        r"<= \d+",
+    ),
     "unknown gpu type": (pd(gpu_type="v100"), r"gpu_type='v100' is unknown", r"h100"),
     "zero GPUs": (pd(num_gpus=0), r"num_gpus=0", r"1\.\.64"),
     "unknown connector": (pd(connector="p2p"), r"connector='p2p' is unknown", r"nixl"),
@@ -117,9 +182,15 @@ def test_validate_is_fast():
     assert (time.perf_counter() - t0) / 50 < 0.010
 
 
-@pytest.mark.parametrize("n,prefill,decode", [
-    (1, [0], [0]), (2, [0], [1]), (4, [0, 1], [2, 3]), (8, [0, 1, 2, 3], [4, 5, 6, 7]),
-])
+@pytest.mark.parametrize(
+    "n,prefill,decode",
+    [
+        (1, [0], [0]),
+        (2, [0], [1]),
+        (4, [0, 1], [2, 3]),
+        (8, [0, 1, 2, 3], [4, 5, 6, 7]),
+    ],
+)
 def test_placement_prefill_first(n, prefill, decode):
     tp = max(1, n // 2)
     plan = validate(pd(model="llama-3.1-8b", num_gpus=n, tp=tp), NO_GPU)
@@ -135,7 +206,9 @@ def test_pp_places_stages_and_uses_example_connector():
     p, d = plan.engines
     assert [(r.pp_rank, r.gpu) for r in p.ranks] == [(0, 0), (1, 1), (2, 2), (3, 3)]
     assert d.gpus == [4, 5, 6, 7] and plan.connector == "example"
-    assert len({ln.weights for g in plan.gpus[:4] for ln in g.lines}) >= 2  # embed vs lm_head stages
+    assert (
+        len({ln.weights for g in plan.gpus[:4] for ln in g.lines}) >= 2
+    )  # embed vs lm_head stages
 
 
 def test_shared_gpu_plan():
@@ -154,7 +227,10 @@ def test_shared_gpu_plan():
 def test_kv_capacity_follows_vllm_formula_against_fixture(monkeypatch):
     """Real vLLM (fixtures, H100, util 0.25, lab-1b): non-torch 6.21 GiB -> 189,168 tokens,
     4.76 GiB -> 212,912 tokens. With the logged non-torch figure the plan must agree."""
-    for name, non_torch, tokens in (("nixl-prefill", 6.21, 189_168), ("nixl-decode", 4.76, 212_912)):
+    for name, non_torch, tokens in (
+        ("nixl-prefill", 6.21, 189_168),
+        ("nixl-decode", 4.76, 212_912),
+    ):
         log = (FIXTURES / "logs" / f"{name}.log").read_text()
         assert f"{non_torch} GiB for non-torch" in log and f"{tokens:,} tokens" in log
         monkeypatch.setattr(config, "NON_TORCH_BYTES", int(non_torch * GiB))
@@ -173,7 +249,9 @@ def test_kv_capacity_scales_with_dtype_tp_and_utilization():
     assert 1.99 < fp8.num_blocks / base.num_blocks < 2.01
     tp2 = validate(pd(model="llama-3.1-8b", num_gpus=4, tp=2), NO_GPU).engines[0]
     assert tp2.kv_bytes_per_token == 65_536 and tp2.num_blocks > 2 * base.num_blocks
-    low = validate(pd(model="llama-3.1-8b", num_gpus=2, gpu_memory_utilization=0.5), NO_GPU).engines[0]
+    low = validate(
+        pd(model="llama-3.1-8b", num_gpus=2, gpu_memory_utilization=0.5), NO_GPU
+    ).engines[0]
     assert low.num_blocks < base.num_blocks / 2
 
 
@@ -207,10 +285,24 @@ def test_plan_to_dict_is_json():
 
 
 def test_vllm_args_are_vllm_flags():
-    plan = validate(pd(num_gpus=1, num_gpu_blocks_override=80, kv_offloading_size_gb=1.0,
-                       enable_prefix_caching=False, extra_args=["--seed", "1"]), NO_GPU)
-    args = vllm_args(None, plan, 0, "/models/lab", 8100,
-                     {"kv_events_endpoint": "tcp://127.0.0.1:5557", "run_dir": "/tmp/runs/r1"})
+    plan = validate(
+        pd(
+            num_gpus=1,
+            num_gpu_blocks_override=80,
+            kv_offloading_size_gb=1.0,
+            enable_prefix_caching=False,
+            extra_args=["--seed", "1"],
+        ),
+        NO_GPU,
+    )
+    args = vllm_args(
+        None,
+        plan,
+        0,
+        "/models/lab",
+        8100,
+        {"kv_events_endpoint": "tcp://127.0.0.1:5557", "run_dir": "/tmp/runs/r1"},
+    )
     assert args[0] == "/models/lab" and args[args.index("--port") + 1] == "8100"
     assert args[args.index("--host") + 1] == "127.0.0.1"
     assert args[args.index("--gpu-memory-utilization") + 1] == "0.4"
@@ -219,21 +311,31 @@ def test_vllm_args_are_vllm_flags():
     assert "--kv-offloading-size" not in args  # it would replace the PD connector
     ktc = json.loads(args[args.index("--kv-transfer-config") + 1])
     kinds = [c["kv_connector"] for c in ktc["kv_connector_extra_config"]["connectors"]]
-    assert ktc["kv_connector"] == "MultiConnector" and kinds == ["ExampleConnector", "OffloadingConnector"]
+    assert ktc["kv_connector"] == "MultiConnector" and kinds == [
+        "ExampleConnector",
+        "OffloadingConnector",
+    ]
     events = json.loads(args[args.index("--kv-events-config") + 1])
-    assert events == {"enable_kv_cache_events": True, "publisher": "zmq",
-                      "endpoint": "tcp://127.0.0.1:5557", "topic": "kv"}
-    if ARG_UTILS.exists():  # every flag is one vLLM 0.26 defines
-        src = ARG_UTILS.read_text()
+    assert events == {
+        "enable_kv_cache_events": True,
+        "publisher": "zmq",
+        "endpoint": "tcp://127.0.0.1:5557",
+        "topic": "kv",
+    }
+    if ARG_UTILS.exists() and CLI_ARGS.exists():  # every flag is one vLLM 0.26 defines
+        engine_src, frontend_src = ARG_UTILS.read_text(), CLI_ARGS.read_text()
         for flag in (a for a in args if a.startswith("--") and a != "--seed"):
             base = flag.replace("--no-", "--")
-            assert f'"{base}"' in src, flag
+            field_name = base[2:].replace("-", "_")
+            assert f'"{base}"' in engine_src or f"\n    {field_name}: " in frontend_src, flag
 
 
 def test_colocated_offload_uses_the_flag():
     plan = validate(pd(colocated=True, num_gpus=1, kv_offloading_size_gb=2.0), NO_GPU)
     args = vllm_args(None, plan, 0, "/m", 8300)
-    assert args[args.index("--kv-offloading-size") + 1] == "2" and "--kv-transfer-config" not in args
+    assert (
+        args[args.index("--kv-offloading-size") + 1] == "2" and "--kv-transfer-config" not in args
+    )
 
 
 def test_kv_transfer_config_shapes():
@@ -244,8 +346,13 @@ def test_kv_transfer_config_shapes():
     assert kv_transfer_config("nixl", "prefill", "/r")["kv_role"] == "kv_producer"
     assert kv_transfer_config("nixl", "decode", "/r")["kv_role"] == "kv_consumer"
     assert kv_transfer_config(None, "both", "/r") is None
-    multi = kv_transfer_config("nixl", "decode", "/r", "tcp://127.0.0.1:7000",
-                               connector_extra={"enforce_handshake_compat": False})
+    multi = kv_transfer_config(
+        "nixl",
+        "decode",
+        "/r",
+        "tcp://127.0.0.1:7000",
+        connector_extra={"enforce_handshake_compat": False},
+    )
     assert multi["kv_connector"] == "MultiConnector" and multi["kv_role"] == "kv_consumer"
     transfer, observer = multi["kv_connector_extra_config"]["connectors"]
     assert transfer["kv_connector"] == "NixlConnector"

@@ -1,4 +1,5 @@
 """GPU table, NVML name mapping, detection without a GPU (and with a stand-in NVML)."""
+
 from __future__ import annotations
 
 import subprocess
@@ -24,7 +25,9 @@ def test_datasheet_numbers():
     assert h100.bf16_flops == 989e12 and h100.mem_bw == 3.35e12 and h100.nvlink_bw == 450e9
     assert round(h100.memory_bytes / GiB, 2) == 79.18  # what CUDA (and vLLM's log) reports
     assert h200.mem_bw == 4.8e12 and 139 * GiB < h200.memory_bytes < 141 * GiB
-    assert a100.bf16_flops == 312e12 and a100.fp8_flops is None and a100.compute_capability == (8, 0)
+    assert (
+        a100.bf16_flops == 312e12 and a100.fp8_flops is None and a100.compute_capability == (8, 0)
+    )
     assert l4.bf16_flops == 121e12 and l4.mem_bw == 300e9 and l4.nvlink_bw is None
     assert l4.memory_bytes < 24e9 and l4.compute_capability == (8, 9)
 
@@ -40,11 +43,18 @@ def test_links():
     assert all(link.latency > 0 for link in LINKS.values())
 
 
-@pytest.mark.parametrize("name,key", [
-    ("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H100 PCIe", "h100"), ("NVIDIA H200", "h200"),
-    ("NVIDIA A100-SXM4-80GB", "a100"), ("NVIDIA L4", "l4"), ("NVIDIA L40S", None),
-    ("Tesla T4", None),
-])
+@pytest.mark.parametrize(
+    "name,key",
+    [
+        ("NVIDIA H100 80GB HBM3", "h100"),
+        ("NVIDIA H100 PCIe", "h100"),
+        ("NVIDIA H200", "h200"),
+        ("NVIDIA A100-SXM4-80GB", "a100"),
+        ("NVIDIA L4", "l4"),
+        ("NVIDIA L40S", None),
+        ("Tesla T4", None),
+    ],
+)
 def test_nvml_names_map_to_types(name, key):
     t = gpu_type_for(name)
     assert (t.key if t else None) == key
@@ -86,7 +96,9 @@ def _fake_nvml(names: list[str]) -> types.ModuleType:
     m.nvmlDeviceGetHandleByIndex = lambda i: i
     m.nvmlDeviceGetName = lambda h: names[h].encode()  # old bindings return bytes
     m.nvmlDeviceGetUUID = lambda h: f"GPU-{h}"
-    m.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(total=81_559 * 2**20, used=600 * 2**20)
+    m.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(
+        total=81_559 * 2**20, used=600 * 2**20
+    )
     m.nvmlDeviceGetCudaComputeCapability = lambda h: (9, 0)
     return m
 

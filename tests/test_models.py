@@ -1,6 +1,8 @@
 """Model shapes: vLLM's weight / KV arithmetic, presets, config.json round trips, model dirs."""
+
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -117,9 +119,15 @@ def test_flops():
 
 
 def test_from_hf_config_defaults():
-    cfg = {"architectures": ["LlamaForCausalLM"], "hidden_size": 1024, "num_attention_heads": 8,
-           "num_hidden_layers": 4, "intermediate_size": 2816, "vocab_size": 32000,
-           "torch_dtype": "float16"}
+    cfg = {
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": 1024,
+        "num_attention_heads": 8,
+        "num_hidden_layers": 4,
+        "intermediate_size": 2816,
+        "vocab_size": 32000,
+        "torch_dtype": "float16",
+    }
     m = from_hf_config(cfg)
     assert m.head_dim == 128 and m.num_kv_heads == 8 and m.dtype == "float16"
     assert m.kv_bytes_per_token() == 2 * 4 * 8 * 128 * 2
@@ -130,9 +138,20 @@ def test_from_hf_config_defaults():
 def test_presets_round_trip_through_config_json(tmp_path):
     for shape in PRESETS.values():
         back = from_hf_config(shape.to_hf_config(), name=shape.name)
-        for f in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim",
-                  "intermediate_size", "vocab_size", "tie_word_embeddings", "qkv_bias", "dtype",
-                  "max_position_embeddings", "architecture"):
+        for f in (
+            "num_layers",
+            "hidden_size",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "intermediate_size",
+            "vocab_size",
+            "tie_word_embeddings",
+            "qkv_bias",
+            "dtype",
+            "max_position_embeddings",
+            "architecture",
+        ):
             assert getattr(back, f) == getattr(shape, f), (shape.name, f)
 
 
@@ -156,7 +175,10 @@ def test_write_model_dir_and_tokenizer(tmp_path):
     cfg = json.loads((d / "config.json").read_text())
     assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["torch_dtype"] == "bfloat16"
     assert cfg["num_key_value_heads"] == 8 and cfg["max_position_embeddings"] == 8192
-    assert json.loads((d / "generation_config.json").read_text())["eos_token_id"] == cfg["eos_token_id"]
+    assert (
+        json.loads((d / "generation_config.json").read_text())["eos_token_id"]
+        == cfg["eos_token_id"]
+    )
     tok = Tokenizer.from_file(str(d / "tokenizer.json"))
     assert tok.get_vocab_size() == shape.vocab_size
     text = "The prefill engine sends its KV cache to decode. Ünïcode ok?"
@@ -189,12 +211,13 @@ def test_transformers_loads_the_dir(tmp_path):
         tok = transformers.AutoTokenizer.from_pretrained(str(d))
         ids = tok("hello world")["input_ids"]
         assert ids[0] == 1 and tok.decode(ids, skip_special_tokens=True) == "hello world"
-        chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
-                                       add_generation_prompt=True)
+        chat = tok.apply_chat_template(
+            [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+        )
         assert chat.endswith("<|assistant|>\n") and "hi" in chat
 
 
 def test_model_shape_is_frozen():
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         PRESETS["lab-1b"].num_layers = 3  # type: ignore[misc]
     assert isinstance(PRESETS["lab-tiny"], ModelShape)

@@ -144,7 +144,7 @@ def test_schedule_view_chunks_fit_the_budget():
     assert list(dec.y) == [2, 2, 2] and list(dec.base) == [510, 510, 280], "decodes sit on the chunk"
     assert list(bud.y) == [budget] * 3
     for s in (1, 2, 3):
-        total = sum(y for x, y in zip(pre.x, pre.y) if x == s) + sum(y for x, y in zip(dec.x, dec.y) if x == s)
+        total = sum(y for x, y in zip(pre.x, pre.y, strict=True) if x == s) + sum(y for x, y in zip(dec.x, dec.y, strict=True) if x == s)
         assert total <= budget
     assert "SIMULATED" in view.figure.layout.title.text
 

@@ -163,8 +163,10 @@ class SyntheticSource:
         return TelemetryDelta(batches, timeline, metrics, samples, memory)
 
 
-def run(refreshes: int = 40, num_blocks: int = 100_000, steps_per_poll: int = 8) -> dict[str, Any]:
-    """Build the dashboard on a SyntheticSource and time `refreshes` refreshes."""
+def run(refreshes: int = 40, num_blocks: int = 100_000, steps_per_poll: int = 8,
+        screenshots: str | None = None) -> dict[str, Any]:  # fmt: skip
+    """Build the dashboard on a SyntheticSource and time `refreshes` refreshes
+    (then write each view as `<screenshots>/<view>.png` if asked)."""
     from labkit.viz.dashboard import Dashboard
 
     source = SyntheticSource(num_blocks=num_blocks, steps_per_poll=steps_per_poll)
@@ -176,6 +178,11 @@ def run(refreshes: int = 40, num_blocks: int = 100_000, steps_per_poll: int = 8)
         for k, v in dash.refresh().items():
             totals[k] = totals.get(k, 0.0) + v
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    if screenshots:
+        from labkit.viz.export import save_png
+
+        for name, view in dash.views.items():
+            save_png(view.figure, Path(screenshots) / f"{name}.png")
     return {"refreshes": refreshes, "num_blocks": num_blocks, "wall_s": wall, "cpu_s": cpu,
             "per_stage_ms": {k: 1e3 * v / refreshes for k, v in totals.items()}}  # fmt: skip
 
@@ -185,8 +192,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--refreshes", type=int, default=40)
     p.add_argument("--num-blocks", type=int, default=100_000)
     p.add_argument("--steps-per-poll", type=int, default=8)
+    p.add_argument("--screenshots", metavar="DIR", help="also write each view as DIR/<view>.png")
     a = p.parse_args(argv)
-    r = run(a.refreshes, a.num_blocks, a.steps_per_poll)
+    r = run(a.refreshes, a.num_blocks, a.steps_per_poll, a.screenshots)
     print(f"dashboard refresh, {r['num_blocks']:,} blocks x 2 engines, {r['refreshes']} refreshes")
     print(f"{'stage / view':<14}{'CPU ms/refresh':>16}")
     for k, v in r["per_stage_ms"].items():

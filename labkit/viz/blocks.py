@@ -13,9 +13,9 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-import plotly.graph_objects as go
 from labkit.viz.base import View
 from labkit.viz.blockstate import BlockMapState, EngineBlocks
 from labkit.viz.style import (
@@ -94,7 +94,7 @@ def block_grid(eng: EngineBlocks, max_cells: int = MAX_CELLS) -> BlockGrid:
         text = [
             f"block {b}<br>{_STATE_TEXT[s] if o < 0 else names[o]}"
             f"{' (shared prefix)' if s == 3 else ''}<br>{t} tokens"
-            for b, s, o, t in zip(range(n), state.tolist(), owner.tolist(), tokens.tolist())
+            for b, s, o, t in zip(range(n), state.tolist(), owner.tolist(), tokens.tolist(), strict=True)
         ]
         return BlockGrid(z, x, y, text, 1, rows, cols, counts)
     cell = np.arange(n) // k
@@ -106,7 +106,7 @@ def block_grid(eng: EngineBlocks, max_cells: int = MAX_CELLS) -> BlockGrid:
     pct = np.rint(100 * frac).astype(np.int32).tolist()
     text = [
         f"blocks {a}–{b}<br>in use {p[2] + p[3]}% (shared {p[3]}%)<br>cached {p[1]}%<br>free {p[0]}%"
-        for a, b, p in zip(first.tolist(), last.tolist(), pct)
+        for a, b, p in zip(first.tolist(), last.tolist(), pct, strict=True)
     ]
     return BlockGrid(used, x, y, text, k, rows, cols, counts)
 

@@ -79,7 +79,7 @@ class MemoryView(View):
         self.set_kinds(kinds or self.kinds)
         labels = [f"GPU {g} {self.gpu_names.get(g, '')}".strip() for g in self.gpus]
         per_gpu = {g: {(e, c): b for e, c, b in st.breakdown(g)} for g in self.gpus}
-        for key, tr in zip(self.bar_keys, self.figure.data):
+        for key, tr in zip(self.bar_keys, self.figure.data, strict=False):
             tr.x = labels
             tr.y = [gib(per_gpu[g].get(key, 0)) for g in self.gpus]
         for gpu in self.gpus:

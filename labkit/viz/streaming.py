@@ -87,7 +87,7 @@ class StreamingView(View):
         )  # fmt: skip
         spans = [phases(r, now) for r in reqs]
         for i, (name, _) in enumerate(PHASES):
-            rows = [(r, s[i]) for r, s in zip(reqs, spans) if s[i] is not None]
+            rows = [(r, s[i]) for r, s in zip(reqs, spans, strict=True) if s[i] is not None]
             tr = self.figure.data[i]
             tr.y = [short_req(r.req_id, 14) for r, _ in rows]
             tr.base = [1e3 * (a - t0) for _, (a, _) in rows]

@@ -148,6 +148,8 @@ class Request:
         if fn is hash_block_tokens_fast:  # inlined: prompts hash thousands of blocks
             if parent is None:
                 parent = NONE_HASH
+            if end - start >= 2 * bs:
+                tokens = tuple(tokens)  # slicing a tuple makes the block tuple directly
             while start + bs <= end:
                 parent = hash((parent, tuple(tokens[start:start + bs]))) & _MASK64
                 hashes.append(parent)

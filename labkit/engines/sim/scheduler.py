@@ -187,8 +187,10 @@ class Scheduler:
         token_budget = self.max_num_scheduled_tokens
         running = self.running
         allocate_slots = kv.allocate_slots
-        req_to_blocks, num_cached_block = kv.req_to_blocks, kv.num_cached_block
+        req_to_blocks = kv.req_to_blocks
         bs, caching = kv.block_size, kv.enable_caching
+        inflight = self._inflight_prefills
+        sum_ctx = pairs = 0
 
         # First, the RUNNING requests.
         req_index = 0
@@ -210,12 +212,11 @@ class Scheduler:
             blocks = req_to_blocks.get(rid)
             if blocks is not None and total <= len(blocks) * bs:
                 # allocate_slots' result when no new block is needed (most decode steps):
-                # only newly full blocks get cached.
+                # only a block that fills now gets cached. (Running requests have cached
+                # every full block of their computed tokens, and total <= num_tokens.)
                 new_blocks = empty
-                if caching:
-                    n_full = (total if total < request.num_tokens else request.num_tokens) // bs
-                    if n_full > num_cached_block.get(rid, 0):
-                        kv.cache_blocks(request, n_full * bs)
+                if caching and total // bs > computed // bs:
+                    kv.cache_blocks(request, total)
             else:
                 while True:
                     new_blocks = allocate_slots(request, num_new_tokens)
@@ -235,6 +236,17 @@ class Scheduler:
                 req_to_new_blocks[rid] = new_blocks
             token_budget -= num_new_tokens
             req_index += 1
+            # _update_after_schedule for running requests, done here to save a pass (the
+            # simulated connectors' build_connector_meta does not read num_computed_tokens).
+            sum_ctx += total
+            pairs += num_new_tokens * computed + (num_new_tokens * (num_new_tokens + 1) >> 1)
+            request.num_computed_tokens = total
+            if total >= request.num_tokens:
+                if request.is_prefill_chunk:
+                    request.is_prefill_chunk = False
+                    inflight.discard(request)
+            else:
+                request.is_prefill_chunk = True
 
         # Next, the WAITING requests.
         num_running_scheduled = len(scheduled)
@@ -252,6 +264,7 @@ class Scheduler:
             {r.request_id for r in scheduled_resumed_reqs}, req_to_new_blocks,
             self.max_num_scheduled_tokens - token_budget, self.reset_preempted_req_ids,
             self.finished_req_ids, self.max_num_scheduled_tokens)
+        out.sum_context, out.attn_pairs = sum_ctx, pairs
         if self.connector is not None:
             out.kv_connector_metadata = self.connector.build_connector_meta(out)
         self._update_after_schedule(out)
@@ -360,10 +373,11 @@ class Scheduler:
         return token_budget
 
     def _update_after_schedule(self, out: SchedulerOutput) -> None:
-        """Advance num_computed_tokens now, so a prefill can get its next chunk next step."""
-        sum_ctx = pairs = 0
+        """Advance num_computed_tokens now, so a prefill can get its next chunk next step
+        (the running requests were advanced in schedule())."""
+        sum_ctx, pairs = out.sum_context, out.attn_pairs
         inflight = self._inflight_prefills
-        for request, n, c, _ in out.scheduled:
+        for request, n, c, _ in out.scheduled[out.num_running_scheduled:]:
             sum_ctx += c + n
             pairs += n * c + (n * (n + 1) >> 1)
             c += n
