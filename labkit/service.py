@@ -1,0 +1,168 @@
+"""`labkit up / status / down`: a lab that outlives one command, and nothing left behind.
+
+`labkit up` runs in the foreground: the pair and the proxy live until Ctrl-C (or SIGTERM), then
+everything stops. `labkit up --detach` starts that same foreground command as a supervisor in
+its own session, waits until it is ready and returns; the supervisor writes `state.json` in its
+run directory. `labkit status` reads those files and asks each endpoint for /health;
+`labkit down` signals the supervisors, which stop their engines (whole process groups); any
+engine group still alive after that is killed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from labkit.engines.base import pids_in_group
+
+STATE = "state.json"
+
+
+def runs_base() -> Path:
+    return Path(os.environ.get("LABKIT_RUN_DIR") or Path.home() / ".cache" / "labkit" / "runs")
+
+
+def lab_state(lab: Any) -> dict[str, Any]:
+    """What `status` and `down` need to find a running lab again."""
+    return {
+        "supervisor_pid": os.getpid(),
+        "run_dir": str(lab.run_dir),
+        "kind": lab.kind,
+        "describe": lab.describe(),
+        "url": lab.url,
+        "proxy": lab.proxy.base_url if lab.proxy else None,
+        "engines": {name: {"url": e.base_url, "role": e.role, "pgid": e.pgid,
+                           "log": str(e.log_path)}
+                    for name, e in {**lab.engines, **({"proxy": lab.proxy} if lab.proxy else {})}.items()},
+        "started": time.time(),
+    }
+
+
+def run_foreground(lab: Any, *, state_dir: Path | None = None, quiet: bool = False) -> int:
+    """Start `lab`, write its state, block until SIGINT/SIGTERM, then stop everything."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop.set()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    state_path = (state_dir or lab.run_dir) / STATE
+    try:
+        lab.start(progress=not quiet)
+        state_path.parent.mkdir(parents=True, exist_ok=True)
+        state_path.write_text(json.dumps(lab_state(lab), indent=2))
+        if not quiet:
+            print(format_state(lab_state(lab)), flush=True)
+            print("Ctrl-C stops the lab.", flush=True)
+        while not stop.wait(0.5):
+            if not lab.is_running():
+                dead = [n for n, e in lab.engines.items() if not e.is_alive()]
+                print(f"engine(s) exited: {', '.join(dead)}; stopping the lab", file=sys.stderr)
+                return 1
+        return 0
+    finally:
+        lab.stop()
+        try:
+            state_path.unlink()
+        except OSError:
+            pass
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def up_detached(argv: list[str], run_dir: Path, timeout: float = 900.0) -> dict[str, Any]:
+    """Start `labkit up --foreground ARGS` in its own session; wait for its state file."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = open(run_dir / "supervisor.log", "wb")
+    cmd = [sys.executable, "-m", "labkit.cli", "up", "--foreground", "--quiet",
+           "--run-dir", str(run_dir), *argv]
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    log.close()
+    state_path = run_dir / STATE
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if state_path.exists():
+            return json.loads(state_path.read_text())
+        if proc.poll() is not None:
+            tail = (run_dir / "supervisor.log").read_text(errors="replace").splitlines()[-15:]
+            raise RuntimeError("the lab failed to start:\n" + "\n".join(tail))
+        time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGTERM)
+    raise TimeoutError(f"the lab was not ready after {timeout:.0f} s (log: {run_dir})")
+
+
+def running_labs() -> list[dict[str, Any]]:
+    """State of every lab whose supervisor is alive (stale state files are ignored)."""
+    out = []
+    base = runs_base()
+    if not base.is_dir():
+        return out
+    for path in sorted(base.glob(f"*/{STATE}")):
+        try:
+            st = json.loads(path.read_text())
+            os.kill(int(st["supervisor_pid"]), 0)
+        except (OSError, ValueError, KeyError):
+            continue
+        out.append(st)
+    return out
+
+
+def health(url: str | None) -> str:
+    if not url:
+        return "-"
+    try:
+        return "healthy" if httpx.get(f"{url}/health", timeout=2).status_code == 200 else "unhealthy"
+    except httpx.HTTPError:
+        return "down"
+
+
+def format_state(st: dict[str, Any], with_health: bool = False) -> str:
+    lines = [st["describe"], f"  run dir : {st['run_dir']}",
+             f"  OpenAI  : {st['url']}/v1" + (f"  [{health(st['url'])}]" if with_health else "")]
+    for name, e in st["engines"].items():
+        h = f"  [{health(e['url'])}]" if with_health else ""
+        lines.append(f"  {name:<8}: {e['url']}  (log {e['log']}){h}")
+    return "\n".join(lines)
+
+
+def down(timeout: float = 30.0) -> int:
+    """Stop every running lab; return how many were stopped."""
+    labs = running_labs()
+    for st in labs:
+        try:
+            os.kill(int(st["supervisor_pid"]), signal.SIGTERM)
+        except OSError:
+            pass
+    deadline = time.monotonic() + timeout
+    for st in labs:
+        pid = int(st["supervisor_pid"])
+        while time.monotonic() < deadline and _alive(pid):
+            time.sleep(0.2)
+        for e in st["engines"].values():  # belt and braces: no engine group survives `down`
+            if e.get("pgid") and pids_in_group(int(e["pgid"])):
+                try:
+                    os.killpg(int(e["pgid"]), signal.SIGKILL)
+                except OSError:
+                    pass
+    return len(labs)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    try:  # a zombie child of ours counts as gone
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
