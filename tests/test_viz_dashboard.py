@@ -6,10 +6,11 @@ import time
 
 import numpy as np
 
-from labkit.bench.viz_refresh import SyntheticSource, run
+from labkit.bench.viz_refresh import run
 from labkit.telemetry.observer_schema import ObserverBatch, RequestAllocated
 from labkit.viz.dashboard import Dashboard
 from labkit.viz.source import GpuSample, TelemetryDelta, TelemetrySource
+from labkit.viz.synthetic import SyntheticSource
 
 GiB = 2**30
 

@@ -145,3 +145,24 @@ def test_latency_from_timeline_and_fixture_metrics():
     ttft = st.hist["decode-0"]["vllm:time_to_first_token_seconds"]
     assert ttft == histogram_buckets(snap, "vllm:time_to_first_token_seconds")
     assert ttft[-1][1] == snap.get("vllm:time_to_first_token_seconds_count")
+
+
+def test_events_alone_agree_with_the_pool():
+    """Folding only the hook events (no snapshots) reproduces the synthetic pool's truth."""
+    from labkit.viz.synthetic import SyntheticSource
+
+    src = SyntheticSource(num_blocks=3000, steps_per_poll=4, seed=3)
+    st = BlockMapState({n: ("x", "sim", 3000, 16) for n in ("prefill-0", "decode-0")})
+    num_shared_seen = num_busy_seen = 0
+    for _ in range(60):
+        for b in src.poll().observer:
+            b.events = [e for e in b.events if not isinstance(e, PoolSnapshot)]
+            st.apply(b)
+        for name, pool in (("prefill-0", src.pre), ("decode-0", src.dec)):
+            eng = st.engines[name]
+            assert ((eng.state >= 2) == (pool.state >= 2)).all(), name
+            assert ((eng.state == 3) == (pool.state == 3)).all(), name
+            assert (eng.refs == pool.refs).all(), name
+            num_shared_seen += int(np.count_nonzero(pool.state == 3))
+            num_busy_seen += int(np.count_nonzero(pool.state >= 2))
+    assert num_shared_seen > 0 and num_busy_seen > 1000, "the scenario shares and keeps blocks busy"

@@ -157,8 +157,10 @@ class StartupParser:
             pm = pat.search(body)
             if not pm:
                 continue
+            if not names and any(e.stage == stage for e in st.events):
+                break  # e.g. one event for tqdm's many "Capturing CUDA graphs" updates
             detail: dict[str, float | int | str | bool] = {}
-            for name, value in zip(names, pm.groups()):
+            for name, value in zip(names, pm.groups(), strict=True):
                 if name in ("version",):
                     detail[name] = value
                 elif name == "ready":

@@ -63,8 +63,11 @@ class StreamingView(View):
                 go.Bar(name=name, orientation="h", marker_color=color, hovertemplate=_HOVER,
                        x=[], y=[], base=[]), row=1, col=1,
             )  # fmt: skip
-        fig.add_trace(go.Bar(name="save (prefill)", marker_color="#f08c00", x=[], y=[]), 1, 2)
-        fig.add_trace(go.Bar(name="load (decode)", marker_color="#1971c2", x=[], y=[]), 1, 2)
+        # Side by side by hand: the figure's barmode is "overlay" for the Gantt.
+        fig.add_trace(go.Bar(name="save (prefill)", marker_color="#f08c00", x=[], y=[],
+                             offset=-0.4, width=0.4), 1, 2)  # fmt: skip
+        fig.add_trace(go.Bar(name="load (decode)", marker_color="#1971c2", x=[], y=[],
+                             offset=0.0, width=0.4), 1, 2)  # fmt: skip
         fig.add_trace(go.Bar(name="achieved GB/s", marker_color="#d6336c", x=[], y=[]), 2, 2)
         label = f"peak: {self.peak[0]} {self.peak[1]:.3g} GB/s" if self.peak else "peak: unknown link"
         fig.add_trace(

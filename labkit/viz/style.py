@@ -44,7 +44,7 @@ def badge(kinds: Iterable[str]) -> dict[str, Any]:
     return dict(
         text=f"<b>{kinds_label(kinds)}</b>",
         xref="paper", yref="paper", x=1.0, y=1.0, xanchor="right", yanchor="bottom",
-        showarrow=False, font=dict(color="white", size=12), bgcolor=color,
+        yshift=32, showarrow=False, font=dict(color="white", size=12), bgcolor=color,
         borderpad=4, name="kind-badge",
     )  # fmt: skip
 

@@ -236,13 +236,17 @@ class BlockPool:
         block_hashes = request.block_hashes
         events = self.enable_kv_cache_events
         new_hashes: list[int] = []
+        cache = self.cached_block_hash_to_block
         for i in range(num_cached_blocks, num_full_blocks):
             blk = blocks[i]
             if blk.is_null or blk.block_hash is not None:
                 continue
             h = block_hashes[i]
             blk.block_hash = h
-            self._insert(h, blk)
+            if h in cache:
+                self._insert(h, blk)
+            else:
+                cache[h] = blk
             if events:
                 new_hashes.append(h)
         if events and new_hashes:
@@ -256,16 +260,30 @@ class BlockPool:
 
     # -- allocate / touch / free --------------------------------------------------------
     def get_new_blocks(self, num_blocks: int) -> list[KVCacheBlock]:
-        """Pop `num_blocks` from the head of the free queue, evicting cached ones (ref_cnt -> 1)."""
-        if num_blocks > self.free_block_queue.num_free_blocks:
+        """Pop `num_blocks` from the head of the free queue, evicting cached ones (ref_cnt -> 1).
+
+        FreeKVCacheBlockQueue.popleft_n and the eviction loop, fused (hot path).
+        """
+        queue = self.free_block_queue
+        if num_blocks > queue.num_free_blocks:
             raise ValueError(f"Cannot get {num_blocks} free blocks from the pool")
-        ret = self.free_block_queue.popleft_n(num_blocks)
+        if num_blocks == 0:
+            return []
+        queue.num_free_blocks -= num_blocks
         states = self._states
-        for block in ret:
+        curr = queue.fake_free_list_head.next_free_block
+        ret = []
+        for _ in range(num_blocks):
+            block = curr
+            curr = block.next_free_block
+            block.prev_free_block = block.next_free_block = None
             if block.block_hash is not None:
                 self._maybe_evict_cached_block(block)
             block.ref_cnt = 1
             states[block.block_id] = STATE_USED
+            ret.append(block)
+        queue.fake_free_list_head.next_free_block = curr
+        curr.prev_free_block = queue.fake_free_list_head
         return ret
 
     def _maybe_evict_cached_block(self, block: KVCacheBlock) -> bool:

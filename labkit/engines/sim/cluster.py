@@ -105,6 +105,10 @@ class SimCluster:
         self.decode_engines = [build("decode", i, decode_kwargs) for i in range(num_decode)]
         self.engines = self.prefill_engines + self.decode_engines
         self._index = {e.engine_id: i for i, e in enumerate(self.engines)}
+        # Decode can reuse the prompt hashes prefill computed when both hash alike.
+        self._share_hashes = bool(self.decode_engines) and all(
+            (e.block_size, e._hash_fn) == (self.engines[0].block_size, self.engines[0]._hash_fn)
+            for e in self.engines)
         self._heap: list[tuple[float, int, int, Any]] = []
         self._seq = itertools.count()
         self._wake_at: list[float | None] = [None] * len(self.engines)
@@ -134,16 +138,20 @@ class SimCluster:
 
     # -- workload -------------------------------------------------------------------------
     def _prompts(self, workload: list[WorkItem]) -> list[list[int]]:
+        """Token ids per request: a unique first token, then a slice of one random pool (so no
+        two prompts share a block hash unless they share a prefix id), shared prefixes on top."""
         vocab = self.engines[0].model.vocab_size
         rng = np.random.default_rng(self.seed)
-        total = sum(int(item[1]) for item in workload)
-        pool = rng.integers(1, vocab, size=max(total, 1)).tolist()
+        longest = max((int(item[1]) for item in workload), default=1)
+        pool = rng.integers(1, vocab, size=max(65536, 2 * longest)).tolist()
+        offsets = rng.integers(0, len(pool) - longest, size=max(len(workload), 1)).tolist()
         prefixes: dict[Any, list[int]] = {}
-        out, pos = [], 0
-        for item in workload:
+        out = []
+        for i, item in enumerate(workload):
             n = int(item[1])
-            tokens = pool[pos:pos + n]
-            pos += n
+            off = offsets[i]
+            tokens = pool[off:off + n]
+            tokens[0] = 1 + i % (vocab - 1)
             if len(item) > 3 and item[3] is not None:
                 plen = int(item[4]) if len(item) > 4 else self.shared_prefix_len
                 prefix = prefixes.get(item[3])
@@ -169,6 +177,7 @@ class SimCluster:
             self._push(float(w[0]), self._ARRIVE, i)
         by_engine_req: dict[tuple[int, str], RequestRecord] = {}
         colocated = not self.decode_engines
+        hashes = self._hashes = {}  # prompt hashes from prefill, reused by decode
         heap = self._heap
         while heap:
             t, _, kind, data = heapq.heappop(heap)
@@ -213,7 +222,7 @@ class SimCluster:
                 engine = self.engines[d]
                 rec.decode_engine = engine.engine_id
                 engine.add_request(rec.req_id, prompts[i], rec.output_len, kv_transfer_params=params,
-                                   arrival_time=t)
+                                   arrival_time=t, block_hashes=hashes.pop(i, None))
                 by_engine_req[(d, rec.req_id)] = rec
                 self._wake(d, t)
         return records
@@ -234,6 +243,8 @@ class SimCluster:
                 rec = by_engine_req.get((idx, request.request_id))
                 if rec is None:
                     continue
+                if self._share_hashes:
+                    self._hashes[int(rec.req_id)] = request.block_hashes
                 rec.prefill_start = request.scheduled_time
                 rec.prefill_end = res.end
                 self._push(res.end + self.router_latency_s, self._SUBMIT_DECODE, (int(rec.req_id), params))

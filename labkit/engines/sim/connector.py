@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from labkit.engines.sim.scheduler import SchedulerOutput
     from labkit.hardware import LinkSpec
 
+_NOTHING: tuple[set[str], set[str]] = (frozenset(), frozenset())  # type: ignore[assignment]
 STORAGE = "storage"  # the peer name of ExampleConnector's shared storage in KVTransport.link
 
 
@@ -169,7 +170,7 @@ class SimKVConnector(ABC):
 
     def get_finished(self, now: float) -> tuple[set[str], set[str]]:
         """(finished_sending, finished_recving) request ids as of `now`."""
-        return set(), set()
+        return _NOTHING
 
     def next_event_time(self) -> float | None:
         """Earliest time a pending transfer completes (None: nothing pending)."""
@@ -336,6 +337,8 @@ class NixlConnector(SimKVConnector):
         return 0.0
 
     def get_finished(self, now: float) -> tuple[set[str], set[str]]:
+        if not self._recving and not self._reqs_to_send:
+            return _NOTHING
         recving: set[str] = set()
         if self._recving:
             still = []

@@ -205,8 +205,12 @@ class SimEngine:
     # -- requests -----------------------------------------------------------------------
     def add_request(self, req_id: str, prompt_token_ids: list[int], max_tokens: int, *,
                     ignore_eos: bool = True, kv_transfer_params: dict[str, Any] | None = None,
-                    arrival_time: float | None = None) -> None:
-        """Queue a request (vLLM rejects prompts over max_model_len at the API; so does this)."""
+                    arrival_time: float | None = None, block_hashes: list[int] | None = None) -> None:
+        """Queue a request (vLLM rejects prompts over max_model_len at the API; so does this).
+
+        `block_hashes`: the prompt's chained block hashes if already known (same block size
+        and hash algorithm, e.g. from another SimEngine of the cluster); computed otherwise.
+        """
         if req_id in self.scheduler.requests:
             raise ValueError(f"duplicate request id {req_id!r}")
         if len(prompt_token_ids) == 0:
@@ -220,7 +224,8 @@ class SimEngine:
             req_id, prompt_token_ids, max_tokens, block_size=self.block_size, hash_fn=self._hash_fn,
             ignore_eos=ignore_eos, eos_token_id=self.eos_token_id,
             arrival_time=self.clock.now() if arrival_time is None else arrival_time,
-            kv_transfer_params=kv_transfer_params)
+            kv_transfer_params=kv_transfer_params,
+            block_hashes=block_hashes[: len(prompt_token_ids) // self.block_size] if block_hashes else None)
         self.scheduler.add_request(request)
 
     def abort(self, req_id: str) -> bool:
@@ -268,9 +273,10 @@ class SimEngine:
             request = sched.requests[new_req.req_id]
             if request.scheduled_time is None:
                 request.scheduled_time = start
-        sampled, finished = sched.update_from_output(so, self._next_token)
-        if sampled:
-            self._record_tokens(sampled, end)
+        sampled, finished = sched.update_from_output(
+            so, self._next_token, end, self.stats.samples["inter_token_latency_seconds"],
+            self._on_first_token)
+        self.stats.generation_tokens += len(sampled)
         for request, _ in finished:
             self._on_finished(request, end)
         if connector is not None:
@@ -282,20 +288,9 @@ class SimEngine:
             self.clock.advance_to(end)
         return StepResult(self.step_count, start, end, so, sampled, finished, sync)
 
-    def _record_tokens(self, sampled: list[tuple[Request, int]], t: float) -> None:
-        """Token timings: first token (TTFT, prefill stats) or one inter-token latency each."""
-        itl = self.stats.samples["inter_token_latency_seconds"]
-        self.stats.generation_tokens += len(sampled)
-        for request, _ in sampled:
-            last = request.last_token_time
-            if last is None:
-                request.first_token_time = t
-                self._take_prefill_stats(request, t)
-            else:
-                itl.append(t - last)
-            request.last_token_time = t
-            if request.token_times is not None:
-                request.token_times.append(t)
+    def _on_first_token(self, request: Request, t: float) -> None:
+        request.first_token_time = t
+        self._take_prefill_stats(request, t)
 
     def _take_prefill_stats(self, request: Request, t: float) -> None:
         """First output of a request: PrefillStats -> prompt tokens by source, TTFT."""

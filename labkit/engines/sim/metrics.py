@@ -19,10 +19,8 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
-    generate_latest,
-)
-from prometheus_client import (
     gc_collector,
+    generate_latest,
     platform_collector,
     process_collector,
 )

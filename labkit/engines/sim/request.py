@@ -88,7 +88,7 @@ class Request:
         # simulator timings / stats
         "scheduled_time", "first_token_time", "last_token_time", "finished_time",
         "num_local_cached_tokens", "num_external_tokens", "prefill_stats_taken",
-        "kv_recv_start", "kv_recv_end", "token_times",
+        "kv_recv_start", "kv_recv_end",
     )
 
     def __init__(
@@ -103,7 +103,7 @@ class Request:
         eos_token_id: int | None = None,
         arrival_time: float = 0.0,
         kv_transfer_params: dict[str, Any] | None = None,
-        record_token_times: bool = False,
+        block_hashes: list[int] | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids
@@ -122,7 +122,9 @@ class Request:
         self.is_prefill_chunk = True
         self._hash_fn = hash_fn
         self._hash_block_size = block_size
-        self.block_hashes: list[int] = []
+        # Precomputed prompt hashes (same block size and algorithm, e.g. from the prefill
+        # engine of a SimCluster) save hashing the prompt twice.
+        self.block_hashes: list[int] = list(block_hashes) if block_hashes else []
         self._next_hash_at = block_size
         self.update_block_hashes()
         self.scheduled_time: float | None = None
@@ -134,7 +136,6 @@ class Request:
         self.prefill_stats_taken = False
         self.kv_recv_start: float | None = None
         self.kv_recv_end: float | None = None
-        self.token_times: list[float] | None = [] if record_token_times else None
 
     def update_block_hashes(self) -> None:
         """Hash every newly full block (vllm/v1/core/kv_cache_utils.py request_block_hasher)."""

@@ -250,7 +250,7 @@ class Scheduler:
 
         # Next, the WAITING requests.
         num_running_scheduled = len(scheduled)
-        if not preempted_reqs:
+        if not preempted_reqs and (self.waiting or self.skipped_waiting):
             token_budget = self._schedule_waiting(token_budget, scheduled, req_to_new_blocks,
                                                   scheduled_new_reqs, scheduled_resumed_reqs)
 
@@ -258,10 +258,11 @@ class Scheduler:
             NewRequestData(r.request_id, r.prompt_token_ids,
                            req_to_new_blocks[r.request_id].get_block_ids(), r.num_computed_tokens)
             for r in scheduled_new_reqs
-        ]
+        ] if scheduled_new_reqs else []
         out = SchedulerOutput(
             scheduled, num_running_scheduled, new_reqs_data,
-            {r.request_id for r in scheduled_resumed_reqs}, req_to_new_blocks,
+            {r.request_id for r in scheduled_resumed_reqs} if scheduled_resumed_reqs else set(),
+            req_to_new_blocks,
             self.max_num_scheduled_tokens - token_budget, self.reset_preempted_req_ids,
             self.finished_req_ids, self.max_num_scheduled_tokens)
         out.sum_context, out.attn_pairs = sum_ctx, pairs
@@ -375,6 +376,10 @@ class Scheduler:
     def _update_after_schedule(self, out: SchedulerOutput) -> None:
         """Advance num_computed_tokens now, so a prefill can get its next chunk next step
         (the running requests were advanced in schedule())."""
+        self.finished_req_ids = set()
+        self.reset_preempted_req_ids = set()
+        if out.num_running_scheduled == len(out.scheduled):
+            return
         sum_ctx, pairs = out.sum_context, out.attn_pairs
         inflight = self._inflight_prefills
         for request, n, c, _ in out.scheduled[out.num_running_scheduled:]:
@@ -389,8 +394,6 @@ class Scheduler:
             else:
                 request.is_prefill_chunk = True
         out.sum_context, out.attn_pairs = sum_ctx, pairs
-        self.finished_req_ids = set()
-        self.reset_preempted_req_ids = set()
 
     def _preempt_request(self, request: Request) -> None:
         """Free its blocks and send it back to the head of WAITING (recompute later)."""
@@ -421,11 +424,14 @@ class Scheduler:
         return True
 
     # -- after the forward pass --------------------------------------------------------
-    def update_from_output(self, out: SchedulerOutput, next_token: Callable[[], int]
+    def update_from_output(self, out: SchedulerOutput, next_token: Callable[[], int], now: float,
+                           itl: list[float], on_first_token: Callable[[Request, float], None]
                            ) -> tuple[list[tuple[Request, int]], list[tuple[Request, dict[str, Any] | None]]]:
         """Append one sampled token to every request whose tokens are all computed (a partial
         prefill chunk samples nothing); stop and free finished ones.
 
+        Token times are stamped `now` (the step's end): inter-token latencies go to `itl`,
+        a request's first token to `on_first_token(request, now)`.
         Returns (sampled (request, token) pairs, finished (request, kv_transfer_params) pairs).
         """
         sampled: list[tuple[Request, int]] = []
@@ -436,6 +442,12 @@ class Scheduler:
             if request.status > _PREEMPTED or request.num_computed_tokens < request.num_tokens:
                 continue
             token = next_token()
+            last = request.last_token_time
+            if last is None:
+                on_first_token(request, now)
+            else:
+                itl.append(now - last)
+            request.last_token_time = now
             # Request.append_output_token_id, inlined (hot path).
             request.all_token_ids.append(token)
             num_tokens = request.num_tokens = request.num_tokens + 1

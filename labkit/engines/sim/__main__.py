@@ -1,0 +1,101 @@
+"""`python -m labkit.engines.sim`: a SIMULATED engine that serves what `vllm serve` serves.
+
+    python -m labkit.engines.sim --model lab-1b --port 8100 --role prefill \\
+        --connector nixl --kv-events-endpoint tcp://127.0.0.1:5557 --fast
+
+Flags follow `vllm serve` where vLLM has one (--tensor-parallel-size / --tp, ...); the
+simulator adds --role, --connector, --kv-storage, --kv-link, --gpu-type, --speed, --fast.
+Start-up lines go to stderr in vLLM's format, each saying SIMULATED.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+
+def _opt_int(text: str) -> int | None:
+    return None if text.lower() in ("", "none") else int(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m labkit.engines.sim",
+                                description="A SIMULATED vLLM 0.26 engine (no GPU, no weights).")
+    p.add_argument("model_tag", nargs="?", help="model (positional, as `vllm serve MODEL`)")
+    p.add_argument("--model", help="a labkit.models preset (lab-1b, ...) or a model directory")
+    p.add_argument("--served-model-name", help="name in /v1/models (default: --model)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--role", choices=("prefill", "decode", "both"), default="both")
+    p.add_argument("--connector", choices=("none", "example", "nixl"), default="none")
+    p.add_argument("--kv-storage", help="ExampleConnector folder (must be inside the run dir)")
+    p.add_argument("--kv-link", help="link between engines for NIXL reads (hardware.LINKS key; "
+                   "default nvlink)")
+    p.add_argument("--kv-storage-link", default="same-gpu",
+                   help="link to ExampleConnector's storage (hardware.LINKS key)")
+    p.add_argument("--gpu-type", default="h100", help="hardware.GPU_TYPES key")
+    p.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1)
+    p.add_argument("--pp", "--pipeline-parallel-size", dest="pp", type=int, default=1)
+    p.add_argument("--kv-cache-dtype", default="auto")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-num-batched-tokens", type=_opt_int, default=None)
+    p.add_argument("--max-num-seqs", type=_opt_int, default=None)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.92)
+    p.add_argument("--num-gpu-blocks-override", type=_opt_int, default=None)
+    p.add_argument("--max-model-len", type=_opt_int, default=None)
+    p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching",
+                   action="store_false")
+    p.add_argument("--enable-prefix-caching", dest="enable_prefix_caching", action="store_true")
+    p.add_argument("--kv-events-endpoint", help="ZMQ PUB address to bind, e.g. tcp://127.0.0.1:5557")
+    p.add_argument("--kv-events-topic", default="kv")
+    p.add_argument("--observer-endpoint", help="ZMQ address of the lab's observer SUB (connect)")
+    p.add_argument("--engine-id", help="the engine id (NIXL's remote_engine_id); default random")
+    p.add_argument("--speed", type=float, default=1.0, help="simulated seconds per wall second")
+    p.add_argument("--fast", action="store_true", help="as fast as possible (tests, benchmarks)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(enable_prefix_caching=True)
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None):  # -> SimServerArgs (import kept lazy)
+    from labkit.engines.sim.runner import SimServerArgs
+
+    ns = build_parser().parse_args(argv)
+    model = ns.model or ns.model_tag or "lab-1b"
+    fields = {k: v for k, v in vars(ns).items() if k not in ("model_tag", "model")}
+    fields["connector"] = None if ns.connector == "none" else ns.connector
+    if fields["speed"] <= 0:
+        raise SystemExit("--speed must be > 0")
+    return SimServerArgs(model=model, **fields)
+
+
+class _VLLMStyle(logging.Formatter):
+    """`(APIServer pid=N) INFO 11-21 08:37:06 [sim] message`, as vLLM's log lines look."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = self.formatTime(record, "%m-%d %H:%M:%S")
+        return (f"(APIServer pid={os.getpid()}) {record.levelname} {stamp} "
+                f"[{record.module}.py:{record.lineno}] {record.getMessage()}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_VLLMStyle())
+    root = logging.getLogger("labkit")
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    args = parse_args(argv)
+    from labkit.engines.sim.server import serve
+
+    try:
+        serve(args)
+    except ValueError as exc:  # bad configuration: say it the way vLLM does, exit non-zero
+        logging.getLogger("labkit.sim.server").error("ValueError: %s", exc)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,441 @@
+"""EngineRunner: one SimEngine stepped in (paced) simulated time, and what it tells the world.
+
+The runner owns the engine, its clock, tokenizer, KV transport and telemetry:
+
+- the engine loop (an asyncio task on the server's event loop): step, wait until the wall
+  clock reaches the step's end (paced; `fast`: no wait), hand each request's new tokens to
+  its queue; idle, it waits for a request, a NIXL read notification, or the next KV load;
+- /metrics (metrics.SimMetrics), vLLM KV events (telemetry.kv_events.KVEventPublisher, one
+  batch per step that has events, as vLLM's engine core publishes) and labkit observer
+  events (telemetry.observer_schema: StepScheduled, RequestAllocated, RequestFinished,
+  KVTransfer, PoolSnapshot at <= 4 Hz): what labkit.pd.observer publishes from inside vLLM.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from labkit.engines.sim.clock import SimClock
+from labkit.engines.sim.connector import TransferRecord
+from labkit.engines.sim.engine import RequestOutput, SimEngine, StepResult
+from labkit.engines.sim.metrics import SimMetrics
+from labkit.engines.sim.transport import NetworkTransport, link_named
+from labkit.telemetry import kv_events as kve
+from labkit.telemetry import observer_schema as obs
+
+logger = logging.getLogger("labkit.sim.server")
+SNAPSHOT_PERIOD_S = 0.25  # PoolSnapshot <= 4 Hz (docs/architecture.md)
+
+
+@dataclass
+class SimServerArgs:
+    """What `python -m labkit.engines.sim` accepts (vLLM's `serve` flags, plus the sim's)."""
+
+    model: str = "lab-1b"
+    served_model_name: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    role: str = "both"  # prefill | decode | both
+    connector: str | None = None  # None | "example" | "nixl"
+    kv_storage: str | None = None  # ExampleConnector's folder, inside the run directory
+    kv_link: str | None = None  # hardware.LINKS key between engines (default: nvlink)
+    kv_storage_link: str = "same-gpu"  # hardware.LINKS key to ExampleConnector's storage
+    gpu_type: str = "h100"
+    tp: int = 1
+    pp: int = 1
+    kv_cache_dtype: str = "auto"
+    block_size: int = 16
+    max_num_batched_tokens: int | None = None
+    max_num_seqs: int | None = None
+    gpu_memory_utilization: float = 0.92
+    num_gpu_blocks_override: int | None = None
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    kv_events_endpoint: str | None = None
+    kv_events_topic: str = "kv"
+    observer_endpoint: str | None = None
+    engine_id: str | None = None
+    speed: float = 1.0
+    fast: bool = False
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def load_tokenizer(model: str, vocab_size: int) -> tuple[Any, str | None, str]:
+    """(tokenizers.Tokenizer, chat template or None, bos token) for a model dir or a preset."""
+    from tokenizers import Tokenizer
+
+    path = Path(model).expanduser()
+    if path.is_dir() and (path / "tokenizer.json").is_file():
+        cfg_path = path / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        return (Tokenizer.from_file(str(path / "tokenizer.json")), cfg.get("chat_template"),
+                str(cfg.get("bos_token") or "<s>"))
+    from labkit import models
+
+    # A preset: the same tokenizer and template labkit.models.write_model_dir writes.
+    return models.build_tokenizer(vocab_size), getattr(models, "_CHAT_TEMPLATE", None), "<s>"
+
+
+class EngineRunner:
+    """The engine, its loop and its telemetry, shared by the HTTP handlers."""
+
+    def __init__(self, args: SimServerArgs) -> None:
+        from labkit.models import get_model
+
+        self.args = args
+        self.served_model_name = args.served_model_name or args.model
+        self.shape = get_model(args.model)
+        self.tokenizer, self.chat_template, self.bos_token = load_tokenizer(
+            args.model, self.shape.vocab_size)
+        self.clock = SimClock(paced=not args.fast, speed=args.speed)
+        self.epoch0 = time.time()
+        self.engine_id = args.engine_id or str(uuid.uuid4())
+        self.transport: NetworkTransport | None = None
+        engine_kw: dict[str, Any] = {}
+        if args.connector:
+            if args.connector == "example" and not args.kv_storage:
+                raise ValueError("--connector example needs --kv-storage DIR (inside the run dir)")
+            link = link_named(args.kv_link or "nvlink")
+            self.transport = NetworkTransport(
+                link, link_named(args.kv_storage_link), storage_dir=args.kv_storage,
+                engine_id=self.engine_id)
+            engine_kw.update(connector=args.connector, transport=self.transport)
+        self.engine = SimEngine(
+            self.shape, args.gpu_type, tp=args.tp, pp=args.pp, kv_cache_dtype=args.kv_cache_dtype,
+            block_size=args.block_size, max_num_batched_tokens=args.max_num_batched_tokens,
+            max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+            num_gpu_blocks=args.num_gpu_blocks_override,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            enable_prefix_caching=args.enable_prefix_caching, engine_id=self.engine_id,
+            clock=self.clock, seed=args.seed, enable_kv_cache_events=bool(args.kv_events_endpoint),
+            record_observer_events=bool(args.observer_endpoint), eos_token_id=2,
+            side_channel_port=args.port, **engine_kw)
+        conn = self.engine.connector
+        if conn is not None and hasattr(conn, "side_channel_host"):
+            conn.side_channel_host = args.host  # remote_host in prefill's kv_transfer_params
+        if self.transport is not None:
+            self.transport.kv_bytes_per_token = self.engine.cost_model.kv_bytes_per_token
+        self.metrics = SimMetrics(self.served_model_name, max_model_len=self.engine.max_model_len,
+                                  cache_info=self.cache_info(), gpu_type=args.gpu_type,
+                                  connector=args.connector, speed=f"{args.speed:g}")
+        self.kv_publisher: kve.KVEventPublisher | None = None
+        self.observer: obs.ObserverPublisher | None = None
+        self._streams: dict[str, asyncio.Queue[RequestOutput]] = {}
+        self._pending_transfers: list[TransferRecord] = []
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._pool_dirty = True
+        self._last_snapshot = 0.0
+
+    # ------------------------------------------------------------------ facts
+    def epoch(self, t: float) -> float:
+        """Wall-clock epoch of simulated time `t` (fast mode: start + simulated seconds)."""
+        return self.epoch0 + (t / self.clock.speed if self.clock.paced else t)
+
+    def cache_info(self) -> dict[str, str]:
+        """vllm:cache_config_info labels (names as in fixtures/.../metrics/nixl-decode.txt)."""
+        e, a = self.engine, self.args
+        tokens = e.num_gpu_blocks * e.block_size
+        return {
+            "_block_size_resolved": "True", "block_size": str(e.block_size),
+            "cache_dtype": a.kv_cache_dtype, "calculate_kv_scales": "False",
+            "enable_prefix_caching": str(a.enable_prefix_caching),
+            "gpu_memory_utilization": f"{a.gpu_memory_utilization:g}",
+            "is_attention_free": "False", "kv_cache_dtype_skip_layers": "[]",
+            "kv_cache_max_concurrency": str(tokens / e.max_model_len),
+            "kv_cache_memory_bytes": "None", "kv_cache_size_tokens": str(tokens),
+            "kv_offloading_backend": "native", "kv_offloading_size": "None",
+            "kv_sharing_fast_prefill": "False", "num_cpu_blocks": "None",
+            "num_gpu_blocks": str(e.num_gpu_blocks),
+            "num_gpu_blocks_override": str(a.num_gpu_blocks_override),
+            "prefix_caching_hash_algo": "builtin", "sliding_window": "None",
+            "user_specified_block_size": "True",
+        }
+
+    def info(self) -> dict[str, Any]:
+        e = self.engine
+        return {"kind": "sim", "engine_id": self.engine_id, "role": self.args.role,
+                "connector": self.args.connector, "gpu_type": self.args.gpu_type,
+                "num_gpu_blocks": e.num_gpu_blocks, "block_size": e.block_size,
+                "kv_bytes_per_token": e.cost_model.kv_bytes_per_token,
+                "max_model_len": e.max_model_len,
+                "max_num_batched_tokens": e.max_num_batched_tokens, "sim_time": self.clock.now(),
+                "paced": self.clock.paced, "speed": self.clock.speed, "step": e.step_count,
+                "num_free_blocks": e.kv_cache_manager.block_pool.get_num_free_blocks(),
+                "args": {k: v for k, v in asdict(self.args).items() if k != "extra"}}
+
+    def render_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        """Apply the model's chat template (Jinja, as transformers does) and tokenize."""
+        from labkit.engines.sim.server import APIError
+
+        if not self.chat_template:
+            raise APIError("As of transformers v4.44, default chat template is no longer allowed, "
+                           "so you must provide a chat template if the tokenizer does not "
+                           "define one.")
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        text = env.from_string(self.chat_template).render(
+            messages=messages, add_generation_prompt=True, bos_token=self.bos_token,
+            eos_token="</s>")
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def log_startup(self) -> None:
+        """vLLM-like start-up lines (labkit.telemetry.vllm_log reads them), marked SIMULATED."""
+        e, a = self.engine, self.args
+        kv_gib = e.num_gpu_blocks * e.block_size * e.cost_model.kv_bytes_per_token / 2**30
+        weights = max(self.shape.weight_bytes(a.tp, a.pp)) / 2**30
+        tokens = e.num_gpu_blocks * e.block_size
+        for line in (
+            f"SIMULATED vLLM engine (labkit) version {__import__('labkit').__version__}-sim "
+            f"model {a.model} on a simulated {a.gpu_type} (no GPU, no weights)",
+            f"non-default args: {json.dumps({k: v for k, v in asdict(a).items() if v and k != 'extra'})}",
+            f"Initializing a V1 LLM engine (v0.26.0-sim) with config: model='{a.model}', "
+            f"tensor_parallel_size={a.tp}, pipeline_parallel_size={a.pp}, "
+            f"kv_cache_dtype={a.kv_cache_dtype}, enable_prefix_caching={a.enable_prefix_caching}, "
+            f"max_seq_len={e.max_model_len}, enforce_eager=True (SIMULATED)",
+            "Loading model from scratch... (SIMULATED: weights are not allocated)",
+            f"Model loading took {weights:.2f} GiB and 0.000000 seconds (SIMULATED)",
+            f"Available KV cache memory: {kv_gib:.2f} GiB (SIMULATED)",
+            f"GPU KV cache size: {tokens:,} tokens",
+            f"Maximum concurrency for {e.max_model_len:,} tokens per request: "
+            f"{tokens / e.max_model_len:.2f}x",
+            "Cudagraph is disabled under eager mode",
+            f"init engine (profile, create kv cache, warmup model) took 0.00 s (SIMULATED, "
+            f"engine_id {self.engine_id}, connector {a.connector or 'none'}, "
+            f"{'fast' if a.fast else f'paced x{a.speed:g}'})",
+        ):
+            logger.info(line)
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        self._wake = asyncio.Event()
+        if self.transport is not None:
+            self.transport.on_read_delivered = lambda _rid: self.wake()
+        if self.args.kv_events_endpoint:
+            self.kv_publisher = kve.KVEventPublisher(self.args.kv_events_endpoint,
+                                                     self.args.kv_events_topic)
+        if self.args.observer_endpoint:
+            self.observer = obs.ObserverPublisher(
+                self.args.observer_endpoint, engine_id=self.args.role or self.engine_id,
+                role=self.args.role, kind="sim", bind=False)
+        self._task = asyncio.create_task(self._loop(), name="sim-engine-loop")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self.wake()
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+        if self.transport is not None:
+            await self.transport.aclose()
+        if self.kv_publisher is not None:
+            self.kv_publisher.close()
+        if self.observer is not None:
+            self.observer.close()
+
+    def wake(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    # ------------------------------------------------------------------ requests
+    async def generate(self, req_id: str, prompt_token_ids: list[int], max_tokens: int, *,
+                       ignore_eos: bool = False, kv_transfer_params: dict[str, Any] | None = None
+                       ) -> AsyncIterator[RequestOutput]:
+        """Add a request and yield its outputs until it finishes; aborts it if abandoned.
+
+        Raises:
+            ValueError: the engine refused the request (too long, empty, ...).
+        """
+        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._streams[req_id] = queue
+        if self.transport is not None:
+            self.transport.register_remote(kv_transfer_params)
+        finished = False
+        try:
+            self.engine.add_request(req_id, prompt_token_ids, max_tokens, ignore_eos=ignore_eos,
+                                    kv_transfer_params=kv_transfer_params)
+            self.wake()
+            while not finished:
+                out = await queue.get()
+                finished = out.finished
+                yield out
+        finally:
+            self._streams.pop(req_id, None)
+            if not finished and self.engine.get_request(req_id) is not None:
+                self.engine.abort(req_id)
+                self.wake()
+
+    def deliver_read(self, req_id: str, block_ids: list[int]) -> dict[str, Any]:
+        """NIXL read notification from a decode engine: free `req_id`'s held blocks.
+
+        Raises:
+            KeyError: no finished request of that id holds blocks here.
+            ValueError: `block_ids` are not the blocks the request holds.
+        """
+        request = self.engine.get_request(req_id)
+        if self.transport is None or request is None or not request.is_finished():
+            raise KeyError(f"no request {req_id!r} holds blocks for a KV transfer here")
+        held = self.engine.kv_cache_manager.get_block_ids(req_id)[0]
+        if block_ids and not set(block_ids) <= set(held):
+            raise ValueError(f"blocks {sorted(set(block_ids) - set(held))[:8]} are not held by {req_id}")
+        blocks = block_ids or held
+        num_bytes = len(blocks) * self.engine.block_size * self.engine.cost_model.kv_bytes_per_token
+        now = self.clock.now()
+        start = request.finished_time if request.finished_time is not None else now
+        self._emit([obs.KVTransfer(ts=self.epoch(now), req_id=req_id, direction="send",
+                                   num_tokens=request.num_computed_tokens, num_bytes=num_bytes,
+                                   start=self.epoch(start), end=self.epoch(now),
+                                   connector=self.args.connector or "")])
+        self.transport.deliver_read(req_id)
+        return {"remote_request_id": req_id, "engine_id": self.engine_id,
+                "num_blocks": len(blocks), "num_bytes": num_bytes}
+
+    # ------------------------------------------------------------------ the loop
+    async def _loop(self) -> None:
+        eng, clock = self.engine, self.clock
+        assert self._wake is not None
+        self._snapshot(force=True)
+        while not self._stopping:
+            self._wake.clear()
+            pending_reads = self.transport is not None and self.transport.has_pending_reads()
+            if eng.has_unfinished() or pending_reads:
+                res = eng.step(now=max(clock.now(), eng.busy_until))
+                if clock.paced:
+                    delay = (res.end - clock.now()) / clock.speed
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                clock.advance_to(res.end)
+                self._after_step(res)
+                if res.num_scheduled_tokens == 0 and not res.outputs:
+                    await self._idle(eng.next_event_time())
+                else:
+                    await asyncio.sleep(0)
+            else:
+                await self._idle(None)
+            self._flush_transfers()
+            self._snapshot()
+
+    async def _idle(self, next_event: float | None) -> None:
+        """Wait for a wake-up, the next KV load landing, or a due pool snapshot."""
+        assert self._wake is not None
+        timeout = SNAPSHOT_PERIOD_S
+        if next_event is not None:
+            if not self.clock.paced:
+                self.clock.advance_to(next_event)  # fast: jump to the landing
+                return
+            timeout = min(timeout, max(0.0, (next_event - self.clock.now()) / self.clock.speed))
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+
+    def _after_step(self, res: StepResult) -> None:
+        eng = self.engine
+        self.metrics.update(eng)
+        self._pending_transfers.extend(eng.take_transfers())
+        if self.kv_publisher is not None:
+            events = [_kv_event(ev) for ev in eng.take_kv_events()]
+            if events:
+                self.kv_publisher.publish(kve.KVEventBatch(ts=self.epoch(res.end), events=events))
+        if self.observer is not None:
+            self._emit(self._observer_events(res))
+        for out in res.outputs:
+            queue = self._streams.get(out.request_id)
+            if queue is not None:
+                queue.put_nowait(out)
+        if res.num_scheduled_tokens or res.outputs:
+            self._pool_dirty = True
+
+    def _observer_events(self, res: StepResult) -> list[Any]:
+        """What labkit.pd.observer emits for one scheduler step (build_connector_meta)."""
+        so, t0, t1 = res.scheduler_output, self.epoch(res.start), self.epoch(res.end)
+        allocs: list[Any] = []
+        finished: list[Any] = []
+        for kind, rid, block_ids, extra in self.engine.take_observer_events():
+            if kind == "alloc":
+                allocs.append(obs.RequestAllocated(ts=t0, req_id=rid, block_ids=list(block_ids),
+                                                   num_external_tokens=int(extra)))
+            else:
+                finished.append(obs.RequestFinished(ts=t1, req_id=rid, block_ids=list(block_ids),
+                                                    delay_free=bool(extra)))
+        new_block_ids = {r.req_id: list(r.block_ids[0]) for r in so.scheduled_new_reqs}
+        cached = so.scheduled_cached_reqs
+        for rid, nb in zip(cached.req_ids, cached.new_block_ids, strict=False):
+            if nb is not None and nb[0]:
+                new_block_ids[rid] = list(nb[0])
+        events: list[Any] = allocs
+        if so.total_num_scheduled_tokens or so.finished_req_ids or so.preempted_req_ids:
+            events.append(obs.StepScheduled(
+                step=res.step, ts=t0, token_budget=so.token_budget,
+                num_scheduled_tokens=dict(so.num_scheduled_tokens), new_block_ids=new_block_ids,
+                num_computed_tokens={r.req_id: r.num_computed_tokens for r in so.scheduled_new_reqs},
+                preempted=sorted(so.preempted_req_ids), finished=sorted(so.finished_req_ids)))
+        return events + finished
+
+    def _flush_transfers(self) -> None:
+        """Transfers whose end the clock has passed: metrics and KVTransfer events."""
+        if not self._pending_transfers:
+            return
+        now = self.clock.now()
+        done = [r for r in self._pending_transfers if r.end <= now]
+        if not done:
+            return
+        self._pending_transfers = [r for r in self._pending_transfers if r.end > now]
+        layers = max(self.shape.layers_per_stage(self.args.pp))
+        for r in done:
+            self.metrics.record_transfer(r, layers)
+        if self.transport is not None:
+            failed = self.transport.num_failed_notifications
+            for _ in range(failed - getattr(self, "_failed_seen", 0)):
+                self.metrics.failed_notification()
+            self._failed_seen = failed
+        self._emit([obs.KVTransfer(ts=self.epoch(r.end), req_id=r.req_id, direction=r.direction,
+                                   num_tokens=r.num_tokens, num_bytes=r.num_bytes,
+                                   start=self.epoch(r.start), end=self.epoch(r.end),
+                                   connector=r.connector) for r in done])
+
+    def _snapshot(self, force: bool = False) -> None:
+        if self.observer is None or not (force or self._pool_dirty):
+            return
+        now = time.monotonic()
+        if not force and now - self._last_snapshot < SNAPSHOT_PERIOD_S:
+            return
+        pool = self.engine.kv_cache_manager.block_pool
+        states = self.engine.block_states()
+        self._emit([obs.PoolSnapshot(ts=self.epoch(self.clock.now()), num_blocks=len(states),
+                                     num_free=pool.get_num_free_blocks(), block_state=states)])
+        self._last_snapshot, self._pool_dirty = now, False
+
+    def _emit(self, events: list[Any]) -> None:
+        if self.observer is not None and events:
+            self.observer.publish(events, ts=self.epoch(self.clock.now()))
+
+
+def _kv_event(ev: Any) -> Any:
+    """The simulator's event dataclass -> vLLM's msgspec struct (fields as real vLLM fills them)."""
+    name = type(ev).__name__
+    if name == "BlockStored":
+        return kve.BlockStored(
+            block_hashes=list(ev.block_hashes), parent_block_hash=ev.parent_block_hash,
+            token_ids=list(ev.token_ids), block_size=ev.block_size, lora_id=ev.lora_id,
+            medium=ev.medium, lora_name=ev.lora_name, extra_keys=[None] * len(ev.block_hashes),
+            group_idx=0, kv_cache_spec_kind="full_attention")
+    if name == "BlockRemoved":
+        return kve.BlockRemoved(block_hashes=list(ev.block_hashes), medium=ev.medium, group_idx=0)
+    return kve.AllBlocksCleared()
+
+
+__all__ = ["EngineRunner", "SimServerArgs", "load_tokenizer"]
