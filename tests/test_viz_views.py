@@ -149,6 +149,18 @@ def test_schedule_view_chunks_fit_the_budget():
     assert "SIMULATED" in view.figure.layout.title.text
 
 
+def test_schedule_view_decode_engine_budget_off_scale():
+    st = ScheduleState()
+    view = ScheduleView(st, [("decode-0", "decode", "vllm")])
+    st.apply(ob([step(i, 2048, {"x": 1, "y": 1}, {}, {"x": 90 + i, "y": 40 + i}) for i in range(1, 4)]
+                + [step(0, 2048, {"z": 1}, {}, {"z": 7})], engine="decode-0", role="decode", kind="vllm"))
+    view.update()
+    pre, dec, bud = view.figure.data
+    assert len(pre.x) == 0 and list(dec.y) == [2, 2, 2, 1]
+    assert len(bud.y) == 0 and "token budget 2048 (off scale: peak 2)" in view.figure.layout.annotations[0].text
+    assert "REAL vLLM" in view.figure.layout.annotations[0].text
+
+
 def test_latency_view_cdfs():
     st = LatencyState()
     view = LatencyView(st, [("decode-0", "decode", "replay")], "replay")

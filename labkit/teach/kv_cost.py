@@ -137,7 +137,7 @@ def _best_time(fn: Any, repeats: int) -> float:
 
 
 def measure(lengths: tuple[int, ...] = (16, 32, 64, 128, 256), prompt_len: int = 4,
-            shape: TinyShape = TinyShape(), repeats: int = 3, threads: int | None = None,
+            shape: TinyShape = TinyShape(), repeats: int = 3, threads: int | None = 1,
             seed: int = 0) -> Result:
     """Time generating T tokens without and with a KV cache, for each T in `lengths`.
 
@@ -146,7 +146,8 @@ def measure(lengths: tuple[int, ...] = (16, 32, 64, 128, 256), prompt_len: int =
         prompt_len: tokens in the (random) prompt.
         shape: the decoder's size.
         repeats: each timing is the best of this many runs.
-        threads: torch intra-op threads (None: leave torch's setting).
+        threads: torch intra-op threads while timing (1: steady timings on a shared
+            machine; None: torch's setting). The setting is restored afterwards.
 
     Returns:
         A MEASURED Result, one row per T: seconds without / with the cache, their ratio,
@@ -154,8 +155,19 @@ def measure(lengths: tuple[int, ...] = (16, 32, 64, 128, 256), prompt_len: int =
     """
     import torch
 
+    before = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
+    try:
+        return _measure(lengths, prompt_len, shape, repeats, seed)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _measure(lengths: tuple[int, ...], prompt_len: int, shape: TinyShape, repeats: int,
+             seed: int) -> Result:
+    import torch
+
     model = build_model(shape, seed)
     prompt = torch.randint(0, shape.vocab_size, (1, prompt_len),
                            generator=torch.Generator().manual_seed(seed))

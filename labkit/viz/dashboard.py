@@ -45,7 +45,9 @@ class Dashboard:
 
     Args:
         source: anything with `poll() -> TelemetryDelta` and `describe() -> dict`.
-        on_apply: called with a validated config when the learner presses Apply.
+        on_apply: called with a validated `LabSettings` when the learner presses Apply.
+        config: the running labkit.config.PDConfig (fills the controls); None: defaults.
+        hardware: passed to labkit.config.validate (None: detected / simulated).
         interval: seconds between refreshes (0.25 = 4 Hz).
         max_cells: block-map cells per engine before blocks are grouped into super-cells.
     """
@@ -54,6 +56,8 @@ class Dashboard:
         self,
         source: TelemetrySource,
         on_apply: Callable[[Any], None] | None = None,
+        config: Any = None,
+        hardware: Any = None,
         interval: float = 0.25,
         max_cells: int = 4096,
     ) -> None:
@@ -80,7 +84,7 @@ class Dashboard:
         self.num_refreshes = 0
         self.last_error: str | None = None
         self.progress = StartupProgress()
-        self.controls = ControlPanel(on_apply=on_apply)
+        self.controls = ControlPanel(on_apply=on_apply, base=config, hardware=hardware)
         self.header = w.HTML(self._header_html())
         self.status = w.HTML("")
         self._task: asyncio.Task | None = None

@@ -55,10 +55,8 @@ class ScheduleView(View):
         super().__init__(state, [k for _, _, k in engines])
         self.names = [n for n, _, _ in engines]
         n = max(len(self.names), 1)
-        base = make_subplots(
-            rows=n, cols=1, vertical_spacing=0.15 / n,
-            subplot_titles=[f"<b>{e}</b> ({r}, {kind_label(k)})" for e, r, k in engines] or [""],
-        )  # fmt: skip
+        self.titles = [f"<b>{e}</b> ({r}, {kind_label(k)})" for e, r, k in engines] or [" "]
+        base = make_subplots(rows=n, cols=1, vertical_spacing=0.15 / n, subplot_titles=self.titles)
         fig = self.figure = go.FigureWidget(base)
         for i, _ in enumerate(self.names):
             first = i == 0
@@ -88,4 +86,12 @@ class ScheduleView(View):
                        marker_color=seg["pcolor"], textposition="none")  # fmt: skip
             dec.update(x=seg["dx"], y=seg["dy"], base=seg["dbase"], text=seg["dtext"],
                        textposition="none")  # fmt: skip
-            bud.update(x=seg["bx"], y=seg["by"])
+            # A decode engine uses a sliver of its budget: drawing the line would flatten the
+            # bars, so the title says it instead.
+            peak = max([*(b + y for b, y in zip(seg["pbase"], seg["py"], strict=True)),
+                        *(b + y for b, y in zip(seg["dbase"], seg["dy"], strict=True)), 0])
+            budget = max(seg["by"], default=0)
+            off_scale = 0 < peak < budget / 4
+            bud.update(x=seg["bx"], y=[] if off_scale else seg["by"])
+            note = f" · token budget {budget} (off scale: peak {peak})" if off_scale else ""
+            self.figure.layout.annotations[i].text = self.titles[i] + note

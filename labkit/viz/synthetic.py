@@ -169,18 +169,29 @@ class SyntheticSource:
         new_blocks: dict[str, list[int]] = {}
         computed: dict[str, int] = {}
         finished: list[str] = []
+        preempted: list[str] = []
         for req, st in list(self.decoding.items())[:256]:  # max_num_seqs
             tokens, left, prompt = st
+            if req not in self.decoding:
+                continue  # preempted below in this step
             if tokens + 1 > len(self.dec.tables.get(req, [])) * bs:
-                if self.dec.num_free == 0:
-                    continue  # (vLLM would preempt; enough for made-up data)
+                while self.dec.num_free == 0 and len(self.decoding) > 1:
+                    victim = next(reversed(self.decoding))  # vLLM preempts the newest
+                    del self.decoding[victim]
+                    self.dec.free(victim, cached=False)
+                    preempted.append(victim)
+                    tl.append({"req_id": victim, "ts": t, "event": "error"})
+                if self.dec.num_free == 0 or req not in self.decoding:
+                    continue
                 new_blocks[req] = self.dec.take(req, 1)
             sched[req], computed[req] = 1, tokens
             tl.append({"req_id": req, "ts": t, "event": "first_token" if tokens == prompt else "token"})
             st[0], st[1] = tokens + 1, left - 1
             if st[1] <= 0:
                 finished.append(req)
-        ev.append(StepScheduled(self.step, t, self.budget, sched, new_blocks, computed, [], []))
+        sched = {r: n for r, n in sched.items() if r not in preempted}
+        new_blocks = {r: b for r, b in new_blocks.items() if r not in preempted}
+        ev.append(StepScheduled(self.step, t, self.budget, sched, new_blocks, computed, preempted, []))
         for req in finished:
             del self.decoding[req]
             ev.append(RequestFinished(t, req, list(self.dec.tables.get(req, [])), False))

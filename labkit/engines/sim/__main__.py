@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=_opt_int, default=None)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.92)
     p.add_argument("--num-gpu-blocks-override", type=_opt_int, default=None)
+    p.add_argument("--num-gpu-blocks", type=_opt_int, default=None,
+                   help="pool size from labkit's planner (default: from --gpu-memory-utilization)")
+    p.add_argument("--observer-name", help="engine name on observer events (default: --role)")
     p.add_argument("--max-model-len", type=_opt_int, default=None)
     p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching",
                    action="store_false")

@@ -17,8 +17,8 @@ Rules copied from vllm/v1/core/block_pool.py and vllm/v1/core/kv_cache_utils.py:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 from labkit.engines.sim.request import Request
 

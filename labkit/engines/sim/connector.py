@@ -20,7 +20,7 @@ import hashlib
 import uuid
 from abc import ABC, abstractmethod
 from array import array
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from labkit.engines.sim.cost_model import transfer_time
@@ -54,7 +54,7 @@ class KVTransport(ABC):
         """Whether KV for `key` has been saved."""
 
     @abstractmethod
-    def link(self, src_engine_id: str, dst_engine_id: str) -> "LinkSpec":
+    def link(self, src_engine_id: str, dst_engine_id: str) -> LinkSpec:
         """The link KV bytes cross from `src` to `dst` (either may be STORAGE)."""
 
     @abstractmethod
@@ -75,8 +75,8 @@ class InProcessTransport(KVTransport):
         links: overrides per (src_engine_id, dst_engine_id).
     """
 
-    def __init__(self, default_link: "LinkSpec", storage_link: "LinkSpec | None" = None,
-                 links: dict[tuple[str, str], "LinkSpec"] | None = None) -> None:
+    def __init__(self, default_link: LinkSpec, storage_link: LinkSpec | None = None,
+                 links: dict[tuple[str, str], LinkSpec] | None = None) -> None:
         self.default_link = default_link
         self.storage_link = storage_link or default_link
         self.links = dict(links or {})
@@ -90,7 +90,7 @@ class InProcessTransport(KVTransport):
     def contains(self, key: str) -> bool:
         return key in self._stored
 
-    def link(self, src_engine_id: str, dst_engine_id: str) -> "LinkSpec":
+    def link(self, src_engine_id: str, dst_engine_id: str) -> LinkSpec:
         found = self.links.get((src_engine_id, dst_engine_id))
         if found is not None:
             return found
@@ -144,7 +144,7 @@ class SimKVConnector(ABC):
         self.transport = transport
         self.transfers: list[TransferRecord] = []
 
-    def on_new_request(self, request: Request) -> None:
+    def on_new_request(self, request: Request) -> None:  # noqa: B027 (optional hook, as in vLLM)
         """A request entered the scheduler."""
 
     @abstractmethod
@@ -152,10 +152,10 @@ class SimKVConnector(ABC):
         """(tokens loadable beyond the local hits, whether they load asynchronously)."""
 
     @abstractmethod
-    def update_state_after_alloc(self, request: Request, blocks: "KVCacheBlocks", num_external_tokens: int) -> None:
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         """Blocks were allocated; remember what to load."""
 
-    def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> Any:
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> Any:
         """Per-step work for the worker; resets per-step state."""
         return None
 
@@ -216,11 +216,11 @@ class ExampleConnector(SimKVConnector):
         # negative there (an assert fails later), the simulator clamps to 0.
         return max(0, num_tokens_to_check - num_computed_tokens), False
 
-    def update_state_after_alloc(self, request: Request, blocks: "KVCacheBlocks", num_external_tokens: int) -> None:
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         if num_external_tokens > 0:
             self._requests_need_load[request.request_id] = request
 
-    def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> Any:
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> Any:
         """Loads for requests that hit; saves for new requests whose prompt is not stored yet.
 
         The save covers align(len(prompt)) tokens (ReqMeta.make_meta), the whole prompt's
@@ -295,7 +295,7 @@ class NixlConnector(SimKVConnector):
                 return count, True
         return 0, False
 
-    def update_state_after_alloc(self, request: Request, blocks: "KVCacheBlocks", num_external_tokens: int) -> None:
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         params = request.kv_transfer_params
         if not params:
             return
@@ -312,7 +312,7 @@ class NixlConnector(SimKVConnector):
             params["do_remote_prefill"] = False
             params["_remote_blocks_processed"] = True
 
-    def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> Any:
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> Any:
         meta = list(self._reqs_need_recv.values())
         self._reqs_need_recv.clear()
         return meta

@@ -83,7 +83,7 @@ class CostModel:
             NVLink if the GPU has it, else PCIe.
     """
 
-    def __init__(self, model: "ModelShape", gpu: "GPUType", tp: int = 1, pp: int = 1,
+    def __init__(self, model: ModelShape, gpu: GPUType, tp: int = 1, pp: int = 1,
                  kv_cache_dtype: str = "auto", params: CostParams | None = None,
                  tp_link_bw: float | None = None) -> None:
         self.model, self.gpu, self.tp, self.pp = model, gpu, tp, pp
@@ -102,7 +102,7 @@ class CostModel:
         # Per stage: (seconds per scheduled token of matmul, per attention pair, fixed weight
         # read, per context token of KV traffic, per token of all-reduce, fixed all-reduce).
         self._stages: list[tuple[float, float, float, float, float, float]] = []
-        for n, w in zip(layers, weights):
+        for n, w in zip(layers, weights, strict=False):
             frac = n / model.num_layers
             comm_tok = comm_fixed = 0.0
             if tp > 1:
@@ -160,12 +160,12 @@ class CostModel:
         return num_tokens * self.kv_bytes_per_token
 
 
-def transfer_time(num_bytes: float, link: "LinkSpec") -> float:
+def transfer_time(num_bytes: float, link: LinkSpec) -> float:
     """Seconds to move `num_bytes` over a link: latency + bytes / bandwidth."""
     return link.latency + num_bytes / link.bandwidth
 
 
-def kv_cache_num_blocks(model: "ModelShape", gpu: "GPUType", *, gpu_memory_utilization: float = 0.92,
+def kv_cache_num_blocks(model: ModelShape, gpu: GPUType, *, gpu_memory_utilization: float = 0.92,
                         tp: int = 1, pp: int = 1, kv_cache_dtype: str = "auto", block_size: int = 16,
                         max_num_batched_tokens: int = 2048, connector: str | None = None,
                         params: CostParams | None = None) -> int:

@@ -14,8 +14,19 @@ from typing import Any
 
 from labkit.engines.sim.clock import SimClock
 from labkit.engines.sim.connector import (
-    InProcessTransport, KVTransport, SimKVConnector, TransferRecord, make_connector)
-from labkit.engines.sim.cost_model import CostModel, CostParams, StepCost, kv_cache_num_blocks, load_cost_params
+    InProcessTransport,
+    KVTransport,
+    SimKVConnector,
+    TransferRecord,
+    make_connector,
+)
+from labkit.engines.sim.cost_model import (
+    CostModel,
+    CostParams,
+    StepCost,
+    kv_cache_num_blocks,
+    load_cost_params,
+)
 from labkit.engines.sim.kv_cache_manager import KVCacheManager
 from labkit.engines.sim.request import HASH_FUNCTIONS, Request, RequestStatus
 from labkit.engines.sim.scheduler import Scheduler, SchedulerOutput
@@ -188,7 +199,7 @@ class SimEngine:
         self.busy_until = self.clock.now()
 
     @classmethod
-    def from_config(cls, cfg: Any, **overrides: Any) -> "SimEngine":
+    def from_config(cls, cfg: Any, **overrides: Any) -> SimEngine:
         """Build from a labkit.config.EngineConfig (or anything with those attribute names)."""
         kw: dict[str, Any] = {}
         for name in ("model", "tp", "pp", "kv_cache_dtype", "block_size", "max_num_batched_tokens",

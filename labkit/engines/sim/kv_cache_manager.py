@@ -14,10 +14,10 @@ Invariant: a request's block table is append-only while it runs.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from labkit.engines.sim.block_pool import BlockPool, KVCacheBlock
-from labkit.engines.sim.request import Request, RequestStatus
+from labkit.engines.sim.request import Request
 
 
 def cdiv(a: int, b: int) -> int:

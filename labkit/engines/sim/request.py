@@ -8,9 +8,10 @@ the times the lab reports (queue, first token, token times).
 from __future__ import annotations
 
 import enum
-import pickle
 import hashlib
-from typing import Any, Callable
+import pickle
+from collections.abc import Callable
+from typing import Any
 
 # vllm/v1/core/kv_cache_utils.py NONE_HASH: the parent "hash" of the first block of every
 # chain. vLLM draws it from PYTHONHASHSEED (or random); the simulator fixes it so runs repeat.
@@ -63,7 +64,7 @@ class RequestStatus(enum.IntEnum):
     FINISHED_ERROR = enum.auto()
 
     @staticmethod
-    def is_finished(status: "RequestStatus") -> bool:
+    def is_finished(status: RequestStatus) -> bool:
         return status > RequestStatus.PREEMPTED
 
 

@@ -18,7 +18,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,17 +55,18 @@ class SimServerArgs:
     max_num_batched_tokens: int | None = None
     max_num_seqs: int | None = None
     gpu_memory_utilization: float = 0.92
-    num_gpu_blocks_override: int | None = None
+    num_gpu_blocks_override: int | None = None  # vLLM's flag (shows in cache_config_info)
+    num_gpu_blocks: int | None = None  # the planner's pool size (labkit.config EnginePlan)
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     kv_events_endpoint: str | None = None
     kv_events_topic: str = "kv"
     observer_endpoint: str | None = None
+    observer_name: str | None = None
     engine_id: str | None = None
     speed: float = 1.0
     fast: bool = False
     seed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def load_tokenizer(model: str, vocab_size: int) -> tuple[Any, str | None, str]:
@@ -112,7 +113,7 @@ class EngineRunner:
             self.shape, args.gpu_type, tp=args.tp, pp=args.pp, kv_cache_dtype=args.kv_cache_dtype,
             block_size=args.block_size, max_num_batched_tokens=args.max_num_batched_tokens,
             max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-            num_gpu_blocks=args.num_gpu_blocks_override,
+            num_gpu_blocks=args.num_gpu_blocks_override or args.num_gpu_blocks,
             gpu_memory_utilization=args.gpu_memory_utilization,
             enable_prefix_caching=args.enable_prefix_caching, engine_id=self.engine_id,
             clock=self.clock, seed=args.seed, enable_kv_cache_events=bool(args.kv_events_endpoint),
@@ -171,7 +172,7 @@ class EngineRunner:
                 "max_num_batched_tokens": e.max_num_batched_tokens, "sim_time": self.clock.now(),
                 "paced": self.clock.paced, "speed": self.clock.speed, "step": e.step_count,
                 "num_free_blocks": e.kv_cache_manager.block_pool.get_num_free_blocks(),
-                "args": {k: v for k, v in asdict(self.args).items() if k != "extra"}}
+                "args": asdict(self.args)}
 
     def render_chat(self, messages: list[dict[str, Any]]) -> list[int]:
         """Apply the model's chat template (Jinja, as transformers does) and tokenize."""
@@ -196,9 +197,9 @@ class EngineRunner:
         weights = max(self.shape.weight_bytes(a.tp, a.pp)) / 2**30
         tokens = e.num_gpu_blocks * e.block_size
         for line in (
-            f"SIMULATED vLLM engine (labkit) version {__import__('labkit').__version__}-sim "
-            f"model {a.model} on a simulated {a.gpu_type} (no GPU, no weights)",
-            f"non-default args: {json.dumps({k: v for k, v in asdict(a).items() if v and k != 'extra'})}",
+            f"SIMULATED vLLM engine: labkit {__import__('labkit').__version__} speaking vLLM "
+            f"version 0.26.0-sim, model {a.model} on a simulated {a.gpu_type} (no GPU, no weights)",
+            f"non-default args: {json.dumps({k: v for k, v in asdict(a).items() if v})}",
             f"Initializing a V1 LLM engine (v0.26.0-sim) with config: model='{a.model}', "
             f"tensor_parallel_size={a.tp}, pipeline_parallel_size={a.pp}, "
             f"kv_cache_dtype={a.kv_cache_dtype}, enable_prefix_caching={a.enable_prefix_caching}, "
@@ -226,7 +227,7 @@ class EngineRunner:
                                                      self.args.kv_events_topic)
         if self.args.observer_endpoint:
             self.observer = obs.ObserverPublisher(
-                self.args.observer_endpoint, engine_id=self.args.role or self.engine_id,
+                self.args.observer_endpoint, engine_id=self.args.observer_name or self.args.role,
                 role=self.args.role, kind="sim", bind=False)
         self._task = asyncio.create_task(self._loop(), name="sim-engine-loop")
 

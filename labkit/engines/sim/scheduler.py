@@ -18,8 +18,9 @@ encoder inputs, no async scheduling):
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from labkit.engines.sim.connector import SimKVConnector
 from labkit.engines.sim.kv_cache_manager import KVCacheBlocks, KVCacheManager, PrefixCacheStats
