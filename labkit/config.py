@@ -27,7 +27,7 @@ MAX_TP = 64
 SHARED_GPU_MAX_UTIL = 0.9  # the pair's fractions on one GPU: CUDA contexts live outside them
 # Estimates of memory vLLM does not report ahead (labelled as such in every view):
 CUDA_CONTEXT_BYTES = GiB // 2  # per process, taken before vLLM's budget is measured
-NON_TORCH_BYTES = GiB // 4  # cuBLAS workspaces etc.; vLLM's "non-torch memory"
+NON_TORCH_BYTES = int(0.22 * GiB)  # vLLM's "non-torch memory", one engine alone (H200)
 NON_TORCH_DIST_BYTES = GiB // 2  # extra with TP*PP > 1: NCCL and custom all-reduce buffers
 CUDAGRAPH_BYTES = GiB // 2  # without --enforce-eager (VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS)
 
@@ -211,11 +211,12 @@ def activation_bytes(model: ModelShape, num_tokens: int, max_num_seqs: int, tp: 
 
     The MLP of one layer peaks at residual + hidden + gate_up + act = (4h + 3i/tp) per
     token (lab-1b, 8192 tokens: 0.383 GiB; real vLLM logged 0.38 GiB); the sampler's dummy
-    run holds max_num_seqs rows of logits (~10 B per vocab entry). The larger one wins.
+    run holds max_num_seqs rows of fp32 logits and probabilities (~8.5 B per vocab entry:
+    qwen2.5-0.5b, 256 seqs: real vLLM logged 0.31 GiB). The larger one wins.
     """
     b = model.dtype_bytes
     forward = num_tokens * (4 * model.hidden_size + 3 * model.intermediate_size // tp) * b
-    sampler = max_num_seqs * model.vocab_size * 10
+    sampler = int(max_num_seqs * model.vocab_size * 8.5)
     return int(max(forward, sampler))
 
 

@@ -46,7 +46,7 @@ GPU_TYPES: dict[str, GPUType] = {
     "h200": GPUType(
         "h200",
         "NVIDIA H200",
-        143_771 * MiB - _CUDA_RESERVED,
+        150_109_880_320,  # torch.cuda.mem_get_info() on the lent H200 (NVML: 143,771 MiB)
         989e12,
         1979e12,
         4.8e12,

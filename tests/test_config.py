@@ -240,6 +240,28 @@ def test_kv_capacity_follows_vllm_formula_against_fixture(monkeypatch):
         assert round(e.activation_bytes / GiB, 2) == 0.38  # "0.38 GiB for peak activation"
 
 
+@pytest.mark.parametrize(
+    "model,tokens,activation",
+    [
+        ("lab-1b", 650_080, 0.38),
+        ("qwen2.5-0.5b", 3_537_040, 0.31),
+    ],
+)
+def test_kv_capacity_matches_real_vllm_on_h200(model, tokens, activation):
+    """Measured with real vLLM 0.26 on the lent H200, one engine at a time, util 0.3,
+    max_model_len 4096, the dirs write_model_dir() writes and the args vllm_args() builds
+    ("GPU KV cache size: N tokens"; non-torch logged as 0.22 GiB both times)."""
+    cfg = PDConfig(
+        EngineConfig(model=model, gpu_memory_utilization=0.3, max_model_len=4096),
+        colocated=True,
+        num_gpus=1,
+        gpu_type="h200",
+    )
+    e = validate(cfg, NO_GPU).engines[0]
+    assert abs(e.num_tokens - tokens) / tokens < 0.001
+    assert round(e.activation_bytes / GiB, 2) == activation
+
+
 def test_kv_capacity_scales_with_dtype_tp_and_utilization():
     base = validate(pd(model="llama-3.1-8b", num_gpus=2), NO_GPU).engines[0]
     assert base.kv_bytes_per_token == 131_072 and base.page_bytes == 16 * 131_072

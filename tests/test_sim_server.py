@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 import zmq
-from conftest import FIXTURES
+from labfixtures import FIXTURES
 from prometheus_client.parser import text_string_to_metric_families
 
 from labkit.engines.sim.metrics import TTFT_BUCKETS

@@ -61,6 +61,28 @@ def build_1_2_5_buckets(max_value: int) -> list[int]:
         exponent += 1
 
 
+def cache_config_labels(engine: SimEngine, cache_dtype: str, gpu_memory_utilization: float,
+                        num_gpu_blocks_override: int | None) -> dict[str, str]:
+    """vllm:cache_config_info labels, named as in fixtures/vllm-0.26/metrics/nixl-decode.txt."""
+    tokens = engine.num_gpu_blocks * engine.block_size
+    caching = engine.kv_cache_manager.block_pool.enable_caching
+    return {
+        "_block_size_resolved": "True", "block_size": str(engine.block_size),
+        "cache_dtype": cache_dtype, "calculate_kv_scales": "False",
+        "enable_prefix_caching": str(bool(caching)),
+        "gpu_memory_utilization": f"{gpu_memory_utilization:g}",
+        "is_attention_free": "False", "kv_cache_dtype_skip_layers": "[]",
+        "kv_cache_max_concurrency": str(tokens / engine.max_model_len),
+        "kv_cache_memory_bytes": "None", "kv_cache_size_tokens": str(tokens),
+        "kv_offloading_backend": "native", "kv_offloading_size": "None",
+        "kv_sharing_fast_prefill": "False", "num_cpu_blocks": "None",
+        "num_gpu_blocks": str(engine.num_gpu_blocks),
+        "num_gpu_blocks_override": str(num_gpu_blocks_override),
+        "prefix_caching_hash_algo": "builtin", "sliding_window": "None",
+        "user_specified_block_size": "True",
+    }
+
+
 # EngineStats.samples key -> (vLLM name, help, buckets or None for 1-2-5 of max_model_len)
 _HISTOGRAMS: dict[str, tuple[str, str, list[float] | None]] = {
     "time_to_first_token_seconds": ("vllm:time_to_first_token_seconds",

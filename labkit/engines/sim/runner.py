@@ -25,7 +25,7 @@ from typing import Any
 from labkit.engines.sim.clock import SimClock
 from labkit.engines.sim.connector import TransferRecord
 from labkit.engines.sim.engine import RequestOutput, SimEngine, StepResult
-from labkit.engines.sim.metrics import SimMetrics
+from labkit.engines.sim.metrics import SimMetrics, cache_config_labels
 from labkit.engines.sim.transport import NetworkTransport, link_named
 from labkit.telemetry import kv_events as kve
 from labkit.telemetry import observer_schema as obs
@@ -125,7 +125,9 @@ class EngineRunner:
         if self.transport is not None:
             self.transport.kv_bytes_per_token = self.engine.cost_model.kv_bytes_per_token
         self.metrics = SimMetrics(self.served_model_name, max_model_len=self.engine.max_model_len,
-                                  cache_info=self.cache_info(), gpu_type=args.gpu_type,
+                                  cache_info=cache_config_labels(self.engine, args.kv_cache_dtype,
+                                                                args.gpu_memory_utilization,
+                                                                args.num_gpu_blocks_override), gpu_type=args.gpu_type,
                                   connector=args.connector, speed=f"{args.speed:g}")
         self.kv_publisher: kve.KVEventPublisher | None = None
         self.observer: obs.ObserverPublisher | None = None
@@ -141,26 +143,6 @@ class EngineRunner:
     def epoch(self, t: float) -> float:
         """Wall-clock epoch of simulated time `t` (fast mode: start + simulated seconds)."""
         return self.epoch0 + (t / self.clock.speed if self.clock.paced else t)
-
-    def cache_info(self) -> dict[str, str]:
-        """vllm:cache_config_info labels (names as in fixtures/.../metrics/nixl-decode.txt)."""
-        e, a = self.engine, self.args
-        tokens = e.num_gpu_blocks * e.block_size
-        return {
-            "_block_size_resolved": "True", "block_size": str(e.block_size),
-            "cache_dtype": a.kv_cache_dtype, "calculate_kv_scales": "False",
-            "enable_prefix_caching": str(a.enable_prefix_caching),
-            "gpu_memory_utilization": f"{a.gpu_memory_utilization:g}",
-            "is_attention_free": "False", "kv_cache_dtype_skip_layers": "[]",
-            "kv_cache_max_concurrency": str(tokens / e.max_model_len),
-            "kv_cache_memory_bytes": "None", "kv_cache_size_tokens": str(tokens),
-            "kv_offloading_backend": "native", "kv_offloading_size": "None",
-            "kv_sharing_fast_prefill": "False", "num_cpu_blocks": "None",
-            "num_gpu_blocks": str(e.num_gpu_blocks),
-            "num_gpu_blocks_override": str(a.num_gpu_blocks_override),
-            "prefix_caching_hash_algo": "builtin", "sliding_window": "None",
-            "user_specified_block_size": "True",
-        }
 
     def info(self) -> dict[str, Any]:
         e = self.engine
@@ -189,33 +171,6 @@ class EngineRunner:
             messages=messages, add_generation_prompt=True, bos_token=self.bos_token,
             eos_token="</s>")
         return self.tokenizer.encode(text, add_special_tokens=False).ids
-
-    def log_startup(self) -> None:
-        """vLLM-like start-up lines (labkit.telemetry.vllm_log reads them), marked SIMULATED."""
-        e, a = self.engine, self.args
-        kv_gib = e.num_gpu_blocks * e.block_size * e.cost_model.kv_bytes_per_token / 2**30
-        weights = max(self.shape.weight_bytes(a.tp, a.pp)) / 2**30
-        tokens = e.num_gpu_blocks * e.block_size
-        for line in (
-            f"SIMULATED vLLM engine: labkit {__import__('labkit').__version__} speaking vLLM "
-            f"version 0.26.0-sim, model {a.model} on a simulated {a.gpu_type} (no GPU, no weights)",
-            f"non-default args: {json.dumps({k: v for k, v in asdict(a).items() if v})}",
-            f"Initializing a V1 LLM engine (v0.26.0-sim) with config: model='{a.model}', "
-            f"tensor_parallel_size={a.tp}, pipeline_parallel_size={a.pp}, "
-            f"kv_cache_dtype={a.kv_cache_dtype}, enable_prefix_caching={a.enable_prefix_caching}, "
-            f"max_seq_len={e.max_model_len}, enforce_eager=True (SIMULATED)",
-            "Loading model from scratch... (SIMULATED: weights are not allocated)",
-            f"Model loading took {weights:.2f} GiB and 0.000000 seconds (SIMULATED)",
-            f"Available KV cache memory: {kv_gib:.2f} GiB (SIMULATED)",
-            f"GPU KV cache size: {tokens:,} tokens",
-            f"Maximum concurrency for {e.max_model_len:,} tokens per request: "
-            f"{tokens / e.max_model_len:.2f}x",
-            "Cudagraph is disabled under eager mode",
-            f"init engine (profile, create kv cache, warmup model) took 0.00 s (SIMULATED, "
-            f"engine_id {self.engine_id}, connector {a.connector or 'none'}, "
-            f"{'fast' if a.fast else f'paced x{a.speed:g}'})",
-        ):
-            logger.info(line)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -309,22 +264,29 @@ class EngineRunner:
         eng, clock = self.engine, self.clock
         assert self._wake is not None
         self._snapshot(force=True)
+        busy = False
         while not self._stopping:
             self._wake.clear()
             pending_reads = self.transport is not None and self.transport.has_pending_reads()
             if eng.has_unfinished() or pending_reads:
-                res = eng.step(now=max(clock.now(), eng.busy_until))
+                # Busy steps run back to back in simulated time (no drift from sleep
+                # overshoot); after idling, or far behind the wall, start at "now".
+                now = clock.now()
+                start = eng.busy_until if busy and now - eng.busy_until < 0.25 else now
+                res = eng.step(now=max(start, eng.busy_until))
                 if clock.paced:
                     delay = (res.end - clock.now()) / clock.speed
                     if delay > 0:
                         await asyncio.sleep(delay)
                 clock.advance_to(res.end)
                 self._after_step(res)
-                if res.num_scheduled_tokens == 0 and not res.outputs:
+                busy = bool(res.num_scheduled_tokens or res.outputs)
+                if not busy:
                     await self._idle(eng.next_event_time())
                 else:
                     await asyncio.sleep(0)
             else:
+                busy = False
                 await self._idle(None)
             self._flush_transfers()
             self._snapshot()
