@@ -80,7 +80,8 @@ class Lab:
         config: a PDConfig; or leave it None and pass `build_config`'s keywords.
         mode: "auto" | "sim" | "vllm" (default $LABKIT_MODE or "auto").
         run_dir: where logs, the model directory and connector storage go.
-        speed: simulated engines only: simulated seconds per wall second (1.0 = real time).
+        speed: simulated engines only: simulated seconds per wall second (1.0 = real time;
+            0 = as fast as possible, for tests and benchmarks).
     """
 
     def __init__(self, config: PDConfig | None = None, *, mode: str | None = None,
@@ -185,10 +186,10 @@ class Lab:
                               env=env_for(name, self.plan))
         from labkit.engines.sim.process import SimEngineProcess
 
-        return SimEngineProcess.from_plan(
-            self.plan, name, port=port, model_dir=model_dir, log_path=log,
-            kv_events_endpoint=kv_ep, observer_endpoint=self._observer_endpoint,
-            kv_storage=str(self.run_dir / "kv"), speed=self.speed)
+        return SimEngineProcess(
+            name, plan=self.plan, plan_key=name, run_dir=self.run_dir, speed=self.speed,
+            fast=self.speed == 0, port=port, log_path=log, kv_events_endpoint=kv_ep,
+            observer_endpoint=self._observer_endpoint, served_model_name=self.plan.model.name)
 
     def _start_proxy(self) -> None:
         if self.plan.connector is None:  # colocated: no proxy, talk to the engine

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from labfixtures import FIXTURES
 
 import labkit.config as config
 from labkit.config import (
@@ -22,7 +23,6 @@ from labkit.config import (
 )
 from labkit.hardware import GPU_TYPES, GiB, GPUInfo, Hardware, simulated
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "vllm-0.26"
 ARG_UTILS = Path("/tmp/vllmsrc/vllm/engine/arg_utils.py")
 CLI_ARGS = Path("/tmp/vllmsrc/vllm/entrypoints/openai/cli_args.py")
 NO_GPU = simulated(0)

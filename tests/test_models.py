@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from pathlib import Path
 
 import pytest
+from labfixtures import FIXTURES
 
 from labkit.models import (
     PRESETS,
@@ -20,7 +20,6 @@ from labkit.models import (
     write_model_dir,
 )
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "vllm-0.26"
 GiB = 1 << 30
 
 

@@ -10,10 +10,16 @@ Start-up lines go to stderr in vLLM's format, each saying SIMULATED.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import asdict
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from labkit.engines.sim.runner import EngineRunner, SimServerArgs
 
 
 def _opt_int(text: str) -> int | None:
@@ -62,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: Sequence[str] | None = None):  # -> SimServerArgs (import kept lazy)
+def parse_args(argv: Sequence[str] | None = None) -> SimServerArgs:
     from labkit.engines.sim.runner import SimServerArgs
 
     ns = build_parser().parse_args(argv)
@@ -72,6 +78,37 @@ def parse_args(argv: Sequence[str] | None = None):  # -> SimServerArgs (import k
     if fields["speed"] <= 0:
         raise SystemExit("--speed must be > 0")
     return SimServerArgs(model=model, **fields)
+
+
+def log_startup(runner: EngineRunner) -> None:
+    """vLLM-like start-up lines (labkit.telemetry.vllm_log reads them), each marked SIMULATED."""
+    import labkit
+
+    e, a = runner.engine, runner.args
+    kv_gib = e.num_gpu_blocks * e.block_size * e.cost_model.kv_bytes_per_token / 2**30
+    weights = max(runner.shape.weight_bytes(a.tp, a.pp)) / 2**30
+    tokens = e.num_gpu_blocks * e.block_size
+    mode = "fast" if a.fast else f"paced x{a.speed:g}"
+    log = logging.getLogger("labkit.sim.server")
+    for line in (
+        f"SIMULATED vLLM engine: labkit {labkit.__version__} speaking vLLM version 0.26.0-sim, "
+        f"model {a.model} on a simulated {a.gpu_type} (no GPU, no weights)",
+        f"non-default args: {json.dumps({k: v for k, v in asdict(a).items() if v})}",
+        f"Initializing a V1 LLM engine (v0.26.0-sim) with config: model='{a.model}', "
+        f"tensor_parallel_size={a.tp}, pipeline_parallel_size={a.pp}, "
+        f"kv_cache_dtype={a.kv_cache_dtype}, enable_prefix_caching={a.enable_prefix_caching}, "
+        f"max_seq_len={e.max_model_len}, enforce_eager=True (SIMULATED)",
+        "Loading model from scratch... (SIMULATED: weights are not allocated)",
+        f"Model loading took {weights:.2f} GiB and 0.000000 seconds (SIMULATED)",
+        f"Available KV cache memory: {kv_gib:.2f} GiB (SIMULATED)",
+        f"GPU KV cache size: {tokens:,} tokens",
+        f"Maximum concurrency for {e.max_model_len:,} tokens per request: "
+        f"{tokens / e.max_model_len:.2f}x",
+        "Cudagraph is disabled under eager mode",
+        f"init engine (profile, create kv cache, warmup model) took 0.00 s (SIMULATED, "
+        f"engine_id {runner.engine_id}, connector {a.connector or 'none'}, {mode})",
+    ):
+        log.info(line)
 
 
 class _VLLMStyle(logging.Formatter):
@@ -93,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from labkit.engines.sim.server import serve
 
     try:
-        serve(args)
+        serve(args, on_ready=log_startup)
     except ValueError as exc:  # bad configuration: say it the way vLLM does, exit non-zero
         logging.getLogger("labkit.sim.server").error("ValueError: %s", exc)
         return 2

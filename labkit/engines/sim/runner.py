@@ -124,10 +124,10 @@ class EngineRunner:
             conn.side_channel_host = args.host  # remote_host in prefill's kv_transfer_params
         if self.transport is not None:
             self.transport.kv_bytes_per_token = self.engine.cost_model.kv_bytes_per_token
+        labels = cache_config_labels(self.engine, args.kv_cache_dtype,
+                                     args.gpu_memory_utilization, args.num_gpu_blocks_override)
         self.metrics = SimMetrics(self.served_model_name, max_model_len=self.engine.max_model_len,
-                                  cache_info=cache_config_labels(self.engine, args.kv_cache_dtype,
-                                                                args.gpu_memory_utilization,
-                                                                args.num_gpu_blocks_override), gpu_type=args.gpu_type,
+                                  cache_info=labels, gpu_type=args.gpu_type,
                                   connector=args.connector, speed=f"{args.speed:g}")
         self.kv_publisher: kve.KVEventPublisher | None = None
         self.observer: obs.ObserverPublisher | None = None
@@ -138,6 +138,8 @@ class EngineRunner:
         self._stopping = False
         self._pool_dirty = True
         self._last_snapshot = 0.0
+        self._last_num_free = -1
+        self._failed_seen = 0
 
     # ------------------------------------------------------------------ facts
     def epoch(self, t: float) -> float:
@@ -268,7 +270,9 @@ class EngineRunner:
         while not self._stopping:
             self._wake.clear()
             pending_reads = self.transport is not None and self.transport.has_pending_reads()
-            if eng.has_unfinished() or pending_reads:
+            # vLLM's engine core steps while scheduler.has_requests(): unfinished requests or
+            # finished ones not yet reported (an abort); held NIXL blocks alone wait for a read.
+            if eng.has_unfinished() or eng.scheduler.finished_req_ids or pending_reads:
                 # Busy steps run back to back in simulated time (no drift from sleep
                 # overshoot); after idling, or far behind the wall, start at "now".
                 now = clock.now()
@@ -319,8 +323,10 @@ class EngineRunner:
             queue = self._streams.get(out.request_id)
             if queue is not None:
                 queue.put_nowait(out)
-        if res.num_scheduled_tokens or res.outputs:
-            self._pool_dirty = True
+        num_free = eng.kv_cache_manager.block_pool.get_num_free_blocks()
+        if res.num_scheduled_tokens or res.outputs or num_free != self._last_num_free:
+            self._pool_dirty = True  # frees after a NIXL read or an abort change no tokens
+        self._last_num_free = num_free
 
     def _observer_events(self, res: StepResult) -> list[Any]:
         """What labkit.pd.observer emits for one scheduler step (build_connector_meta)."""
@@ -350,6 +356,11 @@ class EngineRunner:
 
     def _flush_transfers(self) -> None:
         """Transfers whose end the clock has passed: metrics and KVTransfer events."""
+        if self.transport is not None:
+            failed = self.transport.num_failed_notifications
+            for _ in range(failed - self._failed_seen):
+                self.metrics.failed_notification()
+            self._failed_seen = failed
         if not self._pending_transfers:
             return
         now = self.clock.now()
@@ -360,11 +371,6 @@ class EngineRunner:
         layers = max(self.shape.layers_per_stage(self.args.pp))
         for r in done:
             self.metrics.record_transfer(r, layers)
-        if self.transport is not None:
-            failed = self.transport.num_failed_notifications
-            for _ in range(failed - getattr(self, "_failed_seen", 0)):
-                self.metrics.failed_notification()
-            self._failed_seen = failed
         self._emit([obs.KVTransfer(ts=self.epoch(r.end), req_id=r.req_id, direction=r.direction,
                                    num_tokens=r.num_tokens, num_bytes=r.num_bytes,
                                    start=self.epoch(r.start), end=self.epoch(r.end),

@@ -9,10 +9,8 @@ plus `POST /labkit/kv/read` (the NIXL read notification, see transport.py) and
 One asyncio task steps the engine. Each step runs in simulated time; paced (default) it
 then sleeps until the wall clock reaches the step's end (divided by `--speed`), so live
 views see realistic timing; `--fast` steps back to back. HTTP handlers and the engine
-loop share the event-loop thread: engine calls never race. Telemetry (ZMQ KV events and
-observer events, /metrics) is produced after every step; see telemetry.py-free helpers at
-the end of this module. Time stamps on the wire are wall-clock epochs: paced, the wall
-time of the simulated instant; fast, server start + simulated seconds.
+loop share the event-loop thread: engine calls never race. The loop and the telemetry (ZMQ
+KV events, observer events, /metrics) live in runner.EngineRunner.
 """
 from __future__ import annotations
 
@@ -21,7 +19,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -32,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from labkit.engines.sim.engine import RequestOutput
-from labkit.engines.sim.runner import EngineRunner, SimServerArgs  # noqa: F401 (re-export)
+from labkit.engines.sim.runner import EngineRunner, SimServerArgs
 
 logger = logging.getLogger("labkit.sim.server")
 
@@ -148,6 +146,7 @@ def create_app(args: SimServerArgs) -> FastAPI:
     async def metrics() -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST
 
+        runner.metrics.update(runner.engine)  # gauges as of now, even when idle
         return Response(runner.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
@@ -418,13 +417,14 @@ class OpenAIServing:
         yield "data: [DONE]\n\n"
 
 
-def serve(args: SimServerArgs) -> None:
-    """Run the server until SIGINT/SIGTERM (uvicorn handles both)."""
+def serve(args: SimServerArgs, on_ready: Callable[[EngineRunner], None] | None = None) -> None:
+    """Run the server until SIGINT/SIGTERM (uvicorn handles both); `on_ready(runner)` runs
+    once the engine is built (the CLI logs its start-up lines there)."""
     import uvicorn
 
     app = create_app(args)
-    runner: EngineRunner = app.state.runner
-    runner.log_startup()
+    if on_ready is not None:
+        on_ready(app.state.runner)
     logger.info("Starting vLLM server on http://%s:%d (SIMULATED)", args.host, args.port)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                             access_log=False, timeout_graceful_shutdown=3)
