@@ -1,0 +1,214 @@
+"""Side-by-side runs of one workload on several configurations: PD vs colocated, chunk size,
+TP, KV-cache dtype.
+
+Two engines run the same variants:
+- "http": for each variant a `Lab` starts (real vLLM or the simulated engine processes, on
+  the same GPUs / the same simulated machine), the load generator replays the workload
+  through its OpenAI endpoint, /metrics is read before and after, the Lab stops.
+- "cluster": the same variants in-process on `SimCluster` (simulated clock, no HTTP):
+  seconds for thousands of requests, for the notebooks and for large sweeps.
+
+Both build every engine from the planner's `Plan` (labkit.config.validate), so pool sizes,
+chunk sizes and links are the numbers `labkit plan` prints. Every result says whether it is
+REAL vLLM (and on which device) or SIMULATED.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from labkit.bench.loadgen import RequestResult, run_load
+from labkit.bench.report import SLO, BenchResult, engine_delta, summarize
+from labkit.bench.workloads import Workload
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One configuration: `knobs` are `labkit.lab.build_config` keywords.
+
+    `replicas` > 1 (cluster engine only): that many colocated engines behind a round-robin
+    router, to compare PD with colocated serving on the same number of GPUs.
+    """
+
+    name: str
+    knobs: dict[str, Any] = field(default_factory=dict)
+    replicas: int = 1
+
+    @property
+    def http_ok(self) -> bool:
+        return self.replicas == 1
+
+
+COMPARISONS: dict[str, tuple[int, list[Variant]]] = {  # name -> (GPUs, variants)
+    "pd-vs-colocated": (2, [
+        Variant("PD 1P+1D", {}),
+        Variant("colocated x1", {"colocated": True}),
+        Variant("colocated x2 (DP)", {"colocated": True}, replicas=2),
+    ]),
+    "chunk": (2, [Variant(f"PD chunk {c}", {"chunk": c}) for c in (512, 2048, 8192)]),
+    "tp": (4, [Variant("PD TP1", {"tp": 1}), Variant("PD TP2", {"tp": 2})]),
+    "kv-dtype": (2, [Variant("PD kv auto", {"kv_cache_dtype": "auto"}),
+                     Variant("PD kv fp8", {"kv_cache_dtype": "fp8"})]),
+}
+
+
+def variants(compare: str, engine: str = "cluster") -> tuple[int, list[Variant]]:
+    """(number of GPUs, variants) of a comparison; the HTTP engine skips replicas > 1."""
+    try:
+        num_gpus, vs = COMPARISONS[compare]
+    except KeyError:
+        raise ValueError(f"unknown comparison {compare!r}; one of {list(COMPARISONS)}") from None
+    return num_gpus, [v for v in vs if engine == "cluster" or v.http_ok]
+
+
+def _plan(model: str, variant: Variant, num_gpus: int, gpu_type: str, simulated: bool) -> Any:
+    from labkit import hardware
+    from labkit.config import validate
+    from labkit.lab import build_config
+
+    cfg = build_config(model, num_gpus=num_gpus, gpu_type=gpu_type if simulated else None,
+                       **variant.knobs)
+    hw = hardware.simulated(num_gpus, gpu_type) if simulated else None
+    return validate(cfg, hw)
+
+
+def _engine_kwargs(ep: Any) -> dict[str, Any]:
+    """SimEngine keywords for one planned engine (what SimEngineProcess passes as flags)."""
+    c = ep.config
+    return {"tp": c.tp, "pp": c.pp, "kv_cache_dtype": ep.kv_cache_dtype,
+            "block_size": c.block_size, "max_num_batched_tokens": ep.max_num_batched_tokens,
+            "max_num_seqs": c.max_num_seqs, "max_model_len": ep.max_model_len,
+            "num_gpu_blocks": ep.num_blocks, "enable_prefix_caching": c.enable_prefix_caching}
+
+
+# ------------------------------------------------------------------ in-process (SimCluster)
+def run_cluster(variant: Variant, workload: Workload, *, model: str = "lab-1b",
+                gpu_type: str = "h100", num_gpus: int = 2, slo: SLO = SLO(),
+                seed: int = 0) -> BenchResult:
+    """One variant on SimCluster: the same plan as a simulated Lab, no processes, no HTTP."""
+    from labkit.engines.sim.cluster import SimCluster
+
+    plan = _plan(model, variant, num_gpus, gpu_type, simulated=True)
+    eps = plan.engines
+    if plan.connector is None:
+        cluster = SimCluster(model, gpu_type, num_prefill=variant.replicas, num_decode=0,
+                             prefill_kwargs=_engine_kwargs(eps[0]), seed=seed)
+    else:
+        cluster = SimCluster(model, gpu_type, num_prefill=1, num_decode=1,
+                             connector=plan.connector, link=plan.link,
+                             prefill_kwargs=_engine_kwargs(plan.engine("prefill")),
+                             decode_kwargs=_engine_kwargs(plan.engine("decode")), seed=seed)
+    # The client sees tokens from the engine that finishes the request: decode, or the
+    # colocated engine. Each sampled token leaves at its step's end.
+    final = {id(e) for e in (cluster.decode_engines or cluster.prefill_engines)}
+    token_times: dict[str, list[float]] = {}
+
+    def on_step(engine: Any, res: Any) -> None:
+        if id(engine) in final:
+            for request, _ in res.sampled:
+                token_times.setdefault(request.request_id, []).append(res.end)
+
+    cpu0 = time.process_time()
+    records = cluster.run(workload.items(), on_step=on_step)
+    cpu = time.process_time() - cpu0
+    results = [RequestResult(int(r.req_id), r.arrival, r.prompt_len, r.output_len, sent=r.arrival,
+                             first_token=r.first_token, token_times=token_times.get(r.req_id, []),
+                             finish=r.finish, num_output_tokens=r.num_output_tokens,
+                             error=None if r.finish is not None else "not finished")
+               for r in records]
+    engines = cluster.engines
+    side = {
+        "kv_transfer_tokens": float(sum(e.stats.prompt_tokens_by_source["external_kv_transfer"]
+                                        for e in engines)),
+        "kv_transfer_bytes": float(sum(r.transfer_bytes for r in records)),
+        "preemptions": float(sum(e.num_preemptions for e in engines)),
+        "prefix_hit_tokens": float(sum(e.prefix_cache_stats[1] for e in engines)),
+        "prefix_query_tokens": float(sum(e.prefix_cache_stats[0] for e in engines)),
+        "cpu_s": cpu,
+    }
+    used = len({g for ep in eps for g in ep.gpus}) * (variant.replicas if plan.connector is None else 1)
+    return BenchResult(variant.name, "sim", f"{num_gpus}x {plan.gpu_type.name}", "cluster",
+                       workload.name, used, summarize(results, slo), side,
+                       {"knobs": variant.knobs, "replicas": variant.replicas,
+                        "connector": plan.connector, "link": plan.link, "model": model}, results)
+
+
+# ------------------------------------------------------------------ over HTTP (Lab)
+def _scrape_all(lab: Any) -> dict[str, Any]:
+    from labkit.telemetry.metrics import scrape
+
+    return {name: scrape(e.base_url) for name, e in lab.engines.items()}
+
+
+def run_http(variant: Variant, workload: Workload, *, mode: str = "sim", model: str = "lab-1b",
+             gpu_type: str = "h100", num_gpus: int = 2, slo: SLO = SLO(), speed: float = 1.0,
+             max_duration_s: float | None = None, run_dir: str | Path | None = None,
+             progress: Progress | None = None) -> BenchResult:
+    """Start a Lab for `variant`, replay `workload` through its OpenAI endpoint, stop it."""
+    from labkit.lab import Lab, build_config
+
+    gpu = gpu_type if mode == "sim" else None
+    cfg = build_config(model, num_gpus=num_gpus, gpu_type=gpu, **variant.knobs)
+    lab = Lab(cfg, mode=mode, run_dir=run_dir, speed=speed, observe=False)
+    say = progress or (lambda s: None)
+    say(f"{variant.name}: {lab.describe()}")
+    with lab:
+        before = _scrape_all(lab)
+        load = run_load(lab.url, workload, model=lab.plan.model.name,
+                        vocab_size=lab.plan.model.vocab_size, max_duration_s=max_duration_s,
+                        time_scale=speed if lab.kind == "sim" else 1.0)
+        after = _scrape_all(lab)
+    plan = lab.plan
+    used = len({g for ep in plan.engines for g in ep.gpus})
+    device = (f"{plan.num_gpus}x {plan.gpu_type.name}" if lab.kind == "sim"
+              else _real_device_name(plan))
+    return BenchResult(variant.name, lab.kind, device, "http", workload.name, used,
+                       summarize(load.records, slo), engine_delta(before, after),
+                       {"knobs": variant.knobs, "connector": plan.connector, "link": plan.link,
+                        "model": plan.model.name, "url_kind": "proxy" if lab.plan.connector
+                        else "engine", "speed": speed}, load.records)
+
+
+def _real_device_name(plan: Any) -> str:
+    from labkit import hardware
+
+    hw = hardware.detect()
+    name = hw.gpus[0].name if hw.gpus else plan.gpu_type.name
+    return f"{len(hw.gpus)}x {name}"
+
+
+# ------------------------------------------------------------------ one comparison
+def compare(compare: str, workload: Workload, *, engine: str = "cluster", mode: str = "sim",
+            model: str = "lab-1b", gpu_type: str = "h100", slo: SLO = SLO(), seed: int = 0,
+            speed: float = 1.0, max_duration_s: float | None = None,
+            run_dir: str | Path | None = None, progress: Progress | None = None
+            ) -> list[BenchResult]:
+    """Run every variant of `compare` on `workload`; one BenchResult per variant.
+
+    Args:
+        compare: "pd-vs-colocated" | "chunk" | "tp" | "kv-dtype".
+        engine: "cluster" (in-process SimCluster) or "http" (a Lab per variant).
+        mode: HTTP engine only: "sim" | "vllm" | "auto" (as Lab).
+        speed: simulated Labs: simulated seconds per wall second.
+    """
+    if engine not in ("cluster", "http"):
+        raise ValueError(f"engine must be 'cluster' or 'http', got {engine!r}")
+    if engine == "cluster" and mode == "vllm":
+        raise ValueError("the cluster engine is the simulator; use engine='http' for real vLLM")
+    num_gpus, vs = variants(compare, engine)
+    out = []
+    for v in vs:
+        if engine == "cluster":
+            out.append(run_cluster(v, workload, model=model, gpu_type=gpu_type,
+                                   num_gpus=num_gpus, slo=slo, seed=seed))
+        else:
+            sub = Path(run_dir) / v.name.replace(" ", "_") if run_dir else None
+            out.append(run_http(v, workload, mode=mode, model=model, gpu_type=gpu_type,
+                                num_gpus=num_gpus, slo=slo, speed=speed,
+                                max_duration_s=max_duration_s, run_dir=sub, progress=progress))
+    return out
