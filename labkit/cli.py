@@ -37,6 +37,21 @@ def register_plan(sub: argparse._SubParsersAction) -> None:
         help="check a PD configuration and print its placement, memory "
         "and vllm serve commands (starts nothing)",
     )
+    add_config_flags(p)
+    p.add_argument(
+        "--sim", action="store_true", help="plan a simulated cluster even on a GPU machine"
+    )
+    p.add_argument(
+        "--model-dir",
+        help="directory or HF name vllm serve gets (default: "
+        "~/.cache/labkit/models/<model> for dummy weights, the HF name otherwise)",
+    )
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=cmd_plan)
+
+
+def add_config_flags(p: argparse.ArgumentParser) -> None:
+    """The flags that describe a PD configuration (plan, up, demo, bench share them)."""
     p.add_argument("--model", default="lab-1b", help="preset, HF name or config.json path")
     p.add_argument("--tp", type=int, default=1, help="tensor parallel size of both engines")
     p.add_argument("--pp", type=int, default=1, help="pipeline parallel size of both engines")
@@ -53,9 +68,6 @@ def register_plan(sub: argparse._SubParsersAction) -> None:
         choices=sorted(GPU_TYPES),
         help="plan for this GPU (simulated where it differs from the machine's)",
     )
-    p.add_argument(
-        "--sim", action="store_true", help="plan a simulated cluster even on a GPU machine"
-    )
     p.add_argument("--chunk", type=int, help="max_num_batched_tokens (default: vLLM's)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-model-len", type=int)
@@ -64,13 +76,6 @@ def register_plan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--colocated", action="store_true", help="one engine for both phases (no PD)")
     p.add_argument("--no-chunked-prefill", action="store_true")
     p.add_argument("--load-format", choices=["dummy", "auto"], default="dummy")
-    p.add_argument(
-        "--model-dir",
-        help="directory or HF name vllm serve gets (default: "
-        "~/.cache/labkit/models/<model> for dummy weights, the HF name otherwise)",
-    )
-    p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    p.set_defaults(func=cmd_plan)
 
 
 def config_from_args(a: argparse.Namespace) -> PDConfig:
@@ -188,6 +193,12 @@ def cmd_plan(a: argparse.Namespace) -> int:
 
 
 # ---- the command table ----------------------------------------------------------------------
+def _lab_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
+    from labkit import cli_lab
+
+    return cli_lab.COMMANDS
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [register_plan]
 
 
@@ -198,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
         "separated vLLM engines (or the simulator), planned and watched",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for register in COMMANDS:
+    for register in [*COMMANDS, *_lab_commands()]:
         register(sub)
     return parser
 

@@ -419,3 +419,101 @@ def read_recording(path: str | Path) -> Recording:
                 gpu_samples=f.gpu_samples, engine_memory=f.engine_memory)))
     return rec
 
+
+
+# ---- a fixed demo session (what labkit/data/recordings holds, and `labkit record` runs) -------
+# (start s, prompt tokens, max_tokens, shares the system prompt): one request alone first, so a
+# learner sees one prefill -> KV transfer -> decode; then a mix: a shared system prompt (prefix
+# cache hits), a long prompt (chunked prefill), a short prompt with a long answer (decode).
+DEMO_WORKLOAD: tuple[tuple[float, int, int, bool], ...] = (
+    (0.0, 1081, 32, False),
+    (4.0, 812, 64, True), (4.2, 712, 64, True), (5.0, 6000, 16, False), (5.0, 64, 128, False),
+) + tuple((10.0 + 2.0 * i, (300, 1500, 800, 3000)[i % 4], (64, 32, 128, 16)[i % 4], i % 2 == 0)
+          for i in range(24))
+SYSTEM_PROMPT_TOKENS = 512
+
+
+def _demo_prompts(vocab_size: int, max_len: int, seed: int = 0) -> list[tuple[float, list[int], int]]:
+    """DEMO_WORKLOAD as (start s, prompt token ids, max_tokens); ids are seeded, no tokenizer."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    system = rng.integers(1000, vocab_size - 1, SYSTEM_PROMPT_TOKENS).tolist()
+    out = []
+    for start, n, max_tokens, shared in DEMO_WORKLOAD:
+        n = max(1, min(n, max_len - max_tokens - 1))
+        head = system[:n] if shared else []
+        out.append((start, head + rng.integers(1000, vocab_size - 1, n - len(head)).tolist(),
+                    max_tokens))
+    return out
+
+
+def _drive(url: str, model: str, prompts: list[tuple[float, list[int], int]], until: float,
+           errors: list[str]) -> None:
+    """Send each prompt at its start time (one thread each) until `until` (monotonic)."""
+    import threading
+
+    import httpx
+
+    t0 = time.monotonic()
+    with httpx.Client(timeout=120) as client:
+        def send(ids: list[int], max_tokens: int) -> None:
+            body = {"model": model, "prompt": ids, "max_tokens": max_tokens, "ignore_eos": True}
+            try:
+                client.post(f"{url}/v1/completions", json=body).raise_for_status()
+            except httpx.HTTPError as exc:
+                errors.append(f"{type(exc).__name__}: {exc}")
+
+        threads = []
+        for start, ids, max_tokens in prompts:
+            wait = t0 + start - time.monotonic()
+            if t0 + start >= until:
+                break
+            time.sleep(max(0.0, wait))
+            threads.append(threading.Thread(target=send, args=(ids, max_tokens), daemon=True))
+            threads[-1].start()
+        for th in threads:
+            th.join(timeout=max(0.0, until - time.monotonic()) + 5)
+
+
+def record_demo_session(path: str | Path, mode: str = "auto", duration_s: float = 60.0, *,
+                        interval: float = 0.25, compression: str = "gzip",
+                        progress: bool = False, **lab_knobs: Any) -> Path:
+    """Start a Lab, drive DEMO_WORKLOAD through its proxy, record `duration_s` s, stop it.
+
+    Run on the GPU machine (mode="vllm") to make a real recording; mode="sim" makes the
+    simulated one shipped in labkit/data/recordings. `lab_knobs` go to Lab (model, chunk, ...).
+    """
+    import threading
+
+    from labkit.lab import Lab
+
+    lab = Lab(mode=mode, **lab_knobs)
+    lab.start(progress=progress)
+    try:
+        tel = lab.telemetry()
+        prompts = _demo_prompts(lab.plan.model.vocab_size, min(e.max_model_len
+                                                               for e in lab.plan.engines))
+        meta = {"workload": "labkit.telemetry.recording.DEMO_WORKLOAD",
+                "requests": [(s, len(ids), m) for s, ids, m in prompts],
+                "duration_s": duration_s}
+        errors: list[str] = []
+        with Recorder(tel, path, compression=compression, lab=lab, meta=meta) as rec:
+            end = time.monotonic() + duration_s
+            driver = threading.Thread(target=_drive, daemon=True,
+                                      args=(lab.url, lab.plan.model.name, prompts, end, errors))
+            driver.start()
+            while (now := time.monotonic()) < end:
+                rec.poll()
+                time.sleep(max(0.0, min(interval, end - now)))
+            driver.join(timeout=10)
+            time.sleep(interval)
+            rec.poll()
+        if errors:
+            import logging
+
+            logging.getLogger(__name__).warning("%d demo requests failed: %s", len(errors),
+                                                errors[0])
+    finally:
+        lab.stop()
+    return Path(path)

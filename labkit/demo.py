@@ -1,0 +1,127 @@
+"""`labkit demo`: the lab's main job in a terminal.
+
+Starts a PD pair (real vLLM where GPUs and vLLM are present, else simulated, and says which),
+sends one long prompt and then a burst of mixed requests (some sharing a system prompt)
+through the PD proxy, and prints what the engines reported: blocks each engine held, the KV
+that crossed from prefill to decode, and TTFT / ITL per request. Every figure comes from the
+running engines' /metrics, observer events and the proxy's timeline.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+
+STATE_CHARS = {0: ".", 1: "c", 2: "#", 3: "S"}  # free, cached (evictable), in use, shared
+
+
+def _stream(url: str, model: str, prompt: list[int], max_tokens: int) -> dict[str, Any]:
+    """One streamed completion; returns TTFT, ITLs and end-to-end from the client's side."""
+    t0 = time.perf_counter()
+    stamps: list[float] = []
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True,
+            "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                stamps.append(time.perf_counter())
+    itl = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    return {"prompt_tokens": len(prompt), "tokens": len(stamps),
+            "ttft": stamps[0] - t0 if stamps else float("nan"),
+            "itl": sum(itl) / len(itl) if itl else float("nan"),
+            "e2e": time.perf_counter() - t0}
+
+
+def block_strip(states: bytes, width: int = 64, rows: int = 4) -> list[str]:
+    """The pool as a few lines of characters, each one a run of blocks (worst state shown)."""
+    n = len(states)
+    cells = width * rows
+    per = max(1, -(-n // cells))
+    chars = [STATE_CHARS[max(states[i:i + per])] for i in range(0, n, per)]
+    return ["".join(chars[r * width:(r + 1) * width]) for r in range(rows) if chars[r * width:]]
+
+
+def run_demo(lab: Any, num_requests: int = 12, seed: int = 0) -> int:
+    """Start `lab`, drive it, print the report, stop it. Returns an exit code."""
+    print(lab.describe(), flush=True)
+    lab.start(progress=True)
+    try:
+        tel = lab.telemetry()
+        model, url = lab.plan.model.name, lab.url
+        vocab = min(lab.plan.model.vocab_size, 30000)
+        rng = random.Random(seed)
+        first = [rng.randrange(100, vocab) for _ in range(1081)]
+        print("\n1) one 1,081-token prompt through the PD proxy ...", flush=True)
+        results = [_stream(url, model, first, 32)]
+        system = [rng.randrange(100, vocab) for _ in range(256)]
+        prompts = []
+        for i in range(num_requests):
+            body = [rng.randrange(100, vocab) for _ in range(rng.choice([64, 200, 500, 900]))]
+            prompts.append((system + body) if i % 2 == 0 else body)
+        print(f"2) {num_requests} more at once (half share a 256-token system prompt) ...",
+              flush=True)
+        peak: dict[str, tuple[int, bytes]] = {}
+        with ThreadPoolExecutor(8) as pool:
+            futs = [pool.submit(_stream, url, model, p, rng.choice([16, 48, 96])) for p in prompts]
+            while not all(f.done() for f in futs):
+                _fold_peaks(tel.poll(), peak)
+                time.sleep(0.1)
+            results += [f.result() for f in futs]
+        time.sleep(1.0)  # the last scrape and snapshots
+        delta = tel.poll()
+        _fold_peaks(delta, peak)
+        _report(lab, results, peak, tel)
+        return 0
+    finally:
+        lab.stop()
+        print("\nstopped: every engine and the proxy are gone.", flush=True)
+
+
+def _fold_peaks(delta: Any, peak: dict[str, tuple[int, bytes]]) -> None:
+    for batch in delta.observer:
+        for ev in batch.events:
+            states = getattr(ev, "block_state", None)
+            if states is None:
+                continue
+            used = sum(1 for b in states if b >= 2)
+            if used >= peak.get(batch.engine_id, (-1, b""))[0]:
+                peak[batch.engine_id] = (used, bytes(states))
+
+
+def _report(lab: Any, results: list[dict[str, Any]], peak: dict[str, tuple[int, bytes]],
+            tel: Any) -> None:
+    from labkit.telemetry.metrics import scrape
+
+    label = "REAL vLLM" if lab.kind == "vllm" else "SIMULATED"
+    print(f"\n=== {label}: what the engines reported ===")
+    for name, eng in lab.engines.items():
+        snap = scrape(eng.base_url)
+        src = {s: snap.get("vllm:prompt_tokens_by_source_total", source=s) or 0
+               for s in ("local_compute", "local_cache_hit", "external_kv_transfer")}
+        info = snap.info("vllm:cache_config_info") or {}
+        print(f"{name:>8}: {info.get('num_gpu_blocks', '?')} KV blocks of "
+              f"{info.get('block_size', '?')} tokens; prompt tokens computed "
+              f"{src['local_compute']:.0f}, from its prefix cache {src['local_cache_hit']:.0f}, "
+              f"received over the KV connector {src['external_kv_transfer']:.0f}")
+        if name in peak:
+            used, states = peak[name]
+            print(f"          busiest moment: {used} blocks in use "
+                  f"('#' in use, 'S' shared prefix, 'c' cached, '.' free):")
+            for line in block_strip(states):
+                print("          " + line)
+    print(f"\n{'prompt':>7} {'tokens':>6} {'TTFT ms':>8} {'ITL ms':>7} {'e2e ms':>7}")
+    for r in results:
+        print(f"{r['prompt_tokens']:>7} {r['tokens']:>6} {r['ttft'] * 1e3:>8.1f} "
+              f"{r['itl'] * 1e3:>7.2f} {r['e2e'] * 1e3:>7.1f}")
+    layers = [e for b in tel.store.since("obs", 0).events for e in getattr(b.event, "events", [])
+              if type(e).__name__ == "LayerTiming"]
+    if layers:
+        ms = sorted((e.end - e.start) * 1e3 for e in layers)
+        print(f"\nper-layer KV save/load (observer, {len(ms)} layer events): median "
+              f"{ms[len(ms) // 2]:.2f} ms")
+    print(f"\nlabel: {label}. Logs: {lab.run_dir}")
