@@ -123,3 +123,11 @@ def test_loadgen_only_targets_loopback() -> None:
     for bad in ("http://example.com:8000", "http://10.0.0.1:80", "ftp://127.0.0.1:1"):
         with pytest.raises(ValueError):
             check_loopback(bad)
+
+
+def test_json_is_strict_when_values_are_missing(tmp_path: Path) -> None:
+    one_token = [rec(0, 0.0, 0.1, 0.01, 1)]  # no ITL, no TPOT: NaN percentiles
+    res = [BenchResult("x", "sim", "d", "cluster", "w", 1, summarize(one_token))]
+    text = write_json(res, tmp_path / "r.json").read_text()
+    assert "NaN" not in text
+    assert json.loads(text)["results"][0]["summary"]["tpot"]["p50"] is None

@@ -194,16 +194,21 @@ def write_json(results: Sequence[BenchResult], path: str | Path, *, title: str =
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"title": title, "source": source_line(results),
            "results": [r.to_dict(with_records) for r in results]}
-    path.write_text(json.dumps(doc, indent=2, default=_json_default))
+    path.write_text(json.dumps(_plain(doc), indent=2, allow_nan=False))
     return path
 
 
-def _json_default(o: Any) -> Any:
-    if isinstance(o, float) and math.isnan(o):
-        return None
+def _plain(o: Any) -> Any:
+    """Strict JSON: NaN/inf -> null, numpy scalars -> Python numbers."""
+    if isinstance(o, dict):
+        return {str(k): _plain(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_plain(v) for v in o]
     if isinstance(o, np.generic):
-        return o.item()
-    raise TypeError(f"not JSON-able: {type(o).__name__}")
+        o = o.item()
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    return o
 
 
 def cdf_figure(results: Sequence[BenchResult], metric: str = "ttft") -> Any:

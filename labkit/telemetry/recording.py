@@ -458,9 +458,13 @@ def _drive(url: str, model: str, prompts: list[tuple[float, list[int], int]], un
     t0 = time.monotonic()
     with httpx.Client(timeout=120) as client:
         def send(ids: list[int], max_tokens: int) -> None:
-            body = {"model": model, "prompt": ids, "max_tokens": max_tokens, "ignore_eos": True}
+            body = {"model": model, "prompt": ids, "max_tokens": max_tokens, "ignore_eos": True,
+                    "stream": True}  # streamed: the proxy's timeline gets every token
             try:
-                client.post(f"{url}/v1/completions", json=body).raise_for_status()
+                with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+                    r.raise_for_status()
+                    for _ in r.iter_lines():
+                        pass
             except httpx.HTTPError as exc:
                 errors.append(f"{type(exc).__name__}: {exc}")
 
