@@ -661,6 +661,38 @@ def shared_storage_path(run_dir: str | Path) -> str:
     return str(run / "kv-store")
 
 
+def observer_children(
+    endpoint: str, name: str | None, role: str, kr: str, bracketed: str | None
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """labkit's observer as MultiConnector children: (close-or-solo child, open child or None).
+
+    `bracketed` names the connector the observer brackets: an "open" child goes before it
+    and a "close" child after it, so per-layer timings are that connector's own wall time
+    (labkit/pd/observer.py, "What the times measure"). Only the close (or solo) child
+    publishes; both carry the engine's name so its batches say "prefill" / "decode".
+    """
+    extra: dict[str, Any] = {"observer_endpoint": endpoint, "observer_role": role}
+    if name:
+        extra["observer_name"] = name
+    opener = None
+    if bracketed:
+        extra.update(observer_bracket="close", transfer_connector=bracketed)
+        open_extra = {"observer_bracket": "open", **({"observer_name": name} if name else {})}
+        opener = {
+            "kv_connector": OBSERVER_CLASS,
+            "kv_connector_module_path": OBSERVER_MODULE,
+            "kv_role": kr,
+            "kv_connector_extra_config": open_extra,
+        }
+    closer = {
+        "kv_connector": OBSERVER_CLASS,
+        "kv_connector_module_path": OBSERVER_MODULE,
+        "kv_role": kr,
+        "kv_connector_extra_config": extra,
+    }
+    return closer, opener
+
+
 def kv_transfer_config(
     connector: str | None,
     role: Role,
@@ -669,46 +701,48 @@ def kv_transfer_config(
     *,
     connector_extra: dict[str, Any] | None = None,
     offload_gib: float | None = None,
+    observer_name: str | None = None,
 ) -> dict[str, Any] | None:
     """The --kv-transfer-config JSON for one engine (None: no connector at all).
 
     With an observer endpoint (or CPU offload beside a PD connector) the connectors are
     wrapped in vLLM's MultiConnector: kv_connector_extra_config.connectors is a list of
     child configs, each with its own kv_role and no engine_id (multi_connector.py passes
-    engine_id itself). The transfer connector comes first: MultiConnector loads KV from
-    the first child that has it.
+    engine_id itself). Order: [observer open, transfer connector, observer close, offload]:
+    the observer brackets the transfer connector (or the offload connector when there is no
+    transfer connector) in every hook, and returns no tokens, so MultiConnector still loads
+    KV from the transfer connector first. `observer_name` (the engine's name) labels the
+    observer's batches.
     """
-    children: list[dict[str, Any]] = []
     kr = kv_role(connector, role)
+    transfer: dict[str, Any] | None = None
     if connector is not None:
         extra: dict[str, Any] = {}
         if connector == "example":
             extra["shared_storage_path"] = shared_storage_path(run_dir)
         extra.update(connector_extra or {})
-        children.append(
-            {
-                "kv_connector": _CONNECTOR_CLASS[connector],
-                "kv_role": kr,
-                "kv_connector_extra_config": extra,
-            }
-        )
+        transfer = {
+            "kv_connector": _CONNECTOR_CLASS[connector],
+            "kv_role": kr,
+            "kv_connector_extra_config": extra,
+        }
+    offload: dict[str, Any] | None = None
     if offload_gib is not None:
-        children.append(
-            {
-                "kv_connector": "OffloadingConnector",
-                "kv_role": "kv_both",
-                "kv_connector_extra_config": {"cpu_bytes_to_use": int(offload_gib * GiB)},
-            }
-        )
+        offload = {
+            "kv_connector": "OffloadingConnector",
+            "kv_role": "kv_both",
+            "kv_connector_extra_config": {"cpu_bytes_to_use": int(offload_gib * GiB)},
+        }
+    inner = transfer or offload
+    children: list[dict[str, Any]] = [c for c in (transfer, offload) if c is not None]
     if observer_endpoint is not None:
-        children.append(
-            {
-                "kv_connector": OBSERVER_CLASS,
-                "kv_connector_module_path": OBSERVER_MODULE,
-                "kv_role": kr,
-                "kv_connector_extra_config": {"observer_endpoint": observer_endpoint},
-            }
+        closer, opener = observer_children(
+            observer_endpoint, observer_name, role, kr, inner["kv_connector"] if inner else None
         )
+        at = children.index(inner) if inner is not None else 0
+        children[at + 1:at + 1] = [closer]
+        if opener is not None:
+            children.insert(at, opener)
     if not children:
         return None
     if len(children) == 1:
@@ -788,6 +822,7 @@ def vllm_args(
         observer,
         connector_extra=x.get("connector_extra"),
         offload_gib=offload,
+        observer_name=ep.name,
     )
     if ktc is not None:
         args += ["--kv-transfer-config", json.dumps(ktc, separators=(",", ":"))]

@@ -12,6 +12,7 @@ the context manager, interpreter exit and the parent's death (PR_SET_PDEATHSIG) 
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -33,9 +34,10 @@ class ProxyProcess(EngineHandle):
     """The PD proxy (`python -m labkit.pd`) as a subprocess in its own process group."""
 
     def __init__(self, prefill_urls: list[str], decode_urls: list[str], connector: str,
-                 **kwargs: Any) -> None:
+                 read_timeout: float | None = None, **kwargs: Any) -> None:
         super().__init__("proxy", role="proxy", **kwargs)
         self.prefill_urls, self.decode_urls, self.connector = prefill_urls, decode_urls, connector
+        self.read_timeout = read_timeout
 
     def command(self) -> list[str]:
         args = [sys.executable, "-m", "labkit.pd", "--host", self.host, "--port", str(self.port),
@@ -44,6 +46,8 @@ class ProxyProcess(EngineHandle):
             args += ["--prefill", u]
         for u in self.decode_urls:
             args += ["--decode", u]
+        if self.read_timeout is not None:
+            args += ["--read-timeout", f"{self.read_timeout:g}"]
         return args
 
 
@@ -82,19 +86,34 @@ class Lab:
         run_dir: where logs, the model directory and connector storage go.
         speed: simulated engines only: simulated seconds per wall second (1.0 = real time;
             0 = as fast as possible, for tests and benchmarks).
+        read_timeout: seconds the proxy waits for an engine's answer (for a stream: between
+            two chunks) before it answers 504; None: the proxy's default (600 s).
+        kv_load_timeout: simulated decode engines only: seconds a NIXL read waits for the
+            prefill engine's handshake before the request fails (vLLM's 5 s).
     """
 
     def __init__(self, config: PDConfig | None = None, *, mode: str | None = None,
                  run_dir: str | Path | None = None, speed: float = 1.0, observe: bool = True,
+                 read_timeout: float | None = None, kv_load_timeout: float | None = None,
                  **knobs: Any) -> None:
         self.mode = (mode or os.environ.get("LABKIT_MODE") or "auto").lower()
         if self.mode not in MODES:
             raise ConfigError(f"mode {self.mode!r} is not one of {MODES}",
                               "use mode='auto' (real vLLM where possible), 'sim' or 'vllm'")
+        if isinstance(speed, bool) or not isinstance(speed, (int, float)) \
+                or not math.isfinite(speed) or speed < 0:
+            raise ConfigError(f"speed={speed!r} is not a simulated-seconds-per-wall-second factor",
+                              "use a positive number (1.0 = real time) or 0 (as fast as possible)")
         self.config = config if config is not None else build_config(**knobs)
         self.run_dir = Path(run_dir) if run_dir else default_run_dir()
         self.speed = speed
         self.observe = observe
+        for what, t in (("read_timeout", read_timeout), ("kv_load_timeout", kv_load_timeout)):
+            if t is not None and not (isinstance(t, (int, float)) and 0 < t < math.inf):
+                raise ConfigError(f"{what}={t!r} is not a positive number of seconds",
+                                  f"use e.g. {what}=30, or None for the default")
+        self.read_timeout, self.kv_load_timeout = read_timeout, kv_load_timeout
+        self._model_path: str | None = None
         self.plan: Plan = self._plan()
         self.kind: str = self.plan.kind
         self.engines: dict[str, EngineHandle] = {}
@@ -133,7 +152,7 @@ class Lab:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         try:
             report("preparing the model directory", 0.05)
-            model_dir = self._model_dir()
+            model_dir = self._model_path = self._model_dir()
             self._observer_endpoint = f"tcp://127.0.0.1:{free_port()}" if self.observe else None
             report("starting engines", 0.1)
             self.engines = {ep.name: self._engine(ep.name, model_dir) for ep in self.plan.engines}
@@ -166,10 +185,11 @@ class Lab:
 
         return str(write_model_dir(shape, self.run_dir / "model"))
 
-    def _engine(self, name: str, model_dir: str) -> EngineHandle:
+    def _engine(self, name: str, model_dir: str, port: int | None = None,
+                kv_ep: str | None = None) -> EngineHandle:
         ep = self.plan.engine(name)
-        port = free_port()
-        kv_ep = f"tcp://127.0.0.1:{free_port()}"
+        port = port or free_port()
+        kv_ep = kv_ep or f"tcp://127.0.0.1:{free_port()}"
         log = self.run_dir / f"{name}.log"
         if self.kind == "vllm":
             from labkit.config import env_for, vllm_args
@@ -189,15 +209,17 @@ class Lab:
         return SimEngineProcess(
             name, plan=self.plan, plan_key=name, run_dir=self.run_dir, speed=self.speed,
             fast=self.speed == 0, port=port, log_path=log, kv_events_endpoint=kv_ep,
-            observer_endpoint=self._observer_endpoint, served_model_name=self.plan.model.name)
+            observer_endpoint=self._observer_endpoint, served_model_name=self.plan.model.name,
+            kv_load_timeout=self.kv_load_timeout)
 
-    def _start_proxy(self) -> None:
+    def _start_proxy(self, port: int | None = None) -> None:
         if self.plan.connector is None:  # colocated: no proxy, talk to the engine
             return
         pre = [e.base_url for e in self.engines.values() if e.role == "prefill"]
         dec = [e.base_url for e in self.engines.values() if e.role == "decode"]
-        self.proxy = ProxyProcess(pre, dec, self.plan.connector, kind=self.kind,  # type: ignore[arg-type]
-                                  log_path=self.run_dir / "proxy.log")
+        self.proxy = ProxyProcess(pre, dec, self.plan.connector, self.read_timeout,
+                                  kind=self.kind,  # type: ignore[arg-type]
+                                  port=port, log_path=self.run_dir / "proxy.log")
         self.proxy.start()
         self.proxy.wait_ready(60)
 
@@ -211,6 +233,28 @@ class Lab:
             self.proxy = None
         for eng in list(self.engines.values()):
             eng.stop()
+
+    def restart_engine(self, name: str, timeout: float = 120.0) -> EngineHandle:
+        """Stop engine `name` ("prefill", "decode" or "proxy") whatever its state (crashed,
+        hung, fine), start it again on the same port and KV-event endpoint, and wait until it
+        answers /health. The proxy and the telemetry keep their URLs. A restarted engine has
+        a new engine id: KV it held is gone. Returns the new handle."""
+        if name == "proxy":
+            if self.proxy is None:
+                raise KeyError("this lab has no proxy (colocated)")
+            port = self.proxy.port
+            self.proxy.stop()
+            self._start_proxy(port)
+            return self.proxy  # type: ignore[return-value]
+        if name not in self.engines or self._model_path is None:
+            raise KeyError(f"no started engine {name!r}; engines: {list(self.engines)}")
+        old = self.engines[name]
+        old.stop()
+        eng = self._engine(name, self._model_path, old.port, old.kv_events_endpoint)
+        self.engines[name] = eng
+        eng.start()
+        eng.wait_ready(timeout)
+        return eng
 
     def __enter__(self) -> Lab:
         return self.start(progress=False) if not self.is_running() else self

@@ -258,3 +258,40 @@ def replay_main(args: argparse.Namespace) -> int:
             print(f"  {rp.position:7.1f}/{rp.duration:.1f} s  {n} observer events", flush=True)
             time.sleep(1.0)
     return 0
+
+
+def register_record(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("record", help="start a lab, drive the demo workload through it and "
+                                      "record what the views see to a file")
+    p.add_argument("--out", required=True, help="the .lkrec file to write")
+    p.add_argument("--duration", type=float, default=60.0, help="seconds to record")
+    p.add_argument("--mode", choices=["auto", "sim", "vllm"], default="auto",
+                   help="real vLLM where possible (auto), or force one")
+    p.add_argument("--model", default="lab-1b")
+    p.add_argument("--chunk", type=int, help="max_num_batched_tokens")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--kv-dtype", default="auto")
+    p.add_argument("--connector", choices=["auto", "example", "nixl"], default="auto")
+    p.add_argument("--gpus", type=int, help="number of GPUs (simulated: default 2)")
+    p.add_argument("--gpu-type", help="simulated GPU type (h100, h200, a100, l4)")
+    p.add_argument("--compression", choices=["gzip", "zstd", "none"], default="gzip")
+    p.set_defaults(func=record_main)
+
+
+def record_main(args: argparse.Namespace) -> int:
+    """`labkit record --duration S --out PATH [lab options]`: prints the recording's summary."""
+    from labkit.config import ConfigError
+    from labkit.telemetry.recording import record_demo_session
+
+    knobs = {"model": args.model, "chunk": args.chunk, "tp": args.tp, "pp": args.pp,
+             "kv_cache_dtype": args.kv_dtype, "connector": args.connector,
+             "num_gpus": args.gpus, "gpu_type": args.gpu_type}
+    try:
+        path = record_demo_session(args.out, args.mode, args.duration, progress=True,
+                                   compression=args.compression, **knobs)
+    except ConfigError as exc:
+        print(f"error: {exc.problem}\n  fix: {exc.fix}", flush=True)
+        return 2
+    print(summarize(read_recording(path)))
+    return 0

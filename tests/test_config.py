@@ -376,16 +376,36 @@ def test_kv_transfer_config_shapes():
         connector_extra={"enforce_handshake_compat": False},
     )
     assert multi["kv_connector"] == "MultiConnector" and multi["kv_role"] == "kv_consumer"
-    transfer, observer = multi["kv_connector_extra_config"]["connectors"]
+    # bracket mode: observer(open) -> transfer connector -> observer(close)
+    opener, transfer, observer = multi["kv_connector_extra_config"]["connectors"]
     assert transfer["kv_connector"] == "NixlConnector"
     assert transfer["kv_connector_extra_config"] == {"enforce_handshake_compat": False}
-    assert observer["kv_connector"] == "LabkitObserverConnector"
-    assert observer["kv_connector_module_path"] == "labkit.pd.observer"
-    assert observer["kv_connector_extra_config"] == {"observer_endpoint": "tcp://127.0.0.1:7000"}
+    for c in (opener, observer):
+        assert c["kv_connector"] == "LabkitObserverConnector"
+        assert c["kv_connector_module_path"] == "labkit.pd.observer"
+        assert c["kv_role"] == "kv_consumer"
+    assert opener["kv_connector_extra_config"] == {"observer_bracket": "open"}  # publishes nothing
+    assert observer["kv_connector_extra_config"] == {
+        "observer_endpoint": "tcp://127.0.0.1:7000", "observer_role": "decode",
+        "observer_bracket": "close", "transfer_connector": "NixlConnector"}
     # MultiConnector passes engine_id itself: a child carrying one would break KVTransferConfig(**ktc, engine_id=...)
-    assert all("engine_id" not in c and "kv_role" in c for c in (transfer, observer))
-    alone = kv_transfer_config(None, "both", "/r", "tcp://127.0.0.1:7000")
-    assert alone["kv_connector"] == "LabkitObserverConnector"
+    assert all("engine_id" not in c and "kv_role" in c for c in (opener, transfer, observer))
+    named = kv_transfer_config("example", "prefill", "/r", "tcp://127.0.0.1:7000",
+                               observer_name="prefill")
+    kids = named["kv_connector_extra_config"]["connectors"]
+    assert [c["kv_connector_extra_config"].get("observer_name") for c in kids] == [
+        "prefill", None, "prefill"]
+    assert kids[2]["kv_connector_extra_config"]["transfer_connector"] == "ExampleConnector"
+    alone = kv_transfer_config(None, "both", "/r", "tcp://127.0.0.1:7000", observer_name="colocated")
+    assert alone["kv_connector"] == "LabkitObserverConnector"  # solo: nothing to bracket
+    assert alone["kv_connector_extra_config"] == {
+        "observer_endpoint": "tcp://127.0.0.1:7000", "observer_role": "both",
+        "observer_name": "colocated"}
+    # offload beside a PD connector: the observer brackets the transfer connector only
+    both = kv_transfer_config("example", "decode", "/r", "tcp://127.0.0.1:7000", offload_gib=1.0)
+    assert [c["kv_connector"] for c in both["kv_connector_extra_config"]["connectors"]] == [
+        "LabkitObserverConnector", "ExampleConnector", "LabkitObserverConnector",
+        "OffloadingConnector"]
 
 
 def test_env_for_nixl_side_channels():
@@ -398,3 +418,15 @@ def test_env_for_nixl_side_channels():
     cfg = pd(num_gpus=2)
     plan = validate(cfg, NO_GPU)
     assert plan.engine(cfg.decode).name == "decode"
+
+
+def test_vllm_args_name_each_engines_observer():
+    plan = validate(pd(num_gpus=1), NO_GPU)
+    for ep in plan.engines:
+        args = vllm_args(None, plan, ep.name, "/m", 8400,
+                         {"observer_endpoint": "tcp://127.0.0.1:7001", "run_dir": "/tmp/r"})
+        kids = json.loads(args[args.index("--kv-transfer-config") + 1])[
+            "kv_connector_extra_config"]["connectors"]
+        close = kids[-1]["kv_connector_extra_config"]
+        assert (close["observer_name"], close["observer_role"]) == (ep.name, ep.role)
+        assert kids[0]["kv_connector_extra_config"]["observer_bracket"] == "open"

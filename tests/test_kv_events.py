@@ -10,6 +10,7 @@ from pathlib import Path
 import msgspec
 import pytest
 import zmq
+from labfixtures import FIXTURES
 
 from labkit.telemetry import kv_events as kve
 from labkit.telemetry.kv_events import (
@@ -24,9 +25,6 @@ from labkit.telemetry.kv_events import (
     encode_frames,
 )
 
-FIXTURES = Path("/work/shared/fixtures/vllm-0.26")
-if not FIXTURES.exists():  # a checkout with the fixtures beside it
-    FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "vllm-0.26"
 KV_DIR = FIXTURES / "kv-events"
 VLLM_SRC = Path("/tmp/vllmsrc/vllm/distributed/kv_events.py")
 VLLM_COPY = Path(__file__).parent / "data" / "vllm_kv_events_0_26.py"

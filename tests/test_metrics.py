@@ -8,15 +8,15 @@ import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import httpx
 import pytest
+from labfixtures import FIXTURES
 
 from labkit.telemetry.metrics import MetricsScraper, MetricsSnapshot, scrape
 from labkit.telemetry.store import TelemetryStore
 
-METRICS = Path("/work/shared/fixtures/vllm-0.26/metrics")
+METRICS = FIXTURES / "metrics"
 pytestmark = pytest.mark.skipif(not METRICS.exists(), reason="vLLM 0.26 fixtures absent")
 
 # The fixtures' model: 16 layers x (K, V) x 8 KV heads x head_dim 128 x 2 bytes (fixtures README)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
+from labfixtures import FIXTURES
 
 from labkit.engines.sim.cluster import NIXL_PREFILL_PARAMS
 from labkit.engines.sim.connector import InProcessTransport, align_to_block_size
@@ -13,7 +13,6 @@ from labkit.engines.sim.engine import SimEngine
 from labkit.engines.sim.request import RequestStatus
 from labkit.hardware import LINKS
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "vllm-0.26"
 KV_BYTES = 65536  # lab-1b: 2 * 16 layers * 8 kv heads * 128 * 2 bytes
 
 

@@ -6,11 +6,11 @@ import json
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import msgspec
 import pytest
 import zmq
+from labfixtures import FIXTURES
 
 from labkit.telemetry.kv_events import (
     BlockStored,
@@ -38,7 +38,7 @@ from labkit.telemetry.observer_schema import (
 )
 from labkit.telemetry.subscriber import KVEventMessage, KVEventSubscriber, ObserverSubscriber
 
-KV_FIXTURE = Path("/work/shared/fixtures/vllm-0.26/kv-events/port5558.jsonl")
+KV_FIXTURE = FIXTURES / "kv-events" / "port5558.jsonl"
 
 
 def labkit_threads() -> list[threading.Thread]:

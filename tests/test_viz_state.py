@@ -1,10 +1,9 @@
 """Reducers fold scripted observer/timeline/NVML/metrics events into the right view state."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
+from labfixtures import FIXTURES
 
 from labkit.telemetry.metrics import MetricsSnapshot
 from labkit.telemetry.observer_schema import (
@@ -28,7 +27,6 @@ from labkit.viz.state import (
     histogram_buckets,
 )
 
-FIXTURES = Path("/work/shared/fixtures/vllm-0.26")
 GiB = 2**30
 
 

@@ -2,10 +2,9 @@
 kind (SIMULATED / REAL vLLM / REPLAY) is in every title."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
+from labfixtures import FIXTURES
 
 from labkit.telemetry.metrics import MetricsSnapshot
 from labkit.telemetry.observer_schema import (
@@ -25,7 +24,6 @@ from labkit.viz.source import EngineMemory, GpuSample, MetricsSample, SourceInfo
 from labkit.viz.state import BlockMapState, LatencyState, MemoryState, ScheduleState, TransferState
 from labkit.viz.streaming import StreamingView
 
-FIXTURES = Path("/work/shared/fixtures/vllm-0.26")
 GiB = 2**30
 
 

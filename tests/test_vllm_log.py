@@ -5,17 +5,15 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
+from labfixtures import FIXTURES
 
 from labkit.engines.base import EngineStartError, pids_in_group
 from labkit.engines.vllm import VLLMEngine
 from labkit.telemetry.vllm_log import STAGES, LogFollower, StartupParser, follow, parse_log
 
-LOGS = Path(__file__).resolve().parents[1] / "../shared/fixtures/vllm-0.26/logs"
-if not LOGS.is_dir():
-    LOGS = Path("/work/shared/fixtures/vllm-0.26/logs")
+LOGS = FIXTURES / "logs"
 
 
 @pytest.mark.parametrize(

@@ -32,9 +32,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-FIXTURES = Path(os.environ.get("LABKIT_VLLM_FIXTURES", "/work/shared/fixtures/vllm-0.26"))
-if not FIXTURES.exists():  # a checkout with the fixtures beside it
-    FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "vllm-0.26"
+FIXTURES = Path(os.environ.get("LABKIT_VLLM_FIXTURES")
+                or Path(__file__).resolve().parent / "fixtures" / "vllm-0.26")
 HTTP = FIXTURES / "http"
 MAX_MODEL_LEN = 1024  # error-prompt-too-long.json's model
 BLOCK_SIZE = 16

@@ -33,6 +33,17 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def port_is_free(host: str, port: int) -> bool:
+    """Whether a server could listen on (host, port) now (SO_REUSEADDR, as uvicorn binds)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
 def _set_pdeathsig() -> None:  # pragma: no cover - runs in the child before exec
     """Children die with the lab (Linux PR_SET_PDEATHSIG); silently absent elsewhere."""
     try:
@@ -122,6 +133,11 @@ class EngineHandle:
         """Start the process (returns at once; `wait_ready()` waits for it)."""
         if self.is_alive():
             return self
+        if not port_is_free(self.host, self.port):  # fail before any process starts
+            raise EngineStartError(
+                f"{self.name}: port {self.port} on {self.host} is already in use; stop what "
+                f"holds it (`labkit down`, or `ss -ltnp 'sport = :{self.port}'` names it) or "
+                f"choose another port")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log_fh = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
