@@ -195,8 +195,9 @@ def cmd_plan(a: argparse.Namespace) -> int:
 # ---- the command table ----------------------------------------------------------------------
 def _lab_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
     from labkit import cli_lab
+    from labkit.replay import register_record, register_replay
 
-    return cli_lab.COMMANDS
+    return [*cli_lab.COMMANDS, register_record, register_replay]
 
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [register_plan]

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import time
+import types
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,16 +36,19 @@ def title_of(header: dict[str, Any]) -> str:
     """'REPLAY of a real vLLM run on NVIDIA H200, recorded 2026-11-21'."""
     kind = str(header.get("kind", "sim"))
     gpus = header.get("hardware", {}).get("gpus") or [
-        g.get("name", "GPU") for g in header.get("source", {}).get("gpus", [])]
+        g.get("name", "GPU") for g in header.get("source", {}).get("gpus", [])
+    ]
     where = ""
     if gpus:
         uniq = sorted(set(gpus))
-        where = " on " + ", ".join(f"{n} ×{gpus.count(n)}" if gpus.count(n) > 1 else n
-                                   for n in uniq)
+        where = " on " + ", ".join(
+            f"{n} ×{gpus.count(n)}" if gpus.count(n) > 1 else n for n in uniq
+        )
         where += " (simulated)" if kind != "vllm" else ""
     day = str(header.get("created", ""))[:10]
     return f"REPLAY of {_ORIGIN.get(kind, f'a {kind} run')}{where}" + (
-        f", recorded {day}" if day else "")
+        f", recorded {day}" if day else ""
+    )
 
 
 class Replay:
@@ -56,10 +61,17 @@ class Replay:
         clock: monotonic seconds (tests pass a fake one).
     """
 
-    def __init__(self, recording: Recording | str | Path, speed: float | None = 1.0, *,
-                 paused: bool = False, clock: Callable[[], float] = time.monotonic) -> None:
-        self.recording = recording if isinstance(recording, Recording) else read_recording(
-            recording)
+    def __init__(
+        self,
+        recording: Recording | str | Path,
+        speed: float | None = 1.0,
+        *,
+        paused: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.recording = (
+            recording if isinstance(recording, Recording) else read_recording(recording)
+        )
         self.header = self.recording.header
         self._frames = self.recording.frames
         self._clock = clock
@@ -141,7 +153,7 @@ class Replay:
 
     def _take(self, end: int) -> TelemetryDelta:
         out = TelemetryDelta()
-        for _, d in self._frames[self._next:end]:
+        for _, d in self._frames[self._next : end]:
             out.observer += d.observer
             out.timeline += d.timeline
             out.metrics += d.metrics
@@ -162,11 +174,17 @@ class Replay:
     def describe(self) -> dict[str, Any]:
         """The recorded source's describe(), with kind "replay" and where it came from."""
         src = dict(self.header.get("source", {}))
-        return {**src, "kind": "replay", "original_kind": self.recording.kind,
-                "title": title_of(self.header),
-                "recording": {k: self.header.get(k) for k in (
-                    "created", "labkit_version", "vllm_version", "hardware", "meta")}
-                | {"path": str(self.recording.path), "duration": self.duration}}
+        return {
+            **src,
+            "kind": "replay",
+            "original_kind": self.recording.kind,
+            "title": title_of(self.header),
+            "recording": {
+                k: self.header.get(k)
+                for k in ("created", "labkit_version", "vllm_version", "hardware", "meta")
+            }
+            | {"path": str(self.recording.path), "duration": self.duration},
+        }
 
     # -- for people ------------------------------------------------------------------------------
     def summary(self) -> str:
@@ -181,13 +199,26 @@ class Replay:
         return dash
 
     def __repr__(self) -> str:
-        return (f"<Replay {title_of(self.header)}: {self.position:.1f}/{self.duration:.1f} s, "
-                f"{'paused' if self._paused else f'speed {self._speed}'}>")
+        return (
+            f"<Replay {title_of(self.header)}: {self.position:.1f}/{self.duration:.1f} s, "
+            f"{'paused' if self._paused else f'speed {self._speed}'}>"
+        )
 
 
 def replay(path: str | Path, speed: float | None = 1.0, **kwargs: Any) -> Replay:
     """Open a recording for replay (Replay's keywords)."""
     return Replay(path, speed, **kwargs)
+
+
+class _CallableModule(types.ModuleType):
+    """`labkit.replay` names both this module and the function: whichever Python binds to the
+    attribute (importing the module binds the module), `labkit.replay(path)` must work."""
+
+    def __call__(self, path: str | Path, speed: float | None = 1.0, **kwargs: Any) -> Replay:
+        return replay(path, speed, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 
 def summarize(rec: Recording) -> str:
@@ -208,12 +239,14 @@ def summarize(rec: Recording) -> str:
             reqs.add(str(ev.get("req_id")))
         scrapes.update(m.engine for m in d.metrics)
         num_gpu += len(d.gpu_samples)
-    lines = [title_of(h),
-             f"  file       {rec.path} ({rec.num_bytes / 1e6:.2f} MB, {rec.compression}"
-             f"{', CUT SHORT' if rec.truncated else ''})",
-             f"  recorded   {h.get('created')} with labkit {h.get('labkit_version')}"
-             + (f", vLLM {h['vllm_version']}" if h.get("vllm_version") else ""),
-             f"  duration   {rec.duration:.1f} s in {len(rec.frames)} frames"]
+    lines = [
+        title_of(h),
+        f"  file       {rec.path} ({rec.num_bytes / 1e6:.2f} MB, {rec.compression}"
+        f"{', CUT SHORT' if rec.truncated else ''})",
+        f"  recorded   {h.get('created')} with labkit {h.get('labkit_version')}"
+        + (f", vLLM {h['vllm_version']}" if h.get("vllm_version") else ""),
+        f"  duration   {rec.duration:.1f} s in {len(rec.frames)} frames",
+    ]
     if "lab" in h:
         lines.append(f"  lab        {h['lab'].get('describe')}")
     if h.get("hardware", {}).get("driver"):
@@ -223,20 +256,26 @@ def summarize(rec: Recording) -> str:
         name = e["name"]
         ev = ", ".join(f"{k} {n}" for (en, k), n in sorted(events.items()) if en == name)
         lines.append(f"  {name:<14}{batches[name]:>8}  {scrapes[name]:>8}  {ev or '-'}")
-    lines += ["", f"  requests   {len(reqs)} ("
-              + ", ".join(f"{k} {n}" for k, n in sorted(timeline.items())) + ")",
-              f"  GPU memory {num_gpu} samples"]
+    lines += [
+        "",
+        f"  requests   {len(reqs)} ("
+        + ", ".join(f"{k} {n}" for k, n in sorted(timeline.items()))
+        + ")",
+        f"  GPU memory {num_gpu} samples",
+    ]
     return "\n".join(lines)
 
 
 # ---- the command line (registered by labkit/cli.py) -------------------------------------------
 def register_replay(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("replay", help="summarize a recording (labkit.replay(path).show() "
-                                      "plays it in a notebook)")
+    p = sub.add_parser(
+        "replay", help="summarize a recording (labkit.replay(path).show() plays it in a notebook)"
+    )
     p.add_argument("path", help="a .lkrec file from `labkit record`")
     p.add_argument("--speed", type=float, default=1.0, help="with --play: replay speed")
-    p.add_argument("--play", action="store_true",
-                   help="play it through, printing one progress line per second")
+    p.add_argument(
+        "--play", action="store_true", help="play it through, printing one progress line per second"
+    )
     p.add_argument("--json", action="store_true", help="print the header as JSON")
     p.set_defaults(func=replay_main)
 
@@ -261,12 +300,19 @@ def replay_main(args: argparse.Namespace) -> int:
 
 
 def register_record(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("record", help="start a lab, drive the demo workload through it and "
-                                      "record what the views see to a file")
+    p = sub.add_parser(
+        "record",
+        help="start a lab, drive the demo workload through it and "
+        "record what the views see to a file",
+    )
     p.add_argument("--out", required=True, help="the .lkrec file to write")
     p.add_argument("--duration", type=float, default=60.0, help="seconds to record")
-    p.add_argument("--mode", choices=["auto", "sim", "vllm"], default="auto",
-                   help="real vLLM where possible (auto), or force one")
+    p.add_argument(
+        "--mode",
+        choices=["auto", "sim", "vllm"],
+        default="auto",
+        help="real vLLM where possible (auto), or force one",
+    )
     p.add_argument("--model", default="lab-1b")
     p.add_argument("--chunk", type=int, help="max_num_batched_tokens")
     p.add_argument("--tp", type=int, default=1)
@@ -284,14 +330,22 @@ def record_main(args: argparse.Namespace) -> int:
     from labkit.config import ConfigError
     from labkit.telemetry.recording import record_demo_session
 
-    knobs = {"model": args.model, "chunk": args.chunk, "tp": args.tp, "pp": args.pp,
-             "kv_cache_dtype": args.kv_dtype, "connector": args.connector,
-             "num_gpus": args.gpus, "gpu_type": args.gpu_type}
+    knobs = {
+        "model": args.model,
+        "chunk": args.chunk,
+        "tp": args.tp,
+        "pp": args.pp,
+        "kv_cache_dtype": args.kv_dtype,
+        "connector": args.connector,
+        "num_gpus": args.gpus,
+        "gpu_type": args.gpu_type,
+    }
     try:
-        path = record_demo_session(args.out, args.mode, args.duration, progress=True,
-                                   compression=args.compression, **knobs)
+        path = record_demo_session(
+            args.out, args.mode, args.duration, progress=True, compression=args.compression, **knobs
+        )
     except ConfigError as exc:
-        print(f"error: {exc.problem}\n  fix: {exc.fix}", flush=True)
+        print(f"error: {exc.problem}\n  fix: {exc.fix}", file=sys.stderr)
         return 2
     print(summarize(read_recording(path)))
     return 0

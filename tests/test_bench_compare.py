@@ -46,10 +46,16 @@ def test_pd_vs_colocated_table_and_kv_transfer_only_for_pd() -> None:
 def test_variants_share_one_machine_and_chunk_changes_budget() -> None:
     assert variants("tp")[0] == 4 and [v.name for v in variants("tp")[1]] == ["PD TP1", "PD TP2"]
     assert [v.name for v in variants("pd-vs-colocated", "http")[1]] == ["PD 1P+1D", "colocated x1"]
-    w = wl.fixed(40, 2048, 8, rate=20.0, seed=0)
-    small, big = (run_cluster(v, w, model="llama-3.1-8b") for v in variants("chunk")[1][::2])
-    # a 2,048-token prompt takes 4 steps at chunk 512, one at 8192
+    chunk = {v.name: v for v in variants("chunk")[1]}
+    assert list(chunk) == ["colocated chunk 512", "colocated chunk 8192", "PD chunk 512",
+                           "PD chunk 8192"]
+    w = wl.prefill_heavy(60, rate=8.0, seed=0)
+    small, big = (run_cluster(chunk[f"colocated chunk {c}"], w, model="llama-3.1-8b")
+                  for c in (512, 8192))
+    # a 2,048-token prompt takes 4+ steps at chunk 512, one at 8192: TTFT grows ...
     assert small.summary["ttft"]["p50"] > big.summary["ttft"]["p50"]
+    # ... and the decodes batched with a prefill chunk stall less
+    assert small.summary["itl"]["p99"] < big.summary["itl"]["p99"]
 
 
 def test_fp8_kv_halves_transfer_bytes() -> None:

@@ -27,6 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="http: a Lab per variant + load generator; cluster: in-process simulator")
     p.add_argument("--compare", choices=list(COMPARISONS), default="pd-vs-colocated")
     p.add_argument("--model", default="lab-1b", help="a labkit.models preset")
+    p.add_argument("--num-gpus", type=int, default=None,
+                   help="GPUs every variant gets (default: 2, or 4 for --compare tp)")
     p.add_argument("--gpu-type", default="h100", help="simulated GPU (GPU_TYPES key)")
     p.add_argument("--workload", choices=["fixed", *GENERATORS], default="sharegpt")
     p.add_argument("--prompt-len", type=int, default=512, help="--workload fixed only")
@@ -69,6 +71,7 @@ def run(a: argparse.Namespace) -> int:
         results = compare(a.compare, workload, engine=a.engine, mode=a.mode, model=a.model,
                           gpu_type=a.gpu_type, slo=slo, seed=a.seed, speed=a.speed,
                           max_duration_s=a.max_duration_s, run_dir=a.run_dir,
+                          num_gpus=a.num_gpus,
                           progress=lambda s: print(s, file=sys.stderr, flush=True))
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from labkit.bench.loadgen import RequestResult, run_load
-from labkit.bench.report import SLO, BenchResult, engine_delta, summarize
+from labkit.bench.report import DEFAULT_SLO, SLO, BenchResult, engine_delta, summarize
 from labkit.bench.workloads import Workload
 
 Progress = Callable[[str], None]
@@ -50,7 +50,11 @@ COMPARISONS: dict[str, tuple[int, list[Variant]]] = {  # name -> (GPUs, variants
         Variant("colocated x1", {"colocated": True}),
         Variant("colocated x2 (DP)", {"colocated": True}, replicas=2),
     ]),
-    "chunk": (2, [Variant(f"PD chunk {c}", {"chunk": c}) for c in (512, 2048, 8192)]),
+    # Colocated, the chunk bounds how long a prefill stalls the decodes batched with it
+    # (TTFT vs ITL); in PD it only paces the prefill engine.
+    "chunk": (2, [Variant(f"{'colocated' if colo else 'PD'} chunk {c}",
+                          {"chunk": c, "colocated": colo} if colo else {"chunk": c})
+                  for colo in (True, False) for c in (512, 8192)]),
     "tp": (4, [Variant("PD TP1", {"tp": 1}), Variant("PD TP2", {"tp": 2})]),
     "kv-dtype": (2, [Variant("PD kv auto", {"kv_cache_dtype": "auto"}),
                      Variant("PD kv fp8", {"kv_cache_dtype": "fp8"})]),
@@ -88,7 +92,7 @@ def _engine_kwargs(ep: Any) -> dict[str, Any]:
 
 # ------------------------------------------------------------------ in-process (SimCluster)
 def run_cluster(variant: Variant, workload: Workload, *, model: str = "lab-1b",
-                gpu_type: str = "h100", num_gpus: int = 2, slo: SLO = SLO(),
+                gpu_type: str = "h100", num_gpus: int = 2, slo: SLO = DEFAULT_SLO,
                 seed: int = 0) -> BenchResult:
     """One variant on SimCluster: the same plan as a simulated Lab, no processes, no HTTP."""
     from labkit.engines.sim.cluster import SimCluster
@@ -146,7 +150,7 @@ def _scrape_all(lab: Any) -> dict[str, Any]:
 
 
 def run_http(variant: Variant, workload: Workload, *, mode: str = "sim", model: str = "lab-1b",
-             gpu_type: str = "h100", num_gpus: int = 2, slo: SLO = SLO(), speed: float = 1.0,
+             gpu_type: str = "h100", num_gpus: int = 2, slo: SLO = DEFAULT_SLO, speed: float = 1.0,
              max_duration_s: float | None = None, run_dir: str | Path | None = None,
              progress: Progress | None = None) -> BenchResult:
     """Start a Lab for `variant`, replay `workload` through its OpenAI endpoint, stop it."""
@@ -184,10 +188,10 @@ def _real_device_name(plan: Any) -> str:
 
 # ------------------------------------------------------------------ one comparison
 def compare(compare: str, workload: Workload, *, engine: str = "cluster", mode: str = "sim",
-            model: str = "lab-1b", gpu_type: str = "h100", slo: SLO = SLO(), seed: int = 0,
+            model: str = "lab-1b", gpu_type: str = "h100", slo: SLO = DEFAULT_SLO, seed: int = 0,
             speed: float = 1.0, max_duration_s: float | None = None,
-            run_dir: str | Path | None = None, progress: Progress | None = None
-            ) -> list[BenchResult]:
+            run_dir: str | Path | None = None, progress: Progress | None = None,
+            num_gpus: int | None = None) -> list[BenchResult]:
     """Run every variant of `compare` on `workload`; one BenchResult per variant.
 
     Args:
@@ -195,12 +199,16 @@ def compare(compare: str, workload: Workload, *, engine: str = "cluster", mode: 
         engine: "cluster" (in-process SimCluster) or "http" (a Lab per variant).
         mode: HTTP engine only: "sim" | "vllm" | "auto" (as Lab).
         speed: simulated Labs: simulated seconds per wall second.
+        num_gpus: the machine every variant gets (default: the comparison's, 2 or 4); 1
+            puts a PD pair on one GPU (ExampleConnector through /dev/shm).
     """
     if engine not in ("cluster", "http"):
         raise ValueError(f"engine must be 'cluster' or 'http', got {engine!r}")
     if engine == "cluster" and mode == "vllm":
         raise ValueError("the cluster engine is the simulator; use engine='http' for real vLLM")
-    num_gpus, vs = variants(compare, engine)
+    default_gpus, vs = variants(compare, engine)
+    num_gpus = num_gpus or default_gpus
+    vs = [v for v in vs if v.replicas <= num_gpus]  # one colocated engine per GPU
     out = []
     for v in vs:
         if engine == "cluster":

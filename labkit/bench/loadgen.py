@@ -64,7 +64,7 @@ class RequestResult:
     def itls(self) -> list[float]:
         """Gaps between consecutive output chunks (vLLM bench's ITL)."""
         t = self.token_times
-        return [b - a for a, b in zip(t, t[1:])]
+        return [b - a for a, b in zip(t, t[1:], strict=False)]
 
     @property
     def tpot(self) -> float | None:

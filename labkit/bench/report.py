@@ -35,6 +35,8 @@ class SLO:
     itl_s: float = 0.05
 
 
+DEFAULT_SLO = SLO()
+
 def percentiles(values: Iterable[float], ps: Sequence[int] = PERCENTILES) -> dict[str, float]:
     """{"p50": ..., "p90": ..., "p99": ..., "mean": ...}; NaN when there is no value."""
     arr = np.asarray([v for v in values if v is not None], dtype=float)
@@ -67,7 +69,7 @@ def run_span(records: Sequence[RequestResult]) -> float:
     return max(r.finish for r in done) - min(r.arrival for r in records)  # type: ignore[type-var]
 
 
-def summarize(records: Sequence[RequestResult], slo: SLO = SLO()) -> dict[str, Any]:
+def summarize(records: Sequence[RequestResult], slo: SLO = DEFAULT_SLO) -> dict[str, Any]:
     """Latency percentiles (seconds), throughput and goodput of one run."""
     done = [r for r in records if r.ok]
     span = run_span(records)
@@ -163,7 +165,9 @@ _COLUMNS = [  # header, width, getter
 
 
 def _ms(v: float) -> str:
-    return "-" if math.isnan(v) else f"{1e3 * v:.1f}ms"
+    if math.isnan(v):
+        return "-"
+    return f"{1e3 * v:.1f}ms" if v < 10 else f"{v:.1f}s"
 
 
 def _s(v: float) -> str:
@@ -178,13 +182,24 @@ def format_table(results: Sequence[BenchResult], title: str = "") -> str:
     head = [title] if title else []
     head.append(source_line(results))
     head.append(f"workload: {results[0].workload}; goodput SLO: TTFT <= {slo['ttft_s'] * 1e3:g} ms"
-                f" and TPOT <= {slo['itl_s'] * 1e3:g} ms; latencies in "
-                f"{'simulated' if all(r.kind == 'sim' for r in results) else 'wall'} time")
+                f" and TPOT <= {slo['itl_s'] * 1e3:g} ms; {_clock(results)}")
     lines = ["  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w, _) in enumerate(_COLUMNS))]
     for r in results:
         lines.append("  ".join(g(r).rjust(w) if i else g(r).ljust(w)
                                for i, (_, w, g) in enumerate(_COLUMNS)))
     return "\n".join(head + lines)
+
+
+def _clock(results: Sequence[BenchResult]) -> str:
+    """Which clock the latencies are on."""
+    if all(r.engine == "cluster" for r in results):
+        return "latencies in simulated time"
+    if all(r.kind == "vllm" for r in results):
+        return "latencies in wall time"
+    speeds = {r.config.get("speed", 1.0) for r in results if r.kind == "sim"}
+    return ("latencies measured on the wall clock against paced simulated engines "
+            f"(speed {', '.join(f'{s:g}' for s in sorted(speeds))}; scaled to simulated seconds), "
+            "HTTP and process overheads included")
 
 
 def write_json(results: Sequence[BenchResult], path: str | Path, *, title: str = "",

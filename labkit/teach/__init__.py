@@ -6,6 +6,7 @@
     experiments      simulated-cluster runs: chunk-size sweep, PD vs colocated
     placement        planner tables: TP/PP placement, per-GPU memory, the 4-GPU article check
     live             what a running Lab (real vLLM or simulated) did, as tables
+    session          a running Lab + its live dashboard (Apply restarts the lab)
 
 Every runner returns a `Result` (rows as dicts + whether they were measured, simulated or
 planned). Modules load lazily: `import labkit.teach` pulls in neither torch nor plotly.
@@ -16,7 +17,7 @@ from importlib import import_module
 from typing import Any
 
 _SUBMODULES = ("kv_cost", "paged_attention", "exercises", "experiments", "placement", "live",
-               "result")
+               "session", "result")
 _EXPORTS = {"Result": "labkit.teach.result"}
 
 __all__ = sorted([*_SUBMODULES, *_EXPORTS])

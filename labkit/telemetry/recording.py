@@ -42,7 +42,6 @@ from labkit.viz.source import (
 MAGIC = b"LABKITRC"
 FORMAT = "labkit-recording"
 FORMAT_VERSION = 1
-SUFFIX = ".lkrec"
 _GZIP_MAGIC, _ZSTD_MAGIC = b"\x1f\x8b", b"\x28\xb5\x2f\xfd"
 _LEN = 4  # bytes of the big-endian length before each record
 
@@ -135,40 +134,40 @@ class MetricsDeltaDecoder:
             values.pop(i, None)
         if rec.types is not None:
             self._types[rec.engine] = dict(rec.types)
-        snap = MetricsSnapshot(rec.ts, {keys[i]: v for i, v in values.items()},
-                               dict(self._types.get(rec.engine, {})))
+        snap = MetricsSnapshot(
+            rec.ts, {keys[i]: v for i, v in values.items()}, dict(self._types.get(rec.engine, {}))
+        )
         return MetricsSample(rec.engine, rec.ts, snap, rec.role, rec.kind)
 
 
 # ---- the stream ------------------------------------------------------------------------------
 def _open_write(path: Path, compression: str) -> BinaryIO:
-    raw = open(path, "wb")  # noqa: SIM115 - owned by the returned stream
     if compression == "gzip":
-        return gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0)  # type: ignore[return-value]
+        return gzip.GzipFile(path, "wb", compresslevel=6, mtime=0)  # type: ignore[return-value]
     if compression == "zstd":
         import zstandard  # optional: pip install zstandard
 
-        return zstandard.ZstdCompressor(level=10).stream_writer(raw)  # type: ignore[return-value]
+        return zstandard.ZstdCompressor(level=10).stream_writer(open(path, "wb"))  # type: ignore[return-value]
     if compression == "none":
-        return raw
-    raw.close()
+        return open(path, "wb")
     raise ValueError(f"compression {compression!r} is not one of gzip, zstd, none")
 
 
-def _open_read(path: Path) -> tuple[BinaryIO, str]:
-    raw = open(path, "rb")  # noqa: SIM115
-    head = raw.read(4)
-    raw.seek(0)
+def _open_read(path: Path) -> tuple[BinaryIO, str, tuple[type[Exception], ...]]:
+    """The decompressed stream, its compression, and the errors a cut-short stream raises."""
+    with open(path, "rb") as f:
+        head = f.read(4)
     if head.startswith(_GZIP_MAGIC):
-        return gzip.GzipFile(fileobj=raw, mode="rb"), "gzip"  # type: ignore[return-value]
+        return gzip.GzipFile(path, "rb"), "gzip", (EOFError, gzip.BadGzipFile)  # type: ignore[return-value]
     if head == _ZSTD_MAGIC:
         import zstandard
 
-        return zstandard.ZstdDecompressor().stream_reader(raw, closefd=True), "zstd"  # type: ignore[return-value]
-    return raw, "none"
+        reader = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
+        return reader, "zstd", (zstandard.ZstdError,)  # type: ignore[return-value]
+    return open(path, "rb"), "none", ()
 
 
-def _records(stream: BinaryIO) -> Iterator[bytes | None]:
+def _records(stream: BinaryIO, cut: tuple[type[Exception], ...]) -> Iterator[bytes | None]:
     """Length-prefixed records; yields None once if the stream is cut short."""
     while True:
         try:
@@ -177,7 +176,7 @@ def _records(stream: BinaryIO) -> Iterator[bytes | None]:
                 return
             n = int.from_bytes(head, "big")
             body = stream.read(n) if len(head) == _LEN else b""
-        except (EOFError, OSError, gzip.BadGzipFile):  # a truncated compressed stream
+        except cut:  # a compressed stream that ends mid-block
             yield None
             return
         if len(head) < _LEN or len(body) < n:
@@ -201,8 +200,9 @@ def _hardware(kind: str, describe: dict[str, Any]) -> dict[str, Any]:
             drv = pynvml.nvmlSystemGetDriverVersion()
             out["driver"] = drv.decode() if isinstance(drv, bytes) else drv
             n = pynvml.nvmlDeviceGetCount()
-            names = [pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(i))
-                     for i in range(n)]
+            names = [
+                pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(i)) for i in range(n)
+            ]
             out["gpus"] = [x.decode() if isinstance(x, bytes) else x for x in names]
         finally:
             pynvml.nvmlShutdown()
@@ -237,11 +237,13 @@ def make_header(source: TelemetrySource, lab: Any = None, meta: dict[str, Any] |
         "vllm_version": _version("vllm") if kind == "vllm" else None,
         "python": platform.python_version(), "compression": compression,
         "metrics_hz": metrics_hz, "meta": dict(meta or {}),
-    }
+    }  # fmt: skip
     if lab is not None:
-        header["lab"] = {"mode": getattr(lab, "mode", None), "describe": lab.describe(),
-                         "config": msgspec.to_builtins(dataclasses.asdict(lab.config), enc_hook=str),
-                         "plan": msgspec.to_builtins(lab.plan.to_dict(), enc_hook=str)}
+        header["lab"] = {
+            "mode": getattr(lab, "mode", None), "describe": lab.describe(),
+            "config": msgspec.to_builtins(dataclasses.asdict(lab.config), enc_hook=str),
+            "plan": msgspec.to_builtins(lab.plan.to_dict(), enc_hook=str),
+        }  # fmt: skip
     return header
 
 
@@ -270,7 +272,7 @@ class Recorder:
                                   metrics_hz=metrics_hz)
         self._min_gap = 1.0 / metrics_hz if metrics_hz else 0.0
         self._clock = clock
-        self._t0 = clock()
+        self._t0 = self._last_flush = clock()
         self._metrics = MetricsDeltaEncoder()
         self._kept_ts: dict[str, float] = {}  # engine -> ts of the last metrics kept
         self._held: dict[str, MetricsSample] = {}  # engine -> newest sample not yet kept
@@ -279,7 +281,6 @@ class Recorder:
         self._stream: BinaryIO | None = _open_write(self.path, compression)
         self._stream.write(MAGIC)
         self._put(_encoder.encode(self.header))
-        self._last_flush = self._t0
 
     # the TelemetrySource protocol: pass through, and record
     def poll(self) -> TelemetryDelta:
@@ -314,7 +315,8 @@ class Recorder:
             self._held[m.engine] = m
         keep = []
         for engine, m in list(self._held.items()):
-            if flush or engine not in self._kept_ts or m.ts - self._kept_ts[engine] >= self._min_gap:
+            last = self._kept_ts.get(engine)
+            if flush or last is None or m.ts - last >= self._min_gap:
                 keep.append(m)
                 self._kept_ts[engine] = m.ts
                 del self._held[engine]
@@ -331,14 +333,11 @@ class Recorder:
         if self._stream is not None:
             held = self._thin([], flush=True)
             if held:
-                self._put(_encoder.encode(Frame(self._clock() - self._t0,
-                                                metrics=[self._metrics.encode(m) for m in held])))
+                t = self._clock() - self._t0
+                self._put(_encoder.encode(Frame(t, metrics=[self._metrics.encode(m) for m in held])))
                 self.num_frames += 1
             stream, self._stream = self._stream, None
             stream.close()
-            inner = getattr(stream, "fileobj", None)  # GzipFile leaves its file open
-            if inner is not None:
-                inner.close()
         return self.path
 
     @property
@@ -390,15 +389,15 @@ class Recording:
 def read_recording(path: str | Path) -> Recording:
     """Read a whole recording (a few MB: kept in memory, so seeking is free)."""
     path = Path(path)
-    stream, compression = _open_read(path)
+    stream, compression, cut = _open_read(path)
     with stream:
         try:
             magic = stream.read(len(MAGIC))
-        except (EOFError, OSError) as exc:
+        except (*cut, OSError) as exc:
             raise ValueError(f"{path} is not a labkit recording ({exc})") from exc
         if magic != MAGIC:
             raise ValueError(f"{path} is not a labkit recording (no {MAGIC!r} at the start)")
-        records = _records(stream)
+        records = _records(stream, cut)
         first = next(records, None)
         if first is None:
             raise ValueError(f"{path}: the recording has no header")
@@ -420,7 +419,6 @@ def read_recording(path: str | Path) -> Recording:
     return rec
 
 
-
 # ---- a fixed demo session (what labkit/data/recordings holds, and `labkit record` runs) -------
 # (start s, prompt tokens, max_tokens, shares the system prompt): one request alone first, so a
 # learner sees one prefill -> KV transfer -> decode; then a mix: a shared system prompt (prefix
@@ -429,12 +427,12 @@ DEMO_WORKLOAD: tuple[tuple[float, int, int, bool], ...] = (
     (0.0, 1081, 32, False),
     (4.0, 812, 64, True), (4.2, 712, 64, True), (5.0, 6000, 16, False), (5.0, 64, 128, False),
 ) + tuple((10.0 + 2.0 * i, (300, 1500, 800, 3000)[i % 4], (64, 32, 128, 16)[i % 4], i % 2 == 0)
-          for i in range(24))
+          for i in range(24))  # fmt: skip
 SYSTEM_PROMPT_TOKENS = 512
 
 
-def _demo_prompts(vocab_size: int, max_len: int, seed: int = 0) -> list[tuple[float, list[int], int]]:
-    """DEMO_WORKLOAD as (start s, prompt token ids, max_tokens); ids are seeded, no tokenizer."""
+def demo_prompts(vocab_size: int, max_len: int, seed: int = 0) -> list[tuple[float, list[int], int]]:
+    """DEMO_WORKLOAD as (start s, prompt token ids, max_tokens); seeded ids, no tokenizer."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -443,38 +441,37 @@ def _demo_prompts(vocab_size: int, max_len: int, seed: int = 0) -> list[tuple[fl
     for start, n, max_tokens, shared in DEMO_WORKLOAD:
         n = max(1, min(n, max_len - max_tokens - 1))
         head = system[:n] if shared else []
-        out.append((start, head + rng.integers(1000, vocab_size - 1, n - len(head)).tolist(),
-                    max_tokens))
+        ids = head + rng.integers(1000, vocab_size - 1, n - len(head)).tolist()
+        out.append((start, ids, max_tokens))
     return out
 
 
 def _drive(url: str, model: str, prompts: list[tuple[float, list[int], int]], until: float,
            errors: list[str]) -> None:
-    """Send each prompt at its start time (one thread each) until `until` (monotonic)."""
+    """Send each prompt (streamed: the proxy's timeline gets every token) at its start time,
+    one thread each, until `until` (monotonic)."""
     import threading
 
     import httpx
 
-    t0 = time.monotonic()
-    with httpx.Client(timeout=120) as client:
-        def send(ids: list[int], max_tokens: int) -> None:
-            body = {"model": model, "prompt": ids, "max_tokens": max_tokens, "ignore_eos": True,
-                    "stream": True}  # streamed: the proxy's timeline gets every token
-            try:
-                with client.stream("POST", f"{url}/v1/completions", json=body) as r:
-                    r.raise_for_status()
-                    for _ in r.iter_lines():
-                        pass
-            except httpx.HTTPError as exc:
-                errors.append(f"{type(exc).__name__}: {exc}")
+    def send(client: httpx.Client, ids: list[int], max_tokens: int) -> None:
+        body = {"model": model, "prompt": ids, "max_tokens": max_tokens, "ignore_eos": True,
+                "stream": True}
+        try:
+            with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+                r.raise_for_status()
+                for _ in r.iter_lines():
+                    pass
+        except httpx.HTTPError as exc:
+            errors.append(f"{type(exc).__name__}: {exc}")
 
-        threads = []
+    t0, threads = time.monotonic(), []
+    with httpx.Client(timeout=120) as client:
         for start, ids, max_tokens in prompts:
-            wait = t0 + start - time.monotonic()
             if t0 + start >= until:
                 break
-            time.sleep(max(0.0, wait))
-            threads.append(threading.Thread(target=send, args=(ids, max_tokens), daemon=True))
+            time.sleep(max(0.0, t0 + start - time.monotonic()))
+            threads.append(threading.Thread(target=send, args=(client, ids, max_tokens)))
             threads[-1].start()
         for th in threads:
             th.join(timeout=max(0.0, until - time.monotonic()) + 5)
@@ -485,9 +482,10 @@ def record_demo_session(path: str | Path, mode: str = "auto", duration_s: float 
                         progress: bool = False, **lab_knobs: Any) -> Path:
     """Start a Lab, drive DEMO_WORKLOAD through its proxy, record `duration_s` s, stop it.
 
-    Run on the GPU machine (mode="vllm") to make a real recording; mode="sim" makes the
-    simulated one shipped in labkit/data/recordings. `lab_knobs` go to Lab (model, chunk, ...).
+    On the GPU machine (mode="vllm") this makes a real recording; mode="sim" made the one
+    shipped in labkit/data/recordings. `lab_knobs` go to Lab (model, chunk, tp, run_dir...).
     """
+    import logging
     import threading
 
     from labkit.lab import Lab
@@ -495,14 +493,12 @@ def record_demo_session(path: str | Path, mode: str = "auto", duration_s: float 
     lab = Lab(mode=mode, **lab_knobs)
     lab.start(progress=progress)
     try:
-        tel = lab.telemetry()
-        prompts = _demo_prompts(lab.plan.model.vocab_size, min(e.max_model_len
-                                                               for e in lab.plan.engines))
-        meta = {"workload": "labkit.telemetry.recording.DEMO_WORKLOAD",
-                "requests": [(s, len(ids), m) for s, ids, m in prompts],
-                "duration_s": duration_s}
+        max_len = min(e.max_model_len for e in lab.plan.engines)
+        prompts = demo_prompts(lab.plan.model.vocab_size, max_len)
+        meta = {"workload": "labkit.telemetry.recording.DEMO_WORKLOAD", "duration_s": duration_s,
+                "requests": [(s, len(ids), m) for s, ids, m in prompts]}
         errors: list[str] = []
-        with Recorder(tel, path, compression=compression, lab=lab, meta=meta) as rec:
+        with Recorder(lab.telemetry(), path, compression=compression, lab=lab, meta=meta) as rec:
             end = time.monotonic() + duration_s
             driver = threading.Thread(target=_drive, daemon=True,
                                       args=(lab.url, lab.plan.model.name, prompts, end, errors))
@@ -514,10 +510,8 @@ def record_demo_session(path: str | Path, mode: str = "auto", duration_s: float 
             time.sleep(interval)
             rec.poll()
         if errors:
-            import logging
-
-            logging.getLogger(__name__).warning("%d demo requests failed: %s", len(errors),
-                                                errors[0])
+            logging.getLogger(__name__).warning("%d demo requests failed, first: %s",
+                                                len(errors), errors[0])
     finally:
         lab.stop()
     return Path(path)

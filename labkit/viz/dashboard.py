@@ -64,14 +64,9 @@ class Dashboard:
         self.source = source
         self.info = SourceInfo.from_dict(source.describe())
         self.interval = interval
+        self.title = source.describe().get("title")  # a replay's "REPLAY of a real vLLM run ..."
         engines = [(e.name, e.role, e.kind) for e in self.info.engines]
-        self.blocks = BlockMapState(
-            {e.name: (e.role, e.kind, e.num_blocks, e.block_size) for e in self.info.engines}
-        )
-        self.transfers = TransferState()
-        self.memory = MemoryState()
-        self.schedule = ScheduleState()
-        self.latency = LatencyState()
+        self._new_states()
         kinds = [self.info.kind, *(k for _, _, k in engines)]
         self.views: dict[str, View] = {
             "blocks": BlockMapView(self.blocks, max_cells=max_cells),
@@ -92,6 +87,24 @@ class Dashboard:
         self._stop = threading.Event()
         self.widget = self._layout()
 
+    def _new_states(self) -> None:
+        """Fresh reducers (at start, and when a replay seeks backwards)."""
+        self.blocks = BlockMapState(
+            {e.name: (e.role, e.kind, e.num_blocks, e.block_size) for e in self.info.engines}
+        )
+        self.transfers = TransferState()
+        self.memory = MemoryState()
+        self.schedule = ScheduleState()
+        self.latency = LatencyState()
+
+    def _reset(self) -> None:
+        self._new_states()
+        states = {"blocks": self.blocks, "streaming": self.transfers, "memory": self.memory,
+                  "schedule": self.schedule, "latency": self.latency}
+        for name, view in self.views.items():
+            view.state = states[name]
+            view._drawn_version = -1
+
     # -- layout --------------------------------------------------------------------------------
     def _header_html(self) -> str:
         color = KIND_COLORS.get(self.info.kind, "#444")
@@ -99,7 +112,7 @@ class Dashboard:
         return (
             f'<div style="display:flex;gap:12px;align-items:center">'
             f'<span style="background:{color};color:white;padding:4px 10px;border-radius:4px;'
-            f'font-weight:bold">{html.escape(header_text(self.info))}</span>'
+            f'font-weight:bold">{html.escape(self.title or header_text(self.info))}</span>'
             f"<span>PD Lab · {html.escape(engines)}</span></div>"
         )
 
@@ -122,6 +135,8 @@ class Dashboard:
     # -- refresh -------------------------------------------------------------------------------
     def fold(self, delta: TelemetryDelta) -> None:
         """Feed one delta into every reducer (no drawing)."""
+        if getattr(delta, "reset", False):
+            self._reset()
         for batch in delta.observer:
             self.blocks.apply(batch)
             self.transfers.apply(batch)

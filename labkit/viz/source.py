@@ -146,10 +146,12 @@ class TelemetryDelta:
     metrics: list[MetricsSample] = field(default_factory=list)
     gpu_samples: list[GpuSample] = field(default_factory=list)
     engine_memory: list[EngineMemory] = field(default_factory=list)
+    reset: bool = False  # a replay seeked backwards: views start again from empty state
 
     def is_empty(self) -> bool:
         return not (
-            self.observer or self.timeline or self.metrics or self.gpu_samples or self.engine_memory
+            self.reset
+            or self.observer or self.timeline or self.metrics or self.gpu_samples or self.engine_memory
         )
 
 

@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-events-endpoint", help="ZMQ PUB address to bind, e.g. tcp://127.0.0.1:5557")
     p.add_argument("--kv-events-topic", default="kv")
     p.add_argument("--observer-endpoint", help="ZMQ address of the lab's observer SUB (connect)")
+    p.add_argument("--kv-load-timeout", type=float, default=5.0, metavar="S",
+                   help="nixl decode: seconds to reach the prefill engine holding a request's "
+                   "KV before the request fails (vLLM's handshake waits 5 s)")
     p.add_argument("--engine-id", help="the engine id (NIXL's remote_engine_id); default random")
     p.add_argument("--speed", type=float, default=1.0, help="simulated seconds per wall second")
     p.add_argument("--fast", action="store_true", help="as fast as possible (tests, benchmarks)")
@@ -77,6 +80,8 @@ def parse_args(argv: Sequence[str] | None = None) -> SimServerArgs:
     fields["connector"] = None if ns.connector == "none" else ns.connector
     if fields["speed"] <= 0:
         raise SystemExit("--speed must be > 0")
+    if not fields["kv_load_timeout"] > 0:
+        raise SystemExit("--kv-load-timeout must be > 0")
     return SimServerArgs(model=model, **fields)
 
 

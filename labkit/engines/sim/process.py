@@ -31,7 +31,7 @@ _FLAGS = {
     "num_gpu_blocks_override": "--num-gpu-blocks-override", "num_gpu_blocks": "--num-gpu-blocks",
     "max_model_len": "--max-model-len", "kv_events_topic": "--kv-events-topic",
     "observer_name": "--observer-name", "engine_id": "--engine-id", "speed": "--speed",
-    "seed": "--seed",
+    "seed": "--seed", "kv_load_timeout": "--kv-load-timeout",
 }
 
 

@@ -64,6 +64,7 @@ class SimServerArgs:
     observer_endpoint: str | None = None
     observer_name: str | None = None
     engine_id: str | None = None
+    kv_load_timeout: float = 5.0  # nixl decode: seconds to reach the KV's prefill engine
     speed: float = 1.0
     fast: bool = False
     seed: int = 0
@@ -107,7 +108,7 @@ class EngineRunner:
             link = link_named(args.kv_link or "nvlink")
             self.transport = NetworkTransport(
                 link, link_named(args.kv_storage_link), storage_dir=args.kv_storage,
-                engine_id=self.engine_id)
+                engine_id=self.engine_id, timeout=args.kv_load_timeout)
             engine_kw.update(connector=args.connector, transport=self.transport)
         self.engine = SimEngine(
             self.shape, args.gpu_type, tp=args.tp, pp=args.pp, kv_cache_dtype=args.kv_cache_dtype,

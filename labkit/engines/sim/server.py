@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from labkit.engines.sim.engine import RequestOutput
 from labkit.engines.sim.runner import EngineRunner, SimServerArgs
+from labkit.engines.sim.transport import KVLoadError
 
 logger = logging.getLogger("labkit.sim.server")
 
@@ -246,6 +247,18 @@ class OpenAIServing:
         except ValueError as exc:
             raise APIError(str(exc)) from None
 
+    async def _reach_kv_source(self, body: _Base) -> None:
+        """nixl decode: the prefill engine holding the KV must answer first (transport
+        handshake); if not, vLLM ends the request with an error and answers 500
+        (entrypoints/openai/engine/protocol.py GenerationError): here with the reason."""
+        if self.runner.transport is None:
+            return
+        try:
+            await self.runner.transport.handshake(body.kv_transfer_params)
+        except KVLoadError as exc:
+            logger.error("%s", exc)
+            raise APIError(str(exc), 500, "InternalServerError", "kv_transfer_params") from None
+
     def _usage(self, choices: list[_Choice]) -> dict[str, int]:
         p = sum(c.prompt_len for c in choices)
         n = sum(len(c.token_ids) for c in choices)
@@ -324,6 +337,7 @@ class OpenAIServing:
 
     async def completions(self, body: CompletionRequest) -> Any:
         rid, runs = self._start("cmpl", self._prompts(body.prompt), body.max_tokens, body)
+        await self._reach_kv_source(body)
         created = int(time.time())
         model = self.runner.served_model_name
         if body.stream:
@@ -371,6 +385,7 @@ class OpenAIServing:
         prompt = self.runner.render_chat(body.messages)
         requested = body.max_completion_tokens or body.max_tokens
         rid, runs = self._start("chatcmpl", [prompt], requested, body)
+        await self._reach_kv_source(body)
         created = int(time.time())
         model = self.runner.served_model_name
         if body.stream:

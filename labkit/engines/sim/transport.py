@@ -62,6 +62,10 @@ def check_storage_path(path: str | Path, root: str | Path | None = None) -> Path
     return resolved
 
 
+class KVLoadError(RuntimeError):
+    """A decode request's KV cannot be read: its prefill engine is gone, silent or another."""
+
+
 class NetworkTransport(KVTransport):
     """`KVTransport` between engine processes: marker files for "example", HTTP for "nixl".
 
@@ -75,7 +79,7 @@ class NetworkTransport(KVTransport):
             storage (nixl only).
         kv_bytes_per_token: KV bytes of one token on one GPU (marker files record bytes).
         engine_id: this engine's id (written into marker files).
-        timeout: seconds for one notification POST.
+        timeout: seconds for one notification POST, and for the handshake before a read.
     """
 
     def __init__(self, link: LinkSpec, storage_link: LinkSpec | None = None, *,
@@ -143,6 +147,48 @@ class NetworkTransport(KVTransport):
             self._remote_blocks[str(rid)] = [int(b) for b in (blocks[0] if blocks and
                                                               isinstance(blocks[0], list) else blocks)]
 
+    async def handshake(self, params: dict[str, Any] | None) -> None:
+        """Reach the prefill engine that holds a decode request's KV before reading it.
+
+        vLLM's NIXL handshake (nixl/base_worker.py _nixl_handshake) waits 5 s for the remote
+        agent and checks its engine id; a failure marks the request's blocks invalid and, with
+        kv_load_failure_policy='fail' (the default), the request ends with an error. Here the
+        handshake is `GET /labkit/info` on prefill's HTTP port, once per request (vLLM caches
+        it per engine, then a read from a dead engine fails: the same outcome).
+
+        Raises:
+            KVLoadError: no answer within `timeout` s, or the engine there has another id
+                (it restarted: the blocks are gone).
+        """
+        if not params or not params.get("do_remote_prefill"):
+            return
+        engine, host, port = (params.get("remote_engine_id"), params.get("remote_host"),
+                              params.get("remote_port"))
+        if not (engine and host and port):
+            return
+        where = f"prefill engine {engine} at {host}:{port}"
+        rid = params.get("remote_request_id")
+        try:
+            resp = await self._http().get(f"http://{host}:{port}/labkit/info")
+            resp.raise_for_status()
+            found = resp.json().get("engine_id")
+        except (httpx.HTTPError, ValueError) as exc:
+            raise KVLoadError(
+                f"KV load failed: the {where} did not answer the NIXL handshake within "
+                f"{self.timeout:g} s ({type(exc).__name__}: {exc}); request {rid}'s KV cannot "
+                f"be read (kv_load_failure_policy='fail'). Restart the prefill engine and send "
+                f"the request again") from None
+        if found != engine:
+            raise KVLoadError(
+                f"KV load failed: {host}:{port} is now engine {found}, not the {where} that "
+                f"computed request {rid} (it restarted; its blocks are gone). Send the request "
+                f"again") from None
+
+    def _http(self) -> httpx.AsyncClient:
+        if self._client is None:
+            self._client = httpx.AsyncClient(timeout=self.timeout, trust_env=False)
+        return self._client
+
     def notify_read_done(self, remote_engine_id: str, remote_request_id: str, at: float) -> None:
         """Tell prefill its blocks were read: a POST sent in the background (never blocks
         the engine loop); failures are counted, as vLLM's nixl_num_failed_notifications."""
@@ -166,10 +212,8 @@ class NetworkTransport(KVTransport):
         task.add_done_callback(self._tasks.discard)
 
     async def _post(self, url: str, body: dict[str, Any]) -> None:
-        if self._client is None:
-            self._client = httpx.AsyncClient(timeout=self.timeout)
         try:
-            resp = await self._client.post(url, json=body)
+            resp = await self._http().post(url, json=body)
             resp.raise_for_status()
             self._acked(body["remote_request_id"], resp.json())
         except (httpx.HTTPError, ValueError) as exc:

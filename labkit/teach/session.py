@@ -1,0 +1,143 @@
+"""A running lab and its live dashboard in one widget (what notebook 08 and Voila show).
+
+Apply in the dashboard's controls restarts the lab with the validated config, rebuilds the
+dashboard on the new lab's telemetry and sends the workload the controls describe. Traffic
+runs on a background thread, so the dashboard keeps refreshing while requests flow.
+"""
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+from concurrent.futures import Future
+from typing import Any
+
+
+def workload_from(settings: Any, num_requests: int = 24, seed: int = 0) -> Any:
+    """A labkit.bench workload from the controls' WorkloadSettings."""
+    from labkit.bench import workloads
+
+    rate = settings.rate if settings.rate > 0 else math.inf
+    if settings.shared_prefix > 0:
+        prefix = max(16, int(settings.prompt_len * settings.shared_prefix))
+        suffix = max(1, settings.prompt_len - prefix)
+        return workloads.shared_prefix(num_requests, rate=rate, seed=seed, prefix_len=prefix,
+                                       share=1.0, suffix=(suffix, suffix),
+                                       output=(settings.output_len, settings.output_len))
+    return workloads.fixed(num_requests, settings.prompt_len, settings.output_len, rate=rate,
+                           seed=seed)
+
+
+class DashboardSession:
+    """`lab` + `labkit.viz.Dashboard` on its telemetry, displayed through one Output widget.
+
+    Args:
+        lab: a started labkit.Lab.
+        interval: dashboard refresh period (seconds).
+    """
+
+    def __init__(self, lab: Any, interval: float = 0.25) -> None:
+        import ipywidgets as w
+
+        self.lab = lab
+        self.interval = interval
+        self.out = w.Output()
+        self.dashboard: Any = None
+        self.loads: list[Future] = []
+        self._show()
+
+    def _hardware(self) -> Any:
+        if self.lab.kind != "sim":
+            return None
+        from labkit import hardware
+
+        return hardware.simulated(self.lab.plan.num_gpus, self.lab.plan.gpu_type.key)
+
+    def _show(self) -> None:
+        from IPython.display import display
+
+        from labkit.viz import Dashboard
+
+        if self.dashboard is not None:
+            self.dashboard.stop()
+        self.dashboard = Dashboard(self.lab.telemetry(), on_apply=self.apply,
+                                   config=self.lab.config, hardware=self._hardware(),
+                                   interval=self.interval)
+        self.out.clear_output()
+        with self.out:
+            display(self.dashboard)
+        self.dashboard.start()
+
+    def send(self, workload: Any, max_duration_s: float | None = 150.0) -> Future:
+        """Send `workload` (a labkit.bench Workload) through the lab on a daemon thread (the
+        kernel can exit while it runs); the Future's result is the loadgen's LoadResult."""
+        from labkit.bench.loadgen import load
+
+        fut: Future = Future()
+        fut.set_running_or_notify_cancel()
+        coro = load(self.lab.url, workload, model=self.lab.plan.model.name,
+                    max_duration_s=max_duration_s, request_timeout_s=60.0,
+                    vocab_size=min(self.lab.plan.model.vocab_size, 30000))
+
+        def run() -> None:
+            try:
+                fut.set_result(asyncio.run(coro))
+            except BaseException as e:  # the Future carries it to whoever asks
+                fut.set_exception(e)
+
+        threading.Thread(target=run, name="labkit-traffic", daemon=True).start()
+        self.loads.append(fut)
+        return fut
+
+    def summary(self) -> Any:
+        """What the client measured of the last traffic (a Result), or where it stands."""
+        if not self.loads:
+            return "no traffic sent yet"
+        fut = self.loads[-1]
+        if not fut.done():
+            return "traffic still running: watch the dashboard, then run this cell again"
+        return load_summary(fut.result(), kind=self.lab.kind)
+
+    def apply(self, settings: Any) -> None:
+        """Dashboard Apply: restart the lab with `settings.config`, then send its workload."""
+        from labkit.lab import Lab
+
+        progress = self.dashboard.progress if self.dashboard is not None else None
+        if self.dashboard is not None:
+            self.dashboard.stop()
+        self.lab.stop()  # running traffic fails fast once the engines are gone
+        new = Lab(settings.config, mode=self.lab.mode, speed=getattr(self.lab, "speed", 1.0))
+        new.start(progress=(lambda s, f: progress.update(s, f)) if progress else False)
+        self.lab = new
+        self._show()
+        self.send(workload_from(settings.workload))
+
+    def stop(self) -> None:
+        """Stop refreshing and stop the lab (traffic still running then fails fast)."""
+        if self.dashboard is not None:
+            self.dashboard.stop()
+        self.lab.stop()
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
+        return self.out._repr_mimebundle_(**kwargs)
+
+
+def load_summary(result: Any, kind: str = "sim") -> Any:
+    """Client-side figures of a LoadResult: requests finished, TTFT and ITL p50/p99 (ms)."""
+    import numpy as np
+
+    from labkit.teach.result import Result
+
+    ok = [r for r in result.records if r.ok]
+    ttft = [r.ttft for r in ok if r.ttft is not None]
+    itl = [x for r in ok for x in r.itls]
+
+    def ms(v: list[float], q: float) -> float:
+        return float(np.percentile(v, q) * 1e3) if v else float("nan")
+
+    rows = [{"requests": len(result.records), "finished": len(ok),
+             "ttft_p50_ms": ms(ttft, 50), "ttft_p99_ms": ms(ttft, 99),
+             "itl_p50_ms": ms(itl, 50), "itl_p99_ms": ms(itl, 99),
+             "duration_s": result.duration_s}]
+    return Result(f"traffic '{result.workload}' as the client saw it", kind, rows,
+                  note="times measured by the client (streamed tokens), wall clock")
