@@ -169,3 +169,22 @@ def cmd_dashboard(a: argparse.Namespace) -> int:
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     register_up, register_status, register_down, register_demo, register_dashboard]
+
+
+# ---- labkit bench ---------------------------------------------------------------------------
+def register_bench(sub: argparse._SubParsersAction) -> None:
+    from labkit.bench.__main__ import add_arguments
+
+    p = sub.add_parser("bench", help="run a workload against PD vs colocated, chunk sizes, TP or "
+                                     "KV dtype and print a table (real or SIMULATED, labelled)")
+    add_arguments(p)
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    from labkit.bench.__main__ import run
+
+    return int(run(a) or 0)
+
+
+COMMANDS.append(register_bench)
