@@ -4,27 +4,45 @@ Each `check_*` computes the right answer with the functions the lab itself runs 
 (labkit.models' KV arithmetic, labkit.config's planner, the simulator's block pool,
 scheduler and connectors), prints a friendly verdict and returns True / False.
 `answer=None` means "not answered yet": the notebook still runs top to bottom.
-`reveal=True` also prints the expected value.
+`reveal=True` also prints the expected value. Each returns a `Verdict` (truthy when right)
+that Jupyter does not echo, so a cell shows the printed verdicts only.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 GiB = 1 << 30
 
 
-def _verdict(answer: Any, expected: Any, ok: bool, what: str, hint: str, reveal: bool) -> bool:
+@dataclass(frozen=True)
+class Verdict:
+    """The outcome of one check: `bool(v)` is True when the answer was right."""
+
+    ok: bool
+    expected: Any
+    answer: Any
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+    def _ipython_display_(self) -> None:  # the printed verdict already said it all
+        pass
+
+
+def _verdict(answer: Any, expected: Any, ok: bool, what: str, hint: str,
+             reveal: bool) -> Verdict:
     if answer is None:
         print(f"✍️  Not answered yet: set your answer for {what} and run the cell again.")
-        return False
+        return Verdict(False, expected, answer)
     if ok:
         print(f"✅ Right: {what} = {expected}.")
     else:
         print(f"❌ Not quite: you said {answer} for {what}.\n   Hint: {hint}")
         if reveal:
             print(f"   labkit computes {expected}.")
-    return ok
+    return Verdict(ok, expected, answer)
 
 
 def _close(answer: Any, expected: float, rel: float) -> bool:
@@ -35,7 +53,7 @@ def _close(answer: Any, expected: float, rel: float) -> bool:
 
 
 def check_kv_bytes_per_token(model: str, kv_cache_dtype: str, answer: Any, *,
-                             reveal: bool = False) -> bool:
+                             reveal: bool = False) -> Verdict:
     """KV bytes one token costs in the whole model (all layers, K and V)."""
     from labkit.models import get_model, kv_dtype_bytes
 
@@ -61,7 +79,7 @@ def simulated_prompt_blocks(prompt_len: int, block_size: int) -> int:
 
 
 def check_blocks_needed(prompt_len: int, block_size: int, answer: Any, *,
-                        reveal: bool = False) -> bool:
+                        reveal: bool = False) -> Verdict:
     """KV blocks a prompt of `prompt_len` tokens occupies after its prefill."""
     expected = simulated_prompt_blocks(prompt_len, block_size)
     hint = "a block holds block_size tokens; a partly filled last block still counts (round up)"
@@ -88,7 +106,7 @@ def simulated_chunk_steps(prompt_len: int, chunk: int) -> list[int]:
     raise RuntimeError("the simulated scheduler did not finish the prefill")
 
 
-def check_chunk_steps(prompt_len: int, chunk: int, answer: Any, *, reveal: bool = False) -> bool:
+def check_chunk_steps(prompt_len: int, chunk: int, answer: Any, *, reveal: bool = False) -> Verdict:
     """Engine steps a lone prompt needs before its first token with chunked prefill."""
     steps = simulated_chunk_steps(prompt_len, chunk)
     expected = len(steps)
@@ -102,7 +120,7 @@ def check_chunk_steps(prompt_len: int, chunk: int, answer: Any, *, reveal: bool 
 
 
 def check_tp_kv_per_gpu(model: str, tp: int, kv_cache_dtype: str, answer: Any, *,
-                        reveal: bool = False) -> bool:
+                        reveal: bool = False) -> Verdict:
     """KV bytes per token that ONE GPU of a TP group stores."""
     from labkit.models import get_model
 
@@ -116,7 +134,7 @@ def check_tp_kv_per_gpu(model: str, tp: int, kv_cache_dtype: str, answer: Any, *
 
 
 def check_weight_gib(model: str, answer: Any, *, tp: int = 1, pp: int = 1,
-                     reveal: bool = False) -> bool:
+                     reveal: bool = False) -> Verdict:
     """GiB of weights the most loaded GPU holds (within 5 %)."""
     from labkit.models import get_model
 
@@ -141,7 +159,7 @@ def simulated_transfer_tokens(prompt_len: int, block_size: int, connector: str) 
 
 
 def check_pd_transfer_tokens(prompt_len: int, block_size: int, connector: str, answer: Any, *,
-                             reveal: bool = False) -> bool:
+                             reveal: bool = False) -> Verdict:
     """Prompt tokens whose KV moves from prefill to decode with `connector`."""
     expected = simulated_transfer_tokens(prompt_len, block_size, connector)
     hints = {
@@ -163,7 +181,7 @@ def kv_gpus(model: str, tp: int, num_gpus: int, gpu_type: str = "h100") -> list[
 
 
 def check_kv_gpus(model: str, tp: int, num_gpus: int, answer: Any, *,
-                  reveal: bool = False) -> bool:
+                  reveal: bool = False) -> Verdict:
     """Which GPUs hold KV cache (a list of indices)."""
     expected = kv_gpus(model, tp, num_gpus)
     ok = answer is not None and sorted(int(a) for a in answer) == expected

@@ -34,7 +34,7 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-@dataclass
+@dataclass(repr=False)
 class Result:
     """Rows of one experiment, labelled with how they were obtained.
 
@@ -87,6 +87,9 @@ class Result:
                 f'border-radius:3px;font-weight:bold">{html.escape(self.label)}</span> '
                 f"<b>{html.escape(self.title)}</b><table><thead><tr>{head}</tr></thead>"
                 f"<tbody>{body}</tbody></table>{note}</div>")
+
+    def __repr__(self) -> str:
+        return str(self)
 
     def __str__(self) -> str:
         cols = self.columns()
