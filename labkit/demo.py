@@ -118,10 +118,39 @@ def _report(lab: Any, results: list[dict[str, Any]], peak: dict[str, tuple[int, 
     for r in results:
         print(f"{r['prompt_tokens']:>7} {r['tokens']:>6} {r['ttft'] * 1e3:>8.1f} "
               f"{r['itl'] * 1e3:>7.2f} {r['e2e'] * 1e3:>7.1f}")
-    layers = [e for b in tel.store.since("obs", 0).events for e in getattr(b.event, "events", [])
-              if type(e).__name__ == "LayerTiming"]
-    if layers:
-        ms = sorted((e.end - e.start) * 1e3 for e in layers)
-        print(f"\nper-layer KV save/load (observer, {len(ms)} layer events): median "
-              f"{ms[len(ms) // 2]:.2f} ms")
+    _print_kv_streaming(tel)
     print(f"\nlabel: {label}. Logs: {lab.run_dir}")
+
+
+def _print_kv_streaming(tel: Any) -> None:
+    """Per-layer save/load times per engine (bracketed synchronous connectors) and whole
+    request transfers (KVTransfer: asynchronous connectors such as NIXL, and synchronous loads)."""
+    layers: dict[tuple[str, str], list[Any]] = {}
+    moves: list[Any] = []
+    for rec in tel.store.since("obs", 0).events:
+        batch = rec.event
+        for e in getattr(batch, "events", []):
+            kind = type(e).__name__
+            if kind == "LayerTiming" and e.layer != "wait_for_save" and e.num_bytes:
+                layers.setdefault((batch.engine_id, e.op), []).append(e)
+            elif kind == "KVTransfer" and e.direction == "recv" and e.num_bytes:
+                moves.append(e)
+    for (engine, op), evs in sorted(layers.items()):
+        ms = sorted((e.end - e.start) * 1e3 for e in evs)
+        med = ms[len(ms) // 2]
+        size = max(e.num_bytes for e in evs)
+        if med < 0.01:  # an asynchronous connector (NIXL) does nothing inside the layer hooks
+            print(f"\nper-layer KV {op} on {engine}: {len(ms)} layer events, no time spent "
+                  "in the layer hooks (the connector moves KV asynchronously)")
+            continue
+        print(f"\nper-layer KV {op} on {engine} (observer, {len(ms)} layer events): median "
+              f"{med:.2f} ms for up to {size / 1e6:.1f} MB a layer, "
+              f"{size / (med / 1e3) / 1e9:.1f} GB/s")
+    if moves:
+        ms = sorted((e.end - e.start) * 1e3 for e in moves)
+        total = sum(e.num_bytes for e in moves)
+        secs = sum(e.end - e.start for e in moves)
+        print(f"KV received by decode: {len(moves)} transfers ({moves[0].connector}), "
+              f"{total / 1e6:.1f} MB, median {ms[len(ms) // 2]:.2f} ms per request from "
+              "allocation to arrival" + (f" ({total / secs / 1e9:.1f} GB/s over those "
+                                         "intervals)" if secs > 0 else ""))

@@ -43,6 +43,9 @@ FIGURES = {  # view -> the start of its figure title (labkit/viz/*.py `title`)
     "memory": "GPU memory",
     "latency": "Latency",
 }
+# anywidget (plotly's FigureWidget front end) gives a model 2 s to import its ES module; past
+# that, every later update to that figure is dropped in the browser.
+ANYWIDGET_DEAD = "[anywidget] Failed to initialize model"
 GANTT = ("queue", "prefill", "KV transfer", "decode")  # labkit/viz/streaming.py PHASES
 
 
@@ -65,7 +68,10 @@ from playwright.sync_api import Page, sync_playwright  # noqa: E402
 
 # ---------------------------------------------------------------- the notebook and the server
 def dashboard_notebook(tmp: Path) -> Path:
-    """The repository's dashboard notebook (what `labkit dashboard` serves), else the test's."""
+    """$LABKIT_E2E_NOTEBOOK, else the repository's dashboard notebook (what `labkit dashboard`
+    serves), else the test's own."""
+    if os.environ.get("LABKIT_E2E_NOTEBOOK"):
+        return Path(os.environ["LABKIT_E2E_NOTEBOOK"]).resolve()
     found = sorted((ROOT / "notebooks").glob("*dashboard*.ipynb"))
     if found:
         return found[0]
@@ -137,8 +143,10 @@ def voila_url(tmp_path: Path) -> Iterator[str]:
            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH"))
                                          if p)}
     log = tmp_path / "voila.log"
+    # As `labkit dashboard` runs it (labkit/cli_lab.py), + tracebacks in the page.
     args = [sys.executable, "-m", "voila", str(nb), "--no-browser", f"--port={port}",
-            "--Voila.ip=127.0.0.1", "--theme=light", "--VoilaConfiguration.show_tracebacks=True"]
+            "--Voila.ip=127.0.0.1", "--theme=light", "--VoilaConfiguration.show_tracebacks=True",
+            *os.environ.get("LABKIT_E2E_VOILA_ARGS", "").split()]
     with log.open("wb") as out:
         proc = subprocess.Popen(args, cwd=nb.parent, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
@@ -181,16 +189,21 @@ def activity(figs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def wait_for(page: Page, ok: Any, timeout: float, what: str) -> dict[str, dict[str, Any]]:
+def wait_for(page: Page, ok: Any, timeout: float, what: str,
+             errors: list[str]) -> dict[str, dict[str, Any]]:
+    """Poll the page's figures until `ok(figures)`; fail early on a dead widget runtime."""
     deadline = time.monotonic() + timeout
     figs: dict[str, dict[str, Any]] = {}
     while time.monotonic() < deadline:
         figs = figures(page)
-        if ok(figs):
+        if len(figs) == len(FIGURES) and ok(figs):
             return figs
+        if any(ANYWIDGET_DEAD in e for e in errors) and len(figs) == len(FIGURES):
+            break  # the figures are drawn but will never receive an update
         page.wait_for_timeout(500)
-    body = page.inner_text("body")[-2500:]
-    raise AssertionError(f"timed out waiting for {what}; figures: {sorted(figs)}\npage:\n{body}")
+    body = page.evaluate("document.body.innerText")[-2000:]
+    raise AssertionError(f"timed out waiting for {what}; figures: {sorted(figs)}; "
+                         f"page errors: {errors[:3]}\npage:\n{body}")
 
 
 def save_docs_images(page: Page, shot: Path) -> None:
@@ -198,7 +211,9 @@ def save_docs_images(page: Page, shot: Path) -> None:
     if os.environ.get("LABKIT_UPDATE_DOCS_IMG") != "1":
         return
     DOCS_IMG.mkdir(parents=True, exist_ok=True)
-    shutil.copy(shot, DOCS_IMG / "dashboard-sim.png")
+    shutil.copy(shot, DOCS_IMG / "dashboard-page.png")
+    dashboard = page.locator(".widget-vbox:has(.js-plotly-plot)").first  # the outermost box
+    dashboard.screenshot(path=str(DOCS_IMG / "dashboard-sim.png"))
     plots = page.locator(".js-plotly-plot")
     for i in range(plots.count()):
         title = plots.nth(i).evaluate("gd => (gd.layout.title || {}).text || ''")
@@ -217,18 +232,22 @@ def test_dashboard_renders_and_updates_in_chromium(voila_url: str, tmp_path: Pat
             page = browser.new_page(viewport=VIEWPORT)
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.goto(voila_url, wait_until="domcontentloaded", timeout=60_000)
-            figs = wait_for(page, lambda f: len(f) == len(FIGURES), 70, "the five live figures")
+            figs = wait_for(page, lambda f: True, 70, "the five live figures", errors)
             for view, fig in figs.items():
                 assert "SIMULATED" in fig["title"], (view, fig["title"])
                 assert fig["width"] > 200 and fig["height"] > 150, (view, fig["width"], fig["height"])
             assert "SIMULATED" in page.inner_text("body")
             figs = wait_for(page, lambda f: (a := activity(f))["used_blocks"] > 0
                             and a["gantt_bars"] > 0 and a["step_bars"] > 0, 40,
-                            "blocks in use, timeline bars and scheduler steps")
+                            "blocks in use, timeline bars and scheduler steps", errors)
             first = activity(figs)
             page.wait_for_timeout(4000)
             second = activity(figures(page))
             shot = tmp_path / "dashboard-sim.png"
+            tall = page.evaluate("Math.max(...Array.from(document.querySelectorAll('body, body *'),"
+                                 " e => e.scrollHeight))")
+            page.set_viewport_size({"width": VIEWPORT["width"], "height": min(int(tall), 4000)})
+            page.wait_for_timeout(1000)  # plotly re-lays out on resize
             page.screenshot(path=str(shot), full_page=True)
             save_docs_images(page, shot)
         finally:

@@ -1,6 +1,7 @@
 """Every notebook runs top to bottom on this CPU machine with the simulator (LABKIT_MODE=sim),
 within a time limit each. Run alone: `python -m pytest tests/test_notebooks.py -q`
 (marked `slow`: about a minute per notebook on two shared cores)."""
+
 from __future__ import annotations
 
 import os
@@ -24,22 +25,33 @@ def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     # The kernel inherits this environment: simulator, private run dir, this checkout.
     monkeypatch.setenv("LABKIT_MODE", "sim")
     monkeypatch.setenv("LABKIT_RUN_DIR", str(tmp_path / "runs"))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
-        p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    )
     monkeypatch.setenv("MPLBACKEND", "Agg")
     nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
-                            resources={"metadata": {"path": str(path.parent)}})
+    client = NotebookClient(
+        nb,
+        timeout=CELL_TIMEOUT_S,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(path.parent)}},
+    )
     start = time.monotonic()
     client.execute()  # raises CellExecutionError on the first failing cell
     took = time.monotonic() - start
-    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
-              if o.get("output_type") == "error"]
+    errors = [
+        o
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.get("outputs", [])
+        if o.get("output_type") == "error"
+    ]
     assert not errors, errors
     assert took < NOTEBOOK_LIMIT_S, f"{path.name} took {took:.0f} s (limit {NOTEBOOK_LIMIT_S} s)"
     text = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
-    html = "".join(str(o.get("data", {}).get("text/html", "")) for c in nb.cells
-                   for o in c.get("outputs", []))
+    html = "".join(
+        str(o.get("data", {}).get("text/html", "")) for c in nb.cells for o in c.get("outputs", [])
+    )
     # What ran says what it was: simulated on this machine, never silently "real".
     assert "REAL vLLM" not in text + html
     print(f"{path.name}: {took:.1f} s")

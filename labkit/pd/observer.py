@@ -83,6 +83,17 @@ _REF = attrgetter("ref_cnt")
 _HASH = attrgetter("_block_hash")  # KVCacheBlock._block_hash (vllm/v1/core/kv_cache_utils.py)
 
 
+def kv_bytes_per_token(kv_cache_config: Any, block_size: int) -> int:
+    """KV bytes one token takes on this rank, all layers (0 when the config is unknown):
+    sum over KV cache groups of page_size_bytes x layers, per block_size tokens."""
+    try:
+        total = sum(int(g.kv_cache_spec.page_size_bytes) * len(g.layer_names)
+                    for g in kv_cache_config.kv_cache_groups)
+        return total // max(1, block_size)
+    except Exception:
+        return 0
+
+
 def block_states(refs: np.ndarray, hashed: np.ndarray) -> np.ndarray:
     """One byte per block: 0 free, 1 free but cached (has a hash), 2 ref 1, 3 ref >= 2."""
     return np.where(refs >= 2, 3, np.where(refs == 1, 2, hashed.astype(np.uint8))).astype(np.uint8)
@@ -277,6 +288,8 @@ class LabkitObserverConnector(KVConnectorBase_V1, SupportsHMA):
         self._req_blocks: dict[str, list[int]] = {}
         self._prompt_len: dict[str, int] = {}
         self._async_loads: dict[str, tuple[float, int]] = {}
+        self._async_done: set[str] = set()  # loaded asynchronously: not a load when scheduled
+        self._sched_bytes_per_token = kv_bytes_per_token(kv_cache_config, self.block_size)
         self._sends: dict[str, tuple[float, int]] = {}
         self._pool: PoolWatcher | None = None
         # worker side
@@ -439,7 +452,10 @@ class LabkitObserverConnector(KVConnectorBase_V1, SupportsHMA):
         pending, self._pending_alloc = self._pending_alloc, {}
         for rid, (ts, ids, ext, request) in pending.items():
             local = self._local_hits.pop(rid, 0)
-            if rid in num_computed:  # scheduled now: synchronous load (if any) this step
+            if rid in self._async_done:  # its KV arrived asynchronously (KVTransfer sent then)
+                self._async_done.discard(rid)
+                ext = 0
+            elif rid in num_computed:  # scheduled now: synchronous load (if any) this step
                 total = num_computed[rid]
                 ext = max(ext, total - local)
                 if ext > 0:
@@ -487,16 +503,20 @@ class LabkitObserverConnector(KVConnectorBase_V1, SupportsHMA):
             now = time.time()
             for rid in connector_output.finished_recving or ():
                 ts, tokens = self._async_loads.pop(rid, (now, 0))
+                self._async_done.add(rid)
+                if len(self._async_done) > 4096:
+                    self._async_done.pop()
                 self._emit(
                     obs.KVTransfer(ts=now, req_id=rid, direction="recv", num_tokens=tokens,
-                                   num_bytes=0, start=ts, end=now,
-                                   connector=self.transfer_connector)
+                                   num_bytes=tokens * self._sched_bytes_per_token, start=ts,
+                                   end=now, connector=self.transfer_connector)
                 )
             for rid in connector_output.finished_sending or ():
                 ts, tokens = self._sends.pop(rid, (now, 0))
                 self._emit(
                     obs.KVTransfer(ts=now, req_id=rid, direction="send", num_tokens=tokens,
-                                   num_bytes=0, start=ts, end=now,
+                                   num_bytes=tokens * self._sched_bytes_per_token, start=ts,
+                                   end=now,
                                    connector=self.transfer_connector)
                 )
                 if self._pool is not None:

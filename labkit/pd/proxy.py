@@ -264,7 +264,7 @@ class PDProxy:
             body = json.loads(await request.body())
             if not isinstance(body, dict):
                 raise ValueError(f"the body must be a JSON object, not {type(body).__name__}")
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deep
             tl.record(fl.req_id, "arrival", ts=fl.arrival, route=route)
             err = ProxyError(
                 400, error_body(f"Invalid JSON body: {exc}", 400, "Bad Request", "body")

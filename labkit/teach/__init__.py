@@ -11,13 +11,22 @@
 Every runner returns a `Result` (rows as dicts + whether they were measured, simulated or
 planned). Modules load lazily: `import labkit.teach` pulls in neither torch nor plotly.
 """
+
 from __future__ import annotations
 
 from importlib import import_module
 from typing import Any
 
-_SUBMODULES = ("kv_cost", "paged_attention", "exercises", "experiments", "placement", "live",
-               "session", "result")
+_SUBMODULES = (
+    "kv_cost",
+    "paged_attention",
+    "exercises",
+    "experiments",
+    "placement",
+    "live",
+    "session",
+    "result",
+)
 _EXPORTS = {"Result": "labkit.teach.result"}
 
 __all__ = sorted([*_SUBMODULES, *_EXPORTS])

@@ -8,6 +8,7 @@ computing only the new token against stored keys/values (KV cache).
 
 Both paths produce the same tokens: the cache changes the cost, never the result.
 """
+
 from __future__ import annotations
 
 import time
@@ -58,8 +59,10 @@ def build_model(shape: TinyShape = TinyShape(), seed: int = 0) -> Any:
         def forward(self, x: Any, cache: tuple[Any, Any] | None) -> tuple[Any, tuple[Any, Any]]:
             b, n, h = x.shape
             heads = shape.num_heads
-            q, k, v = (t.view(b, n, heads, h // heads).transpose(1, 2)
-                       for t in self.qkv(self.ln1(x)).chunk(3, dim=-1))
+            q, k, v = (
+                t.view(b, n, heads, h // heads).transpose(1, 2)
+                for t in self.qkv(self.ln1(x)).chunk(3, dim=-1)
+            )
             if cache is not None:  # the cache: keys/values of every earlier token
                 k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
             # n == 1 with a cache: the one query may see every key, no mask needed
@@ -123,8 +126,9 @@ def flops(shape: TinyShape, prompt_len: int, num_tokens: int, cached: bool) -> f
         for n in range(prompt_len + 1, prompt_len + num_tokens):
             total += lin + shape.attention_flops(1, n)
         return total
-    return sum(n * lin + shape.attention_flops(n, n)
-               for n in range(prompt_len, prompt_len + num_tokens))
+    return sum(
+        n * lin + shape.attention_flops(n, n) for n in range(prompt_len, prompt_len + num_tokens)
+    )
 
 
 def _best_time(fn: Any, repeats: int, min_total_s: float = 0.3) -> float:
@@ -139,9 +143,14 @@ def _best_time(fn: Any, repeats: int, min_total_s: float = 0.3) -> float:
     return best
 
 
-def measure(lengths: tuple[int, ...] = (16, 32, 64, 128, 256), prompt_len: int = 4,
-            shape: TinyShape = TinyShape(), repeats: int = 3, threads: int | None = 1,
-            seed: int = 0) -> Result:
+def measure(
+    lengths: tuple[int, ...] = (16, 32, 64, 128, 256),
+    prompt_len: int = 4,
+    shape: TinyShape = TinyShape(),
+    repeats: int = 3,
+    threads: int | None = 1,
+    seed: int = 0,
+) -> Result:
     """Time generating T tokens without and with a KV cache, for each T in `lengths`.
 
     Args:
@@ -167,13 +176,15 @@ def measure(lengths: tuple[int, ...] = (16, 32, 64, 128, 256), prompt_len: int =
         torch.set_num_threads(before)
 
 
-def _measure(lengths: tuple[int, ...], prompt_len: int, shape: TinyShape, repeats: int,
-             seed: int) -> Result:
+def _measure(
+    lengths: tuple[int, ...], prompt_len: int, shape: TinyShape, repeats: int, seed: int
+) -> Result:
     import torch
 
     model = build_model(shape, seed)
-    prompt = torch.randint(0, shape.vocab_size, (1, prompt_len),
-                           generator=torch.Generator().manual_seed(seed))
+    prompt = torch.randint(
+        0, shape.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(seed)
+    )
     generate_with_cache(model, prompt, 4)  # warm-up: first calls allocate
     rows = []
     for T in lengths:
@@ -181,22 +192,30 @@ def _measure(lengths: tuple[int, ...], prompt_len: int, shape: TinyShape, repeat
         ids_b, logits_b = generate_with_cache(model, prompt, T)
         slow = _best_time(lambda T=T: generate_without_cache(model, prompt, T), repeats)
         fast = _best_time(lambda T=T: generate_with_cache(model, prompt, T), repeats)
-        rows.append({
-            "T": T,
-            "s_without_cache": slow,
-            "s_with_cache": fast,
-            "ratio": slow / fast,
-            "gflop_without_cache": flops(shape, prompt_len, T, cached=False) / 1e9,
-            "gflop_with_cache": flops(shape, prompt_len, T, cached=True) / 1e9,
-            "same_tokens": bool(torch.equal(ids_a, ids_b)
-                                and torch.allclose(logits_a, logits_b, atol=1e-4)),
-        })
+        rows.append(
+            {
+                "T": T,
+                "s_without_cache": slow,
+                "s_with_cache": fast,
+                "ratio": slow / fast,
+                "gflop_without_cache": flops(shape, prompt_len, T, cached=False) / 1e9,
+                "gflop_with_cache": flops(shape, prompt_len, T, cached=True) / 1e9,
+                "same_tokens": bool(
+                    torch.equal(ids_a, ids_b) and torch.allclose(logits_a, logits_b, atol=1e-4)
+                ),
+            }
+        )
     return Result(
-        "generating T tokens without and with a KV cache", "measured", rows,
-        note=(f"torch {torch.__version__} on the CPU, {torch.get_num_threads()} thread(s); "
-              f"decoder of {shape.num_layers} layers x {shape.hidden_size} hidden, random "
-              f"weights; best of >= {repeats} runs; prompt of {prompt_len} tokens"),
-        extra={"shape": shape})
+        "generating T tokens without and with a KV cache",
+        "measured",
+        rows,
+        note=(
+            f"torch {torch.__version__} on the CPU, {torch.get_num_threads()} thread(s); "
+            f"decoder of {shape.num_layers} layers x {shape.hidden_size} hidden, random "
+            f"weights; best of >= {repeats} runs; prompt of {prompt_len} tokens"
+        ),
+        extra={"shape": shape},
+    )
 
 
 def figure(result: Result) -> Any:
@@ -205,10 +224,17 @@ def figure(result: Result) -> Any:
 
     T = result.column("T")
     fig = go.Figure()
-    fig.add_scatter(x=T, y=result.column("s_without_cache"), name="no cache (recompute prefix)",
-                    mode="lines+markers")
+    fig.add_scatter(
+        x=T,
+        y=result.column("s_without_cache"),
+        name="no cache (recompute prefix)",
+        mode="lines+markers",
+    )
     fig.add_scatter(x=T, y=result.column("s_with_cache"), name="KV cache", mode="lines+markers")
-    fig.update_layout(title=f"{result.label}: time to generate T tokens",
-                      xaxis=dict(title="T (generated tokens)", type="log"),
-                      yaxis=dict(title="seconds", type="log"), height=380)
+    fig.update_layout(
+        title=f"{result.label}: time to generate T tokens",
+        xaxis=dict(title="T (generated tokens)", type="log"),
+        yaxis=dict(title="seconds", type="log"),
+        height=380,
+    )
     return fig

@@ -10,6 +10,7 @@ GPU machine and the simulator elsewhere (every table is labelled with the lab's 
 The events come from labkit's observer (a KV connector inside vLLM, or the simulator's
 scheduler hooks) and the PD proxy, through `lab.telemetry()`.
 """
+
 from __future__ import annotations
 
 import random
@@ -61,37 +62,69 @@ class Trace:
             if not e.num_scheduled_tokens:
                 continue
             new = [x for ids in e.new_block_ids.values() for x in ids]
-            rows.append({"engine": b.engine_id, "step": e.step, "ms": (e.ts - t0) * 1e3,
-                         "tokens_scheduled": sum(e.num_scheduled_tokens.values()),
-                         "token_budget": e.token_budget,
-                         "computed_before": sum(e.num_computed_tokens.values()),
-                         "new_blocks": len(new), "new_block_ids": _ids(new)})
-        return Result(f"engine steps for one {self.prompt_len}-token prompt", self.kind, rows,
-                      note="tokens_scheduled per step <= token_budget (max_num_batched_tokens); "
-                           "block 0 is vLLM's null block")
+            rows.append(
+                {
+                    "engine": b.engine_id,
+                    "step": e.step,
+                    "ms": (e.ts - t0) * 1e3,
+                    "tokens_scheduled": sum(e.num_scheduled_tokens.values()),
+                    "token_budget": e.token_budget,
+                    "computed_before": sum(e.num_computed_tokens.values()),
+                    "new_blocks": len(new),
+                    "new_block_ids": _ids(new),
+                }
+            )
+        return Result(
+            f"engine steps for one {self.prompt_len}-token prompt",
+            self.kind,
+            rows,
+            note="tokens_scheduled per step <= token_budget (max_num_batched_tokens); "
+            "block 0 is vLLM's null block",
+        )
 
     def transfers(self) -> Result:
         """KV transfers (one per request and direction)."""
-        rows = [{"engine": b.engine_id, "direction": e.direction, "connector": e.connector,
-                 "tokens": e.num_tokens, "bytes": e.num_bytes,
-                 "ms": (e.end - e.start) * 1e3} for b, e in self._events("KVTransfer")]
+        rows = [
+            {
+                "engine": b.engine_id,
+                "direction": e.direction,
+                "connector": e.connector,
+                "tokens": e.num_tokens,
+                "bytes": e.num_bytes,
+                "ms": (e.end - e.start) * 1e3,
+            }
+            for b, e in self._events("KVTransfer")
+        ]
         return Result("KV transfers prefill -> decode", self.kind, rows)
 
     def allocations(self) -> Result:
         """Blocks each engine gave the request, and how many tokens came from outside."""
-        rows = [{"engine": b.engine_id, "blocks": len(e.block_ids),
-                 "block_ids": _ids(list(e.block_ids)),
-                 "external_tokens": e.num_external_tokens}
-                for b, e in self._events("RequestAllocated")]
+        rows = [
+            {
+                "engine": b.engine_id,
+                "blocks": len(e.block_ids),
+                "block_ids": _ids(list(e.block_ids)),
+                "external_tokens": e.num_external_tokens,
+            }
+            for b, e in self._events("RequestAllocated")
+        ]
         return Result("blocks allocated per engine", self.kind, rows)
 
     def timeline(self) -> Result:
         """The proxy's events for the request, in ms since its arrival."""
         t0 = min((ev["ts"] for ev in self.events), default=0.0)
-        rows = [{"event": ev["event"], "ms": (ev["ts"] - t0) * 1e3,
-                 "detail": ", ".join(f"{k}={ev[k]}" for k in ("prompt_tokens", "wait_s",
-                                                            "completion_tokens") if k in ev)}
-                for ev in self.events]
+        rows = [
+            {
+                "event": ev["event"],
+                "ms": (ev["ts"] - t0) * 1e3,
+                "detail": ", ".join(
+                    f"{k}={ev[k]}"
+                    for k in ("prompt_tokens", "wait_s", "completion_tokens")
+                    if k in ev
+                ),
+            }
+            for ev in self.events
+        ]
         return Result("the request through the PD proxy", self.kind, rows)
 
     def block_map(self) -> Any:
@@ -99,9 +132,17 @@ class Trace:
         from labkit.viz.blocks import BlockMapView
         from labkit.viz.blockstate import BlockMapState
 
-        state = BlockMapState({e["name"]: (e.get("role", "both"), e.get("kind", self.kind),
-                                           int(e.get("num_blocks", 0)), int(e.get("block_size", 16)))
-                               for e in self.describe.get("engines", [])})
+        state = BlockMapState(
+            {
+                e["name"]: (
+                    e.get("role", "both"),
+                    e.get("kind", self.kind),
+                    int(e.get("num_blocks", 0)),
+                    int(e.get("block_size", 16)),
+                )
+                for e in self.describe.get("engines", [])
+            }
+        )
         for batch in self.observer:
             state.apply(batch)
         view = BlockMapView(state)
@@ -111,15 +152,20 @@ class Trace:
 
 def _done(batches: list[Any], engines: int) -> bool:
     """Every engine reported the request finished (and prefill its KV sent, with PD)."""
-    finished = {b.engine_id for b in batches for e in b.events
-                if type(e).__name__ == "RequestFinished"}
-    sent = any(type(e).__name__ == "KVTransfer" and e.direction == "send"
-               for b in batches for e in b.events)
+    finished = {
+        b.engine_id for b in batches for e in b.events if type(e).__name__ == "RequestFinished"
+    }
+    sent = any(
+        type(e).__name__ == "KVTransfer" and e.direction == "send"
+        for b in batches
+        for e in b.events
+    )
     return len(finished) >= engines and (engines == 1 or sent)
 
 
-def send(lab: Any, prompt_len: int = 600, max_tokens: int = 8, *, seed: int = 0,
-         wait_s: float = 10.0) -> Trace:
+def send(
+    lab: Any, prompt_len: int = 600, max_tokens: int = 8, *, seed: int = 0, wait_s: float = 10.0
+) -> Trace:
     """Send one completion of `prompt_len` tokens through `lab` and collect what its
     telemetry reports until every engine is done with it (or `wait_s` passes)."""
     first = getattr(lab, "_telemetry", None) is None
@@ -137,8 +183,9 @@ def send(lab: Any, prompt_len: int = 600, max_tokens: int = 8, *, seed: int = 0,
         trace.events += delta.timeline
         proxied = lab.plan.connector is not None  # colocated: no proxy, no timeline
         finished = not proxied or any(ev["event"] == "finish" for ev in trace.events)
-        if (finished and _done(trace.observer, len(lab.plan.engines))) \
-                or time.monotonic() > deadline:
+        if (
+            finished and _done(trace.observer, len(lab.plan.engines))
+        ) or time.monotonic() > deadline:
             break
         time.sleep(0.2)
     trace.wall_s = time.monotonic() - t

@@ -11,6 +11,7 @@ The kernel walks the table block by block with a running (online) softmax, so it
 needs the request's keys side by side. Here that walk is written out in torch and compared
 with torch's scaled_dot_product_attention on the same keys laid out contiguously.
 """
+
 from __future__ import annotations
 
 import math
@@ -27,8 +28,15 @@ class PagedKVCache:
     request's blocks land scattered over the pool, as they do after some traffic.
     """
 
-    def __init__(self, num_blocks: int = 16, block_size: int = 16, num_heads: int = 2,
-                 head_dim: int = 8, seed: int = 0, shuffle: bool = True) -> None:
+    def __init__(
+        self,
+        num_blocks: int = 16,
+        block_size: int = 16,
+        num_heads: int = 2,
+        head_dim: int = 8,
+        seed: int = 0,
+        shuffle: bool = True,
+    ) -> None:
         import torch
 
         self.block_size, self.num_blocks = block_size, num_blocks
@@ -88,8 +96,9 @@ def paged_attention(q: Any, cache: PagedKVCache, seq: str) -> Any:
         k_pos = torch.arange(logical * bs, (logical + 1) * bs)
         k, v = cache.k_pool[physical], cache.v_pool[physical]  # [bs, heads, dim]
         s = torch.einsum("qhd,khd->hqk", q, k) * scale
-        s = s.masked_fill((k_pos[None, :] > q_pos[:, None]) | (k_pos >= total)[None, :],
-                          float("-inf"))
+        s = s.masked_fill(
+            (k_pos[None, :] > q_pos[:, None]) | (k_pos >= total)[None, :], float("-inf")
+        )
         m_new = torch.maximum(m, s.amax(-1))
         p = torch.exp(s - m_new[..., None]).nan_to_num(0.0)
         fix = torch.exp(m - m_new).nan_to_num(0.0)
@@ -107,14 +116,21 @@ def contiguous_attention(q: Any, k: Any, v: Any) -> Any:
 
     nq, n = q.shape[0], k.shape[0]
     mask = torch.arange(n)[None, :] <= torch.arange(n - nq, n)[:, None]
-    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1),
-                                         v.transpose(0, 1), attn_mask=mask)
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask
+    )
     return out.transpose(0, 1)
 
 
-def demo(seq_lens: dict[str, int] | None = None, block_size: int = 16, num_blocks: int = 16,
-         num_heads: int = 2, head_dim: int = 8, step_tokens: int = 8,
-         seed: int = 0) -> tuple[PagedKVCache, Result]:
+def demo(
+    seq_lens: dict[str, int] | None = None,
+    block_size: int = 16,
+    num_blocks: int = 16,
+    num_heads: int = 2,
+    head_dim: int = 8,
+    step_tokens: int = 8,
+    seed: int = 0,
+) -> tuple[PagedKVCache, Result]:
     """Fill a small pool with several sequences (interleaved, `step_tokens` at a time, as
     a server writes them), then check paged == contiguous attention for each.
 
@@ -131,23 +147,39 @@ def demo(seq_lens: dict[str, int] | None = None, block_size: int = 16, num_block
     vals = {s: torch.randn(n, num_heads, head_dim, generator=gen) for s, n in seq_lens.items()}
     for start in range(0, max(seq_lens.values()), step_tokens):
         for s in seq_lens:
-            cache.append(s, keys[s][start:start + step_tokens], vals[s][start:start + step_tokens])
+            cache.append(
+                s, keys[s][start : start + step_tokens], vals[s][start : start + step_tokens]
+            )
     rows = []
     for s, n in seq_lens.items():
         q = torch.randn(min(4, n), num_heads, head_dim, generator=gen)
         paged = paged_attention(q, cache, s)
         ref = contiguous_attention(q, keys[s], vals[s])
-        rows.append({"sequence": s, "tokens": n, "block_table": str(cache.block_tables[s]),
-                     "max_abs_diff": float((paged - ref).abs().max()),
-                     "allclose": bool(torch.allclose(paged, ref, atol=1e-5))})
-    return cache, Result("paged attention vs contiguous attention", "measured", rows,
-                         note=f"block_size {block_size}, pool of {num_blocks} blocks "
-                              f"(block 0 is the null block), torch on the CPU")
+        rows.append(
+            {
+                "sequence": s,
+                "tokens": n,
+                "block_table": str(cache.block_tables[s]),
+                "max_abs_diff": float((paged - ref).abs().max()),
+                "allclose": bool(torch.allclose(paged, ref, atol=1e-5)),
+            }
+        )
+    return cache, Result(
+        "paged attention vs contiguous attention",
+        "measured",
+        rows,
+        note=f"block_size {block_size}, pool of {num_blocks} blocks "
+        f"(block 0 is the null block), torch on the CPU",
+    )
 
 
-def fragmentation(request_lens: list[int], max_model_len: int = 4096,
-                  block_sizes: tuple[int, ...] = (16, 64, 256), model: str = "lab-1b",
-                  kv_cache_dtype: str = "auto") -> Result:
+def fragmentation(
+    request_lens: list[int],
+    max_model_len: int = 4096,
+    block_sizes: tuple[int, ...] = (16, 64, 256),
+    model: str = "lab-1b",
+    kv_cache_dtype: str = "auto",
+) -> Result:
     """KV memory reserved vs used: one contiguous region of max_model_len per request
     (what a server without paging must reserve) against blocks of each size.
 
@@ -157,14 +189,28 @@ def fragmentation(request_lens: list[int], max_model_len: int = 4096,
     per_token = get_model(model).kv_bytes_per_token(kv_cache_dtype)
     used = sum(request_lens)
     schemes = [("contiguous, max_model_len each", len(request_lens) * max_model_len)]
-    schemes += [(f"paged, block_size {bs}", sum(-(-n // bs) * bs for n in request_lens))
-                for bs in block_sizes]
-    rows = [{"layout": name, "reserved_tokens": res, "used_tokens": used,
-             "wasted_tokens": res - used, "wasted_MiB": (res - used) * per_token / 2**20,
-             "waste_pct": 100.0 * (res - used) / res} for name, res in schemes]
-    return Result(f"KV memory for {len(request_lens)} requests of {model}", "planned", rows,
-                  note=f"{per_token:,} KV bytes per token ({model}, kv_cache_dtype "
-                       f"{kv_cache_dtype}); max_model_len {max_model_len}")
+    schemes += [
+        (f"paged, block_size {bs}", sum(-(-n // bs) * bs for n in request_lens))
+        for bs in block_sizes
+    ]
+    rows = [
+        {
+            "layout": name,
+            "reserved_tokens": res,
+            "used_tokens": used,
+            "wasted_tokens": res - used,
+            "wasted_MiB": (res - used) * per_token / 2**20,
+            "waste_pct": 100.0 * (res - used) / res,
+        }
+        for name, res in schemes
+    ]
+    return Result(
+        f"KV memory for {len(request_lens)} requests of {model}",
+        "planned",
+        rows,
+        note=f"{per_token:,} KV bytes per token ({model}, kv_cache_dtype "
+        f"{kv_cache_dtype}); max_model_len {max_model_len}",
+    )
 
 
 def block_map_figure(cache: PagedKVCache, columns: int = 8) -> Any:
@@ -184,11 +230,25 @@ def block_map_figure(cache: PagedKVCache, columns: int = 8) -> Any:
             z[r][c], text[r][c] = names.index(s) + 1, f"#{b}<br>{s}{i}"
         else:
             z[r][c], text[r][c] = 0, f"#{b}<br>{'null' if b == 0 else 'free'}"
-    fig = go.Figure(go.Heatmap(z=z, text=text, texttemplate="%{text}", showscale=False,
-                               colorscale="Viridis", zmin=0, zmax=len(names), xgap=2, ygap=2))
-    fig.update_layout(title="KV pool: physical blocks (label: sequence + logical block)",
-                      height=60 * rows + 120, yaxis=dict(autorange="reversed", visible=False),
-                      xaxis=dict(visible=False))
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            text=text,
+            texttemplate="%{text}",
+            showscale=False,
+            colorscale="Viridis",
+            zmin=0,
+            zmax=len(names),
+            xgap=2,
+            ygap=2,
+        )
+    )
+    fig.update_layout(
+        title="KV pool: physical blocks (label: sequence + logical block)",
+        height=60 * rows + 120,
+        yaxis=dict(autorange="reversed", visible=False),
+        xaxis=dict(visible=False),
+    )
     return fig
 
 
@@ -200,6 +260,10 @@ def fragmentation_figure(result: Result) -> Any:
     fig = go.Figure()
     fig.add_bar(x=x, y=result.column("used_tokens"), name="used")
     fig.add_bar(x=x, y=result.column("wasted_tokens"), name="reserved but unused")
-    fig.update_layout(barmode="stack", title=f"{result.label}: {result.title}",
-                      yaxis_title="KV tokens", height=380)
+    fig.update_layout(
+        barmode="stack",
+        title=f"{result.label}: {result.title}",
+        yaxis_title="KV tokens",
+        height=380,
+    )
     return fig

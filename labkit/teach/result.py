@@ -3,6 +3,7 @@
 Every number a notebook shows says where it came from: MEASURED on this machine, SIMULATED
 (labkit's simulator of vLLM), PLANNED (vLLM's arithmetic, nothing runs) or REAL vLLM.
 """
+
 from __future__ import annotations
 
 import html
@@ -79,14 +80,18 @@ class Result:
         color = KIND_COLORS.get(self.kind, "#444")
         head = "".join(f"<th>{html.escape(c)}</th>" for c in self.columns())
         body = "".join(
-            "<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c, '')))}</td>"
-                             for c in self.columns()) + "</tr>"
-            for r in self.rows)
+            "<tr>"
+            + "".join(f"<td>{html.escape(_fmt(r.get(c, '')))}</td>" for c in self.columns())
+            + "</tr>"
+            for r in self.rows
+        )
         note = f"<div><small>{html.escape(self.note)}</small></div>" if self.note else ""
-        return (f'<div><span style="background:{color};color:white;padding:2px 8px;'
-                f'border-radius:3px;font-weight:bold">{html.escape(self.label)}</span> '
-                f"<b>{html.escape(self.title)}</b><table><thead><tr>{head}</tr></thead>"
-                f"<tbody>{body}</tbody></table>{note}</div>")
+        return (
+            f'<div><span style="background:{color};color:white;padding:2px 8px;'
+            f'border-radius:3px;font-weight:bold">{html.escape(self.label)}</span> '
+            f"<b>{html.escape(self.title)}</b><table><thead><tr>{head}</tr></thead>"
+            f"<tbody>{body}</tbody></table>{note}</div>"
+        )
 
     def __repr__(self) -> str:
         return str(self)
@@ -95,8 +100,10 @@ class Result:
         cols = self.columns()
         cells = [[_fmt(r.get(c, "")) for c in cols] for r in self.rows]
         widths = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(cols)]
-        lines = [f"[{self.label}] {self.title}",
-                 "  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]
+        lines = [
+            f"[{self.label}] {self.title}",
+            "  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)),
+        ]
         lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
         if self.note:
             lines.append(self.note)

@@ -4,6 +4,7 @@ Apply in the dashboard's controls restarts the lab with the validated config, re
 dashboard on the new lab's telemetry and sends the workload the controls describe. Traffic
 runs on a background thread, so the dashboard keeps refreshing while requests flow.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -21,15 +22,23 @@ def workload_from(settings: Any, num_requests: int = 24, seed: int = 0) -> Any:
     if settings.shared_prefix > 0:
         prefix = max(16, int(settings.prompt_len * settings.shared_prefix))
         suffix = max(1, settings.prompt_len - prefix)
-        return workloads.shared_prefix(num_requests, rate=rate, seed=seed, prefix_len=prefix,
-                                       share=1.0, suffix=(suffix, suffix),
-                                       output=(settings.output_len, settings.output_len))
-    return workloads.fixed(num_requests, settings.prompt_len, settings.output_len, rate=rate,
-                           seed=seed)
+        return workloads.shared_prefix(
+            num_requests,
+            rate=rate,
+            seed=seed,
+            prefix_len=prefix,
+            share=1.0,
+            suffix=(suffix, suffix),
+            output=(settings.output_len, settings.output_len),
+        )
+    return workloads.fixed(
+        num_requests, settings.prompt_len, settings.output_len, rate=rate, seed=seed
+    )
 
 
 class DashboardSession:
-    """`lab` + `labkit.viz.Dashboard` on its telemetry, displayed through one Output widget.
+    """`lab` + `labkit.viz.Dashboard` on its telemetry, displayed in one box whose content is
+    swapped for a new dashboard when Apply restarts the lab.
 
     Args:
         lab: a started labkit.Lab.
@@ -41,7 +50,7 @@ class DashboardSession:
 
         self.lab = lab
         self.interval = interval
-        self.out = w.Output()
+        self.box = w.VBox()
         self.dashboard: Any = None
         self.loads: list[Future] = []
         self._show()
@@ -54,18 +63,18 @@ class DashboardSession:
         return hardware.simulated(self.lab.plan.num_gpus, self.lab.plan.gpu_type.key)
 
     def _show(self) -> None:
-        from IPython.display import display
-
         from labkit.viz import Dashboard
 
         if self.dashboard is not None:
             self.dashboard.stop()
-        self.dashboard = Dashboard(self.lab.telemetry(), on_apply=self.apply,
-                                   config=self.lab.config, hardware=self._hardware(),
-                                   interval=self.interval)
-        self.out.clear_output()
-        with self.out:
-            display(self.dashboard)
+        self.dashboard = Dashboard(
+            self.lab.telemetry(),
+            on_apply=self.apply,
+            config=self.lab.config,
+            hardware=self._hardware(),
+            interval=self.interval,
+        )
+        self.box.children = (self.dashboard.widget,)
         self.dashboard.start()
 
     def send(self, workload: Any, max_duration_s: float | None = 150.0) -> Future:
@@ -75,9 +84,14 @@ class DashboardSession:
 
         fut: Future = Future()
         fut.set_running_or_notify_cancel()
-        coro = load(self.lab.url, workload, model=self.lab.plan.model.name,
-                    max_duration_s=max_duration_s, request_timeout_s=60.0,
-                    vocab_size=min(self.lab.plan.model.vocab_size, 30000))
+        coro = load(
+            self.lab.url,
+            workload,
+            model=self.lab.plan.model.name,
+            max_duration_s=max_duration_s,
+            request_timeout_s=60.0,
+            vocab_size=min(self.lab.plan.model.vocab_size, 30000),
+        )
 
         def run() -> None:
             try:
@@ -119,7 +133,7 @@ class DashboardSession:
         self.lab.stop()
 
     def _repr_mimebundle_(self, **kwargs: Any) -> Any:
-        return self.out._repr_mimebundle_(**kwargs)
+        return self.box._repr_mimebundle_(**kwargs)
 
 
 def load_summary(result: Any, kind: str = "sim") -> Any:
@@ -135,9 +149,20 @@ def load_summary(result: Any, kind: str = "sim") -> Any:
     def ms(v: list[float], q: float) -> float:
         return float(np.percentile(v, q) * 1e3) if v else float("nan")
 
-    rows = [{"requests": len(result.records), "finished": len(ok),
-             "ttft_p50_ms": ms(ttft, 50), "ttft_p99_ms": ms(ttft, 99),
-             "itl_p50_ms": ms(itl, 50), "itl_p99_ms": ms(itl, 99),
-             "duration_s": result.duration_s}]
-    return Result(f"traffic '{result.workload}' as the client saw it", kind, rows,
-                  note="times measured by the client (streamed tokens), wall clock")
+    rows = [
+        {
+            "requests": len(result.records),
+            "finished": len(ok),
+            "ttft_p50_ms": ms(ttft, 50),
+            "ttft_p99_ms": ms(ttft, 99),
+            "itl_p50_ms": ms(itl, 50),
+            "itl_p99_ms": ms(itl, 99),
+            "duration_s": result.duration_s,
+        }
+    ]
+    return Result(
+        f"traffic '{result.workload}' as the client saw it",
+        kind,
+        rows,
+        note="times measured by the client (streamed tokens), wall clock",
+    )

@@ -170,9 +170,13 @@ def test_two_gpu_nixl_pair(tmp_path: Path) -> None:
             res["bench_workload"] = w.stats()
             time.sleep(1.0)
         res["telemetry"] = poll.summary()
-        res["allocated_external"] = [e.num_external_tokens for _, e in
-                                     poll.events("RequestAllocated", "decode")][:3]
-        res["transfers_decode"] = transfers(poll, "decode")[:6]
+        ext = [e.num_external_tokens for _, e in poll.events("RequestAllocated", "decode")]
+        res["allocated_external"] = [x for x in ext if x][:3]
+        res["allocations_with_external"] = sum(1 for x in ext if x)
+        recv = [t for t in transfers(poll, "decode") if t["direction"] == "recv"]
+        res["recv_transfers"] = len(recv)
+        res["recv_bytes_per_token"] = sorted({t["bytes"] // max(1, t["tokens"]) for t in recv})
+        res["transfers_decode"] = recv[:6]
         res["peak_process_bytes"] = poll.peak_process_bytes()
         if hasattr(src, "close"):
             res["recording_bytes"] = src.close().stat().st_size
@@ -181,7 +185,11 @@ def test_two_gpu_nixl_pair(tmp_path: Path) -> None:
         save_json("lab_two_gpu_nixl.json", res)
     assert res["decode_by_source"]["external_kv_transfer"] > 1000
     assert res["allocated_external"][0] == res["decode_by_source"]["external_kv_transfer"]
-    assert res["nixl_bytes"] > 1000 * lab.plan.model.kv_bytes_per_token("auto", 1) * 0.9
+    per_token = lab.plan.model.kv_bytes_per_token("auto", 1)
+    assert res["nixl_bytes"] > 1000 * per_token * 0.9
+    # one asynchronous KVTransfer per request, with its bytes; no second "load" once it landed
+    assert res["recv_transfers"] == res["allocations_with_external"] == 25
+    assert res["recv_bytes_per_token"] == [per_token]
     assert {"prefill", "decode"} <= set(res["telemetry"]["observer_engines"])
     assert res["bench_pd"]["num_errors"] == 0
     peak = res["peak_process_bytes"]

@@ -329,6 +329,9 @@ class OpenAIServing:
         self._check_model(body.model)
         if not prompts or any(len(p) == 0 for p in prompts):
             raise APIError("Prompt cannot be empty", param="prompt")
+        top = max(max(p) for p in prompts)
+        if top >= self.runner.shape.vocab_size:  # v1/engine/input_processor.py: a ValueError
+            raise APIError(f"Token id {top} is out of vocabulary", param="prompt")
         limits = [self._max_tokens(requested, len(p)) for p in prompts]
         rid = f"{prefix}-{uuid.uuid4().hex[:16]}"
         runs = [self._run(f"{rid}-{i}-{uuid.uuid4().hex[:8]}", i, p, m, body)
