@@ -38,12 +38,11 @@ def _stream(url: str, model: str, prompt: list[int], max_tokens: int) -> dict[st
 
 
 def block_strip(states: bytes, width: int = 64, rows: int = 4) -> list[str]:
-    """The pool as a few lines of characters, each one a run of blocks (worst state shown)."""
-    n = len(states)
-    cells = width * rows
-    per = max(1, -(-n // cells))
-    chars = [STATE_CHARS[max(states[i:i + per])] for i in range(0, n, per)]
-    return ["".join(chars[r * width:(r + 1) * width]) for r in range(rows) if chars[r * width:]]
+    """The first width*rows physical blocks, one character each (vLLM hands blocks out from
+    the head of its free queue, so a young engine's activity is at the low ids)."""
+    cells = states[: width * rows]
+    chars = "".join(STATE_CHARS[b] for b in cells)
+    return [chars[r * width:(r + 1) * width] for r in range(rows) if chars[r * width:]]
 
 
 def run_demo(lab: Any, num_requests: int = 12, seed: int = 0) -> int:
@@ -110,8 +109,9 @@ def _report(lab: Any, results: list[dict[str, Any]], peak: dict[str, tuple[int, 
               f"received over the KV connector {src['external_kv_transfer']:.0f}")
         if name in peak:
             used, states = peak[name]
-            print(f"          busiest moment: {used} blocks in use "
-                  f"('#' in use, 'S' shared prefix, 'c' cached, '.' free):")
+            shown = min(len(states), 256)
+            print(f"          busiest moment: {used} of {len(states)} blocks in use; blocks "
+                  f"0-{shown - 1} ('#' in use, 'S' shared prefix, 'c' cached, '.' free):")
             for line in block_strip(states):
                 print("          " + line)
     print(f"\n{'prompt':>7} {'tokens':>6} {'TTFT ms':>8} {'ITL ms':>7} {'e2e ms':>7}")

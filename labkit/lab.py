@@ -170,6 +170,11 @@ class Lab:
                     list(pool.map(lambda e: e.wait_ready(timeout), self.engines.values()))
             report("engines ready; starting the PD proxy", 0.85)
             self._start_proxy()
+            if self.observe:
+                # Bind the readers now: the engines' observer sockets reconnect within ~0.1 s,
+                # so nothing a first request does is missed.
+                self.telemetry()
+                time.sleep(0.3)
             report("ready", 1.0)
         except BaseException:
             self.stop()
