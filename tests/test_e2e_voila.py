@@ -201,9 +201,17 @@ def wait_for(page: Page, ok: Any, timeout: float, what: str,
         if any(ANYWIDGET_DEAD in e for e in errors) and len(figs) == len(FIGURES):
             break  # the figures are drawn but will never receive an update
         page.wait_for_timeout(500)
-    body = page.evaluate("document.body.innerText")[-2000:]
-    raise AssertionError(f"timed out waiting for {what}; figures: {sorted(figs)}; "
-                         f"page errors: {errors[:3]}\npage:\n{body}")
+    plots = page.evaluate(PROBE)
+    hints = []
+    if any(ANYWIDGET_DEAD in e for e in errors):
+        hints.append("plotly's widget front end missed anywidget's 2 s start-up limit: "
+                     "those figures never take an update")
+    if plots and not any(f["title"] for f in plots):
+        hints.append(f"{len(plots)} plotly figures are drawn without title or traces: their "
+                     "state was not synced before the page connected")
+    body = page.evaluate("document.body.innerText")[-1500:]
+    raise AssertionError(f"timed out waiting for {what}; figures found: {sorted(figs)}; "
+                         f"{'; '.join(hints)}; page errors: {errors[:3]}\npage text:\n{body}")
 
 
 def save_docs_images(page: Page, shot: Path) -> None:

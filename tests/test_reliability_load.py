@@ -37,7 +37,10 @@ async def drive(url: str, n: int, in_flight: int, prefix: str, stream_every: int
                 until: float | None = None) -> list[dict]:
     """Send `n` requests (or until the monotonic time `until`), at most `in_flight` at once."""
     gate = asyncio.Semaphore(in_flight)
-    limits = httpx.Limits(max_connections=in_flight, max_keepalive_connections=in_flight)
+    # idle connections dropped before the proxy's 5 s keep-alive closes them (else a POST
+    # can go out on a closing connection: ReadError, a client-side race)
+    limits = httpx.Limits(max_connections=in_flight, max_keepalive_connections=in_flight,
+                          keepalive_expiry=2.0)
 
     async def one(client: httpx.AsyncClient, i: int) -> dict:
         rid = f"{prefix}-{i}"

@@ -53,6 +53,7 @@ from labkit.pd.timeline import Timeline, timeline_router
 logger = logging.getLogger(__name__)
 CONNECTORS: tuple[str, ...] = ("nixl", "example")
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
+UPSTREAM_KEEPALIVE_S = 2.0  # < the engines' 5 s keep-alive (see PDProxy._engine)
 # What the prefill engine is told with NixlConnector: "compute the prompt, keep the blocks for a
 # remote decode". Its answer carries the remote_* fields the decode engine pulls from.
 NIXL_PREFILL_PARAMS: dict[str, Any] = {
@@ -246,7 +247,11 @@ class PDProxy:
     @staticmethod
     def _engine(role: str, url: str, timeout: httpx.Timeout) -> Engine:
         url = url.rstrip("/").removesuffix("/v1")
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        # Drop idle connections well before the engine does: vLLM's uvicorn closes them after
+        # VLLM_HTTP_TIMEOUT_KEEP_ALIVE (5 s, vllm/envs.py); a POST sent on a connection the
+        # engine is closing fails with ReadError (seen under load as a 502).
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None,
+                              keepalive_expiry=UPSTREAM_KEEPALIVE_S)
         client = httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits, trust_env=False)
         return Engine(role, url, client)
 
