@@ -71,8 +71,11 @@ def lab_groups(lab: Any) -> dict[str, int]:
 def pids_in_groups(pgids: Iterable[int]) -> list[int]:
     """Live pids in any of `pgids`."""
     wanted = set(pgids)
-    return sorted(int(e.name) for e in _pid_dirs()
-                  if (f := _stat_fields(int(e.name))) and int(f[2]) in wanted and f[0] != "Z")
+    return sorted(
+        int(e.name)
+        for e in _pid_dirs()
+        if (f := _stat_fields(int(e.name))) and int(f[2]) in wanted and f[0] != "Z"
+    )
 
 
 def wait_groups_gone(pgids: Iterable[int], timeout: float = 10.0) -> float:
@@ -168,7 +171,7 @@ def listening_sockets(pids: Iterable[int]) -> list[tuple[str, int, int]]:
 
 def _addr(hex_addr: str) -> str:
     if len(hex_addr) == 8:  # IPv4, little-endian
-        return ".".join(str(int(hex_addr[i:i + 2], 16)) for i in (6, 4, 2, 0))
+        return ".".join(str(int(hex_addr[i : i + 2], 16)) for i in (6, 4, 2, 0))
     return hex_addr
 
 
@@ -196,7 +199,7 @@ def _stat_fields(pid: int) -> list[str] | None:
         stat = (_PROC / str(pid) / "stat").read_text()
     except OSError:
         return None
-    return stat[stat.rfind(")") + 2:].split()
+    return stat[stat.rfind(")") + 2 :].split()
 
 
 def _state(pid: int) -> str | None:

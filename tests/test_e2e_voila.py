@@ -189,8 +189,8 @@ def activity(figs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def wait_for(page: Page, ok: Any, timeout: float, what: str,
-             errors: list[str]) -> dict[str, dict[str, Any]]:
+def wait_for(page: Page, ok: Any, timeout: float, what: str, errors: list[str],
+             console: list[str] | None = None) -> dict[str, dict[str, Any]]:
     """Poll the page's figures until `ok(figures)`; fail early on a dead widget runtime."""
     deadline = time.monotonic() + timeout
     figs: dict[str, dict[str, Any]] = {}
@@ -211,7 +211,8 @@ def wait_for(page: Page, ok: Any, timeout: float, what: str,
                      "state was not synced before the page connected")
     body = page.evaluate("document.body.innerText")[-1500:]
     raise AssertionError(f"timed out waiting for {what}; figures found: {sorted(figs)}; "
-                         f"{'; '.join(hints)}; page errors: {errors[:3]}\npage text:\n{body}")
+                         f"{'; '.join(hints)}; page errors: {errors[:3]}; console errors: "
+                         f"{(console or [])[:5]}\npage text:\n{body}")
 
 
 def save_docs_images(page: Page, shot: Path) -> None:
@@ -234,20 +235,22 @@ def save_docs_images(page: Page, shot: Path) -> None:
 def test_dashboard_renders_and_updates_in_chromium(voila_url: str, tmp_path: Path) -> None:
     t0 = time.monotonic()
     errors: list[str] = []
+    console: list[str] = []  # console errors: hints only (the widget manager logs benign ones)
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
         try:
             page = browser.new_page(viewport=VIEWPORT)
             page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("console", lambda m: m.type == "error" and console.append(m.text))
             page.goto(voila_url, wait_until="domcontentloaded", timeout=60_000)
-            figs = wait_for(page, lambda f: True, 70, "the five live figures", errors)
+            figs = wait_for(page, lambda f: True, 70, "the five live figures", errors, console)
             for view, fig in figs.items():
                 assert "SIMULATED" in fig["title"], (view, fig["title"])
                 assert fig["width"] > 200 and fig["height"] > 150, (view, fig["width"], fig["height"])
             assert "SIMULATED" in page.inner_text("body")
             figs = wait_for(page, lambda f: (a := activity(f))["used_blocks"] > 0
                             and a["gantt_bars"] > 0 and a["step_bars"] > 0, 40,
-                            "blocks in use, timeline bars and scheduler steps", errors)
+                            "blocks in use, timeline bars and scheduler steps", errors, console)
             first = activity(figs)
             page.wait_for_timeout(4000)
             second = activity(figures(page))

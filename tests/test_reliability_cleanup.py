@@ -39,8 +39,14 @@ def tag() -> str:
 
 
 def _lab(tmp_path: Path) -> labkit.Lab:
-    return labkit.Lab(mode="sim", model="lab-1b", num_gpu_blocks=256, speed=0, observe=False,
-                      run_dir=tmp_path / "run")
+    return labkit.Lab(
+        mode="sim",
+        model="lab-1b",
+        num_gpu_blocks=256,
+        speed=0,
+        observe=False,
+        run_dir=tmp_path / "run",
+    )
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
@@ -86,9 +92,24 @@ def test_context_manager_leaves_nothing_even_when_the_body_raises(tmp_path, tag)
 
 def test_sigint_to_foreground_labkit_up(tmp_path, tag) -> None:
     run = tmp_path / "runs" / "fg"
-    proc = subprocess.Popen([sys.executable, "-m", "labkit.cli", "up", "--sim", "--speed", "0",
-                             "--num-gpu-blocks", "256", "--run-dir", str(run)],
-                            env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "labkit.cli",
+            "up",
+            "--sim",
+            "--speed",
+            "0",
+            "--num-gpu-blocks",
+            "256",
+            "--run-dir",
+            str(run),
+        ],
+        env=_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
         st = _wait_file(run / "state.json", proc)
         groups = [e["pgid"] for e in st["engines"].values()]
@@ -107,8 +128,13 @@ def test_sigint_to_foreground_labkit_up(tmp_path, tag) -> None:
 def test_detach_then_down(tmp_path, tag) -> None:
     env = _env(tmp_path)
     cli = [sys.executable, "-m", "labkit.cli"]
-    up = subprocess.run([*cli, "up", "--sim", "--speed", "0", "--num-gpu-blocks", "256",
-                         "--detach"], env=env, capture_output=True, text=True, timeout=90)
+    up = subprocess.run(
+        [*cli, "up", "--sim", "--speed", "0", "--num-gpu-blocks", "256", "--detach"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
     assert up.returncode == 0, up.stderr
     states = list((tmp_path / "runs").glob("*/state.json"))
     assert len(states) == 1
@@ -138,8 +164,12 @@ time.sleep(600)
 
 def test_parent_killed_with_sigkill(tmp_path, tag) -> None:
     """No atexit, no signal handler runs: PR_SET_PDEATHSIG alone must end the children."""
-    proc = subprocess.Popen([sys.executable, "-c", PARENT, str(tmp_path / "run")],
-                            env=_env(tmp_path), stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PARENT, str(tmp_path / "run")],
+        env=_env(tmp_path),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         groups = [int(g) for g in proc.stdout.readline().split()]
         assert len(groups) == 3 and faults.pids_in_groups(groups)

@@ -24,32 +24,48 @@ from labkit.engines.sim.process import SimEngineProcess
 # name -> (Lab keywords, words the message must hold: the problem and the fix)
 LAB_CASES: dict[str, tuple[dict, list[str]]] = {
     "tp does not divide heads": (dict(tp=3), ["tp=3", "16 heads", "use tp in [1, 2, 4"]),
-    "tp*pp over the GPUs": (dict(tp=2, pp=2, num_gpus=2, connector="example"),
-                            ["needs 8 GPUs", "there are 2", "lower tp/pp"]),
-    "weights + one block do not fit": (dict(model="llama-3.1-8b", gpu_memory_utilization=0.1),
-                                       ["14.96 GiB weights", "raise gpu_memory_utilization"]),
-    "fp8 KV on an A100": (dict(kv_cache_dtype="fp8", gpu_type="a100"),
-                          ["fp8 KV cache", "A100", "8.9", "kv_cache_dtype='auto'"]),
-    "chunk smaller than a block": (dict(chunk=8), ["max_num_batched_tokens=8", "block_size=16",
-                                                   "at least 16 tokens"]),
+    "tp*pp over the GPUs": (
+        dict(tp=2, pp=2, num_gpus=2, connector="example"),
+        ["needs 8 GPUs", "there are 2", "lower tp/pp"],
+    ),
+    "weights + one block do not fit": (
+        dict(model="llama-3.1-8b", gpu_memory_utilization=0.1),
+        ["14.96 GiB weights", "raise gpu_memory_utilization"],
+    ),
+    "fp8 KV on an A100": (
+        dict(kv_cache_dtype="fp8", gpu_type="a100"),
+        ["fp8 KV cache", "A100", "8.9", "kv_cache_dtype='auto'"],
+    ),
+    "chunk smaller than a block": (
+        dict(chunk=8),
+        ["max_num_batched_tokens=8", "block_size=16", "at least 16 tokens"],
+    ),
     "unknown model": (dict(model="no-such-model"), ["'no-such-model' is unknown", "lab-1b"]),
     "negative max_num_seqs": (dict(max_num_seqs=-1), ["max_num_seqs=-1", "1..65536"]),
-    "absurd pool size": (dict(num_gpu_blocks=10**9), ["num_gpu_blocks_override=1000000000",
-                                                       "positive integer"]),
+    "absurd pool size": (
+        dict(num_gpu_blocks=10**9),
+        ["num_gpu_blocks_override=1000000000", "positive integer"],
+    ),
     "utilization above 1": (dict(gpu_memory_utilization=1.5), ["outside (0, 1]", "0.4"]),
     "absurd GPU count": (dict(num_gpus=1000), ["num_gpus=1000", "1..64"]),
     "zero chunk": (dict(chunk=0), ["max_num_batched_tokens=0", "positive integer"]),
-    "pp with nixl": (dict(pp=2, connector="nixl", num_gpus=4),
-                     ["NixlConnector cannot move KV with pp > 1", "connector='example'"]),
+    "pp with nixl": (
+        dict(pp=2, connector="nixl", num_gpus=4),
+        ["NixlConnector cannot move KV with pp > 1", "connector='example'"],
+    ),
     "block size not a multiple of 16": (dict(block_size=17), ["block_size=17", "multiple of 16"]),
-    "max_model_len past the model": (dict(max_model_len=10**6), ["max_model_len=1000000",
-                                                                 "max_model_len <= 8192"]),
+    "max_model_len past the model": (
+        dict(max_model_len=10**6),
+        ["max_model_len=1000000", "max_model_len <= 8192"],
+    ),
     "unknown connector": (dict(connector="tcp"), ["connector='tcp'", "'nixl'"]),
     "unknown mode": (dict(mode="gpu"), ["mode 'gpu'", "'sim'"]),
     "negative speed": (dict(speed=-1.0), ["speed", "0 (as fast as possible)"]),
     "NaN speed": (dict(speed=float("nan")), ["speed", "0 (as fast as possible)"]),
-    "shell in the model name": (dict(model="lab-1b; rm -rf /tmp/x"),
-                                ["'lab-1b; rm -rf /tmp/x' is unknown"]),
+    "shell in the model name": (
+        dict(model="lab-1b; rm -rf /tmp/x"),
+        ["'lab-1b; rm -rf /tmp/x' is unknown"],
+    ),
 }
 
 
@@ -80,29 +96,38 @@ def test_lab_refuses_bad_config_before_starting(case: str, tag: str) -> None:
     assert faults.tagged_pids(tag) == []
 
 
-@pytest.mark.parametrize("field,values,words", [
-    ("block_size", (16, 32), ["block_size differs", "same block_size"]),
-    ("kv_cache_dtype", ("auto", "fp8"), ["kv_cache_dtype differs", "same kv_cache_dtype"]),
-    ("model", ("lab-1b", "qwen2.5-0.5b"), ["KV moves between engines only for the same model"]),
-])
-def test_mismatched_engines_are_refused(field: str, values: tuple, words: list[str],
-                                        tag: str) -> None:
-    cfg = PDConfig(prefill=EngineConfig(role="prefill", **{field: values[0]}),
-                   decode=EngineConfig(role="decode", **{field: values[1]}))
+@pytest.mark.parametrize(
+    "field,values,words",
+    [
+        ("block_size", (16, 32), ["block_size differs", "same block_size"]),
+        ("kv_cache_dtype", ("auto", "fp8"), ["kv_cache_dtype differs", "same kv_cache_dtype"]),
+        ("model", ("lab-1b", "qwen2.5-0.5b"), ["KV moves between engines only for the same model"]),
+    ],
+)
+def test_mismatched_engines_are_refused(
+    field: str, values: tuple, words: list[str], tag: str
+) -> None:
+    cfg = PDConfig(
+        prefill=EngineConfig(role="prefill", **{field: values[0]}),
+        decode=EngineConfig(role="decode", **{field: values[1]}),
+    )
     err, dt = _refused(lambda: labkit.Lab(cfg, mode="sim"))
     assert dt < 1.0
     assert all(w in str(err) for w in words), str(err)
 
 
-@pytest.mark.parametrize("argv,words", [
-    (["--tp", "3"], ["tp=3", "fix: use tp in"]),
-    (["--kv-dtype", "fp8", "--gpu-type", "a100"], ["fp8 KV cache", "fix: use kv_cache_dtype"]),
-    (["--model", "llama-3.1-8b", "--prefill-util", "0.1"], ["weights", "fix: raise"]),
-    (["--chunk", "8"], ["smaller than block_size=16", "fix: use a chunk"]),
-    (["--pp", "2", "--connector", "nixl", "--gpus", "4"], ["pp > 1", "fix: use pp=1"]),
-    (["--block-size", "24"], ["block_size=24", "fix: use a multiple of 16"]),
-    (["--gpus", "0"], ["num_gpus=0", "fix: use 1..64"]),
-])
+@pytest.mark.parametrize(
+    "argv,words",
+    [
+        (["--tp", "3"], ["tp=3", "fix: use tp in"]),
+        (["--kv-dtype", "fp8", "--gpu-type", "a100"], ["fp8 KV cache", "fix: use kv_cache_dtype"]),
+        (["--model", "llama-3.1-8b", "--prefill-util", "0.1"], ["weights", "fix: raise"]),
+        (["--chunk", "8"], ["smaller than block_size=16", "fix: use a chunk"]),
+        (["--pp", "2", "--connector", "nixl", "--gpus", "4"], ["pp > 1", "fix: use pp=1"]),
+        (["--block-size", "24"], ["block_size=24", "fix: use a multiple of 16"]),
+        (["--gpus", "0"], ["num_gpus=0", "fix: use 1..64"]),
+    ],
+)
 def test_plan_refuses_in_process(argv: list[str], words: list[str], capsys, tag: str) -> None:
     t0 = time.perf_counter()
     code = cli_main(["plan", "--sim", *argv])
@@ -115,8 +140,12 @@ def test_plan_refuses_in_process(argv: list[str], words: list[str], capsys, tag:
 def test_plan_refuses_as_a_command() -> None:
     """The real `labkit plan` process: exit code 2, problem and fix on stderr, quickly."""
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "labkit.cli", "plan", "--sim", "--tp", "3"],
-                       capture_output=True, text=True, timeout=30)
+    r = subprocess.run(
+        [sys.executable, "-m", "labkit.cli", "plan", "--sim", "--tp", "3"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     dt = time.perf_counter() - t0
     assert r.returncode == 2 and "tp=3 cannot shard" in r.stderr and "fix:" in r.stderr
     assert r.stdout == ""
@@ -129,8 +158,9 @@ def test_engine_port_in_use_fails_fast_naming_the_port(tmp_path, tag: str) -> No
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        eng = SimEngineProcess("prefill", port=port, log_path=tmp_path / "p.log",
-                               run_dir=tmp_path, fast=True)
+        eng = SimEngineProcess(
+            "prefill", port=port, log_path=tmp_path / "p.log", run_dir=tmp_path, fast=True
+        )
         t0 = time.perf_counter()
         with pytest.raises(EngineStartError) as info:
             eng.start()

@@ -23,15 +23,24 @@ from labkit.engines.sim.transport import check_storage_path
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    with labkit.Lab(mode="sim", model="lab-1b", num_gpu_blocks=256, speed=0, observe=True,
-                    run_dir=tmp_path_factory.mktemp("safety")) as lab:
+    with labkit.Lab(
+        mode="sim",
+        model="lab-1b",
+        num_gpu_blocks=256,
+        speed=0,
+        observe=True,
+        run_dir=tmp_path_factory.mktemp("safety"),
+    ) as lab:
         yield lab
 
 
 def _good(url: str) -> None:
     """The server still answers a well-formed request after a bad one."""
-    r = httpx.post(f"{url}/v1/completions", timeout=10,
-                   json={"model": "lab-1b", "prompt": "still fine", "max_tokens": 2})
+    r = httpx.post(
+        f"{url}/v1/completions",
+        timeout=10,
+        json={"model": "lab-1b", "prompt": "still fine", "max_tokens": 2},
+    )
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
 
 
@@ -64,16 +73,28 @@ def test_every_listening_socket_is_loopback(lab) -> None:
 
 
 # ---------------------------------------------------------------- the proxy's surface
-@pytest.mark.parametrize("method,path", [
-    ("GET", "/admin"), ("GET", "/v1/../etc/passwd"), ("GET", "/../../etc/passwd"),
-    ("POST", "/v1/embeddings"), ("GET", "/docs"), ("GET", "/openapi.json"),
-    ("POST", "/labkit/kv/read"), ("GET", "/labkit/info"), ("GET", "/v1/completions/../../admin"),
-    ("GET", "/version"), ("POST", "/v1/models/../../labkit/kv/read"),
-])
+@pytest.mark.parametrize(
+    "method,path",
+    [
+        ("GET", "/admin"),
+        ("GET", "/v1/../etc/passwd"),
+        ("GET", "/../../etc/passwd"),
+        ("POST", "/v1/embeddings"),
+        ("GET", "/docs"),
+        ("GET", "/openapi.json"),
+        ("POST", "/labkit/kv/read"),
+        ("GET", "/labkit/info"),
+        ("GET", "/v1/completions/../../admin"),
+        ("GET", "/version"),
+        ("POST", "/v1/models/../../labkit/kv/read"),
+    ],
+)
 def test_proxy_serves_only_its_routes(lab, method: str, path: str) -> None:
-    status, answer = raw_http(lab.url, f"{method} {path} HTTP/1.1\r\nHost: x\r\n"
-                                       f"Content-Length: 2\r\nConnection: close\r\n\r\n{{}}"
-                              .encode())
+    status, answer = raw_http(
+        lab.url,
+        f"{method} {path} HTTP/1.1\r\nHost: x\r\n"
+        f"Content-Length: 2\r\nConnection: close\r\n\r\n{{}}".encode(),
+    )
     assert status in (404, 405), (path, answer[:300])
     assert b"root:" not in answer
 
@@ -92,8 +113,14 @@ def test_values_reach_the_engine_literally(tmp_path) -> None:
     """A name full of shell syntax is one argv element, shown verbatim, and runs nothing."""
     canary = tmp_path / "pwned"
     name = SHELLY.format(c=canary)
-    eng = SimEngineProcess("decode", model="lab-tiny", served_model_name=name, fast=True,
-                           log_path=tmp_path / "e.log", run_dir=tmp_path)
+    eng = SimEngineProcess(
+        "decode",
+        model="lab-tiny",
+        served_model_name=name,
+        fast=True,
+        log_path=tmp_path / "e.log",
+        run_dir=tmp_path,
+    )
     with eng:
         eng.start()
         eng.wait_ready(60)
@@ -101,8 +128,11 @@ def test_values_reach_the_engine_literally(tmp_path) -> None:
         assert name in argv and argv[argv.index(name) - 1] == "--served-model-name"
         served = httpx.get(f"{eng.base_url}/v1/models", timeout=5).json()["data"][0]["id"]
         assert served == name
-        r = httpx.post(f"{eng.base_url}/v1/completions", timeout=10,
-                       json={"model": name, "prompt": "hi", "max_tokens": 1})
+        r = httpx.post(
+            f"{eng.base_url}/v1/completions",
+            timeout=10,
+            json={"model": name, "prompt": "hi", "max_tokens": 1},
+        )
         assert r.status_code == 200 and r.json()["model"] == name
     assert not canary.exists(), "a shell ran the value"
 
@@ -128,9 +158,15 @@ def test_storage_outside_the_run_dir_is_refused(tmp_path, where: str) -> None:
 def test_engine_with_outside_storage_does_not_start(tmp_path) -> None:
     outside = tmp_path / "outside"
     run = tmp_path / "run"
-    eng = SimEngineProcess("prefill", role="prefill", connector="example",
-                           kv_storage=str(outside), fast=True, run_dir=run,
-                           log_path=run / "prefill.log")
+    eng = SimEngineProcess(
+        "prefill",
+        role="prefill",
+        connector="example",
+        kv_storage=str(outside),
+        fast=True,
+        run_dir=run,
+        log_path=run / "prefill.log",
+    )
     with eng:
         eng.start()
         with pytest.raises(EngineStartError, match="outside the run directory"):
@@ -168,8 +204,11 @@ def test_malformed_request_gets_4xx_and_the_server_lives(lab, target: str, case:
         pytest.skip("the proxy replaces kv_transfer_params with its own (a valid request)")
     url = lab.url if target == "proxy" else lab.engines[target].base_url
     bad = BAD_BODIES[case]
-    kw = {"json": bad} if isinstance(bad, dict) else {
-        "content": bad, "headers": {"content-type": "application/json"}}
+    kw = (
+        {"json": bad}
+        if isinstance(bad, dict)
+        else {"content": bad, "headers": {"content-type": "application/json"}}
+    )
     r = httpx.post(f"{url}/v1/completions", timeout=10, **kw)
     assert 400 <= r.status_code < 500, (case, r.status_code, r.text[:300])
     assert isinstance(r.json()["error"]["message"], str) and r.json()["error"]["message"]
@@ -178,8 +217,11 @@ def test_malformed_request_gets_4xx_and_the_server_lives(lab, target: str, case:
 
 def test_bad_chat_and_oversized_body(lab) -> None:
     for url in (lab.url, lab.engines["decode"].base_url):
-        r = httpx.post(f"{url}/v1/chat/completions", timeout=10,
-                       json={"model": "lab-1b", "messages": "not a list"})
+        r = httpx.post(
+            f"{url}/v1/chat/completions",
+            timeout=10,
+            json={"model": "lab-1b", "messages": "not a list"},
+        )
         assert 400 <= r.status_code < 500, r.text[:300]
         big = {"model": "lab-1b", "prompt": "word " * 400_000, "max_tokens": 1}  # ~2 MB
         r = httpx.post(f"{url}/v1/completions", timeout=30, json=big)

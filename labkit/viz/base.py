@@ -26,6 +26,7 @@ class View:
         fig.update_layout(
             title=dict(text=titled(self.title, self.kinds), x=0.01, xanchor="left"),
             height=height,
+            autosize=True,  # width follows the figure's box (no fixed width anywhere)
             margin=dict(l=50, r=20, t=70, b=40),
             template="plotly_white",
             legend=dict(orientation="h", y=-0.12),

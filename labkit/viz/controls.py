@@ -153,20 +153,24 @@ class StartupProgress:
     """Staged start-up, one row per engine: stage name, bar, percent (red on failure)."""
 
     def __init__(self) -> None:
-        self.rows: dict[str, tuple[w.Label, w.FloatProgress, w.Label]] = {}
+        self.rows: dict[str, tuple[w.HTML, w.FloatProgress, w.Label]] = {}
         self.widget = w.VBox([w.HTML("<b>Start-up</b>")])
 
     def update(self, stage: str, fraction: float, engine: str = "", failed: bool = False) -> None:
         """Show `engine` at `stage` with `fraction` (0..1) done."""
         row = self.rows.get(engine)
         if row is None:
-            row = (w.Label(), w.FloatProgress(min=0.0, max=1.0, layout=w.Layout(width="50%")),
+            # The stage text gets a line of its own and wraps: a w.Label is cut at its width.
+            row = (w.HTML(layout=w.Layout(width="100%")),
+                   w.FloatProgress(min=0.0, max=1.0, layout=w.Layout(width="75%")),
                    w.Label())  # fmt: skip
             self.rows[engine] = row
-            self.widget.children = (*self.widget.children, w.HBox(list(row)))
+            line = w.VBox([row[0], w.HBox(list(row[1:]))])
+            self.widget.children = (*self.widget.children, line)
         label, bar, pct = row
         frac = min(max(float(fraction), 0.0), 1.0)
-        label.value = f"{engine}: {stage}" if engine else stage
+        text = html.escape(f"{engine}: {stage}" if engine else stage, quote=False)
+        label.value = text  # plain text in an HTML widget: it wraps where a Label is cut
         bar.value = frac
         bar.bar_style = "danger" if failed else ("success" if frac >= 1.0 else "info")
         pct.value = "failed" if failed else f"{100 * frac:.0f}%"

@@ -30,6 +30,9 @@ from labkit.viz.streaming import StreamingView
 from labkit.viz.style import KIND_COLORS, kind_label
 
 
+CONTROLS_WIDTH = "340px"  # the controls' labels are 150 px (labkit/viz/controls.py)
+
+
 def header_text(info: SourceInfo) -> str:
     """'SIMULATED', 'REAL vLLM on NVIDIA H100 80GB HBM3 ×2', 'REPLAY' (+ engines)."""
     label = kind_label(info.kind)
@@ -117,17 +120,26 @@ class Dashboard:
         )
 
     def _layout(self) -> w.Widget:
+        """Figures fill what the fixed-width controls column leaves; each figure autosizes to
+        its box (a FigureWidget's own `layout` is plotly's, so a plain Box sizes it)."""
         v = self.views
+
+        def cell(view: str, width: str) -> w.Box:
+            return w.Box([v[view].figure], layout=w.Layout(width=width, min_width="0",
+                                                           overflow="hidden"))  # fmt: skip
+
         figs = w.VBox(
             [
-                w.HBox([v["blocks"].figure, v["streaming"].figure]),
-                w.HBox([v["schedule"].figure, v["memory"].figure]),
-                v["latency"].figure,
+                w.HBox([cell("blocks", "50%"), cell("streaming", "50%")]),
+                w.HBox([cell("schedule", "50%"), cell("memory", "50%")]),
+                cell("latency", "100%"),
             ],
-            layout=w.Layout(width="78%"),
+            layout=w.Layout(flex="1 1 auto", min_width="0"),
         )
-        side = w.VBox([self.progress.widget, self.controls.widget], layout=w.Layout(width="22%"))
-        return w.VBox([self.header, self.status, w.HBox([figs, side])])
+        side = w.VBox([self.progress.widget, self.controls.widget],
+                      layout=w.Layout(flex=f"0 0 {CONTROLS_WIDTH}", width=CONTROLS_WIDTH,
+                                      margin="0 0 0 8px"))  # fmt: skip
+        return w.VBox([self.header, self.status, w.HBox([figs, side], layout=w.Layout(width="100%"))])
 
     def _repr_mimebundle_(self, **kwargs: Any) -> Any:
         return self.widget._repr_mimebundle_(**kwargs)

@@ -27,12 +27,20 @@ def sample_cdf(samples: Iterable[float], max_points: int = MAX_POINTS) -> tuple[
 
 
 def bucket_cdf(buckets: list[tuple[float, float]]) -> tuple[np.ndarray, np.ndarray]:
-    """(x ms, y fraction) from cumulative Prometheus buckets [(le seconds, count)]."""
+    """(x ms, y fraction) from cumulative Prometheus buckets [(le seconds, count)].
+
+    Only finite bounds, and none past the first that holds every sample: vLLM's buckets run
+    to 2560 s and end with +Inf, which would stretch a log axis to 1e6 ms for nothing."""
     if not buckets or buckets[-1][1] <= 0:
         return np.zeros(0), np.zeros(0)
-    le = np.array([b for b, _ in buckets]) * 1e3
-    c = np.array([n for _, n in buckets])
-    return le, c / c[-1]
+    le = np.array([b for b, _ in buckets], dtype=float) * 1e3
+    c = np.array([n for _, n in buckets], dtype=float)
+    y = c / c[-1]
+    keep = np.isfinite(le)
+    full = np.flatnonzero(keep & (c >= c[-1]))
+    if full.size:
+        keep &= np.arange(le.size) <= full[0]
+    return le[keep], y[keep]
 
 
 def percentile_note(samples: Iterable[float]) -> str:

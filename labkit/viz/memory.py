@@ -36,7 +36,9 @@ class MemoryView(View):
         base = make_subplots(
             rows=n, cols=2, column_widths=[0.35, 0.65], horizontal_spacing=0.08,
             specs=[[{"rowspan": n}, {}]] + [[None, {}] for _ in range(n - 1)],
-            subplot_titles=["now (GiB)"] + [f"GPU {g} over time (GiB)" for g in self.gpus],
+            subplot_titles=["now (GiB)"] + [
+                f"GPU {g} {self.gpu_names.get(g, '')} over time (GiB)".replace("  ", " ")
+                for g in self.gpus],
         )  # fmt: skip
         fig = self.figure = go.FigureWidget(base)
         self.bar_keys: list[tuple[str, str]] = []
@@ -70,14 +72,15 @@ class MemoryView(View):
                 go.Scatter(name="capacity", x=[], y=[], mode="lines", showlegend=False,
                            line=dict(color="black", dash="dot", width=1)), row=gi + 1, col=2,
             )  # fmt: skip
-        fig.update_layout(barmode="stack")
+        fig.update_layout(barmode="stack", legend=dict(orientation="h", y=-0.1, yanchor="top"))
+        fig.update_xaxes(tickangle=0, row=1, col=1)
         self._label(fig, height=max(420, 220 * n + 120))
 
     def draw(self) -> None:
         st: MemoryState = self.state
         kinds = {s.kind for s in st.latest.values()}
         self.set_kinds(kinds or self.kinds)
-        labels = [f"GPU {g} {self.gpu_names.get(g, '')}".strip() for g in self.gpus]
+        labels = [f"GPU {g}" for g in self.gpus]  # short: a long name collides with the legend
         per_gpu = {g: {(e, c): b for e, c, b in st.breakdown(g)} for g in self.gpus}
         for key, tr in zip(self.bar_keys, self.figure.data, strict=False):
             tr.x = labels

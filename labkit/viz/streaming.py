@@ -17,6 +17,7 @@ PHASES = (  # (name, colour) in the order a PD request lives them
     ("KV transfer", "#d6336c"),
     ("decode", "#1971c2"),
 )
+RATE_COLOR = "#0c8599"  # not KV transfer's colour: a rate bar is not a Gantt phase
 _HOVER = "%{y}<br>%{customdata[0]}: %{x:.1f} ms from %{base:.1f} ms%{customdata[1]}<extra></extra>"
 
 
@@ -54,8 +55,8 @@ class StreamingView(View):
         base = make_subplots(
             rows=2, cols=2, column_widths=[0.6, 0.4], horizontal_spacing=0.1,
             specs=[[{"rowspan": 2}, {}], [None, {}]],
-            subplot_titles=["per request (ms since start)", "per layer, latest pass (ms)",
-                            "achieved KV transfer rate (GB/s)"],
+            subplot_titles=["per request (ms since start)", "per layer, last pass (ms)",
+                            "KV transfer rate (GB/s)"],
         )  # fmt: skip
         fig = self.figure = go.FigureWidget(base)
         for name, color in PHASES:
@@ -68,7 +69,7 @@ class StreamingView(View):
                              offset=-0.4, width=0.4), 1, 2)  # fmt: skip
         fig.add_trace(go.Bar(name="load (decode)", marker_color="#1971c2", x=[], y=[],
                              offset=0.0, width=0.4), 1, 2)  # fmt: skip
-        fig.add_trace(go.Bar(name="achieved GB/s", marker_color="#d6336c", x=[], y=[]), 2, 2)
+        fig.add_trace(go.Bar(name="achieved GB/s", marker_color=RATE_COLOR, x=[], y=[]), 2, 2)
         label = f"peak: {self.peak[0]} {self.peak[1]:.3g} GB/s" if self.peak else "peak: unknown link"
         fig.add_trace(
             go.Scatter(name=label, mode="lines+markers", line=dict(color="black", dash="dash"),
