@@ -238,6 +238,19 @@ class Lab:
             self.proxy = None
         for eng in list(self.engines.values()):
             eng.stop()
+        self._remove_kv_storage()
+
+    def _remove_kv_storage(self) -> None:
+        """ExampleConnector's KV files (in RAM-backed /dev/shm) go with the lab."""
+        if self.kind != "vllm" or self.plan.connector != "example":
+            return
+        import shutil
+
+        from labkit.config import shared_storage_path
+
+        path = Path(shared_storage_path(self.run_dir))
+        if path.name.startswith("labkit-") and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
 
     def restart_engine(self, name: str, timeout: float = 120.0) -> EngineHandle:
         """Stop engine `name` ("prefill", "decode" or "proxy") whatever its state (crashed,
