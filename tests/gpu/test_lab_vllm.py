@@ -129,6 +129,9 @@ def test_one_gpu_lab_example_pair(tmp_path: Path) -> None:
     assert res["save_layers_prefill"]["count"] >= lab.plan.model.num_layers
     assert res["pids_left"] == []
     assert res["gpu_used_after_mib"][0] <= res["gpu_used_before_mib"][0] + 512
+    from labkit.config import shared_storage_path  # ExampleConnector's KV files went with it
+
+    assert not Path(shared_storage_path(lab.run_dir)).exists()
 
 
 # ---------------------------------------------------------------------------- two GPUs
