@@ -7,7 +7,7 @@ argument list; every server binds 127.0.0.1.
 from __future__ import annotations
 
 import argparse
-import shutil
+import importlib.util
 import subprocess
 import sys
 import time
@@ -148,14 +148,19 @@ def dashboard_notebook() -> Path:
     return found[0]
 
 
+def voila_args(notebook: str | Path, port: int) -> list[str]:
+    """The Voila command line that serves `notebook` on 127.0.0.1:`port` (this interpreter's
+    Voila, so its kernel sees the same packages); `labkit dashboard` and the e2e test use it."""
+    return [sys.executable, "-m", "voila", str(notebook), f"--port={port}",
+            "--Voila.ip=127.0.0.1", "--theme=light"]
+
+
 def cmd_dashboard(a: argparse.Namespace) -> int:
-    voila = shutil.which("voila")
-    if voila is None:
+    if importlib.util.find_spec("voila") is None:
         print("labkit dashboard: Voila is not installed (pip install 'labkit[lab]')",
               file=sys.stderr)
         return 1
-    args = [voila, str(dashboard_notebook()), "--port", str(a.port),
-            "--Voila.ip=127.0.0.1", "--theme=light"]
+    args = voila_args(dashboard_notebook(), a.port)
     if a.no_browser:
         args.append("--no-browser")
     proc = subprocess.Popen(args)

@@ -335,7 +335,7 @@ def _progress(progress: Progress | bool, title: str) -> Progress:
         return lambda stage, frac: None
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=100, desc=title[:60], bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")
+    bar = tqdm(total=100, desc=title, bar_format="{desc}\n{percentage:3.0f}%|{bar}| {postfix}")
 
     def report(stage: str, frac: float) -> None:
         bar.n = int(frac * 100)

@@ -65,6 +65,8 @@ if (_why := _missing()) is not None:
 
 from playwright.sync_api import Page, sync_playwright  # noqa: E402
 
+from labkit.cli_lab import voila_args  # noqa: E402
+
 
 # ---------------------------------------------------------------- the notebook and the server
 def dashboard_notebook(tmp: Path) -> Path:
@@ -143,9 +145,8 @@ def voila_url(tmp_path: Path) -> Iterator[str]:
            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH"))
                                          if p)}
     log = tmp_path / "voila.log"
-    # As `labkit dashboard` runs it (labkit/cli_lab.py), + tracebacks in the page.
-    args = [sys.executable, "-m", "voila", str(nb), "--no-browser", f"--port={port}",
-            "--Voila.ip=127.0.0.1", "--theme=light", "--VoilaConfiguration.show_tracebacks=True",
+    # As `labkit dashboard` runs it, + tracebacks in the page.
+    args = [*voila_args(nb, port), "--no-browser", "--VoilaConfiguration.show_tracebacks=True",
             *os.environ.get("LABKIT_E2E_VOILA_ARGS", "").split()]
     with log.open("wb") as out:
         proc = subprocess.Popen(args, cwd=nb.parent, env=env, stdout=out, stderr=subprocess.STDOUT,

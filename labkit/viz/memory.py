@@ -36,9 +36,7 @@ class MemoryView(View):
         base = make_subplots(
             rows=n, cols=2, column_widths=[0.35, 0.65], horizontal_spacing=0.08,
             specs=[[{"rowspan": n}, {}]] + [[None, {}] for _ in range(n - 1)],
-            subplot_titles=["now (GiB)"] + [
-                f"GPU {g} {self.gpu_names.get(g, '')} over time (GiB)".replace("  ", " ")
-                for g in self.gpus],
+            subplot_titles=["now (GiB)"] + [f"GPU {g} over time (GiB)" for g in self.gpus],
         )  # fmt: skip
         fig = self.figure = go.FigureWidget(base)
         self.bar_keys: list[tuple[str, str]] = []
