@@ -205,9 +205,28 @@ class Replay:
         )
 
 
+SHIPPED = Path(__file__).resolve().parent / "data" / "recordings"
+
+
+def recordings() -> list[str]:
+    """Names of the recordings shipped with labkit (real GPU runs and simulated ones)."""
+    return sorted(p.stem for p in SHIPPED.glob("*.lkrec"))
+
+
+def resolve(path: str | Path) -> Path:
+    """A file path, or the name of a shipped recording ("real-h200x2-nixl")."""
+    p = Path(path)
+    if p.exists():
+        return p
+    shipped = SHIPPED / (p.name if p.suffix == ".lkrec" else f"{p.name}.lkrec")
+    if shipped.exists():
+        return shipped
+    raise FileNotFoundError(f"no recording {str(path)!r}; shipped ones: {', '.join(recordings())}")
+
+
 def replay(path: str | Path, speed: float | None = 1.0, **kwargs: Any) -> Replay:
-    """Open a recording for replay (Replay's keywords)."""
-    return Replay(path, speed, **kwargs)
+    """Open a recording for replay: a path, or a shipped name (see `recordings()`)."""
+    return Replay(resolve(path), speed, **kwargs)
 
 
 class _CallableModule(types.ModuleType):

@@ -29,7 +29,6 @@ from labkit.viz.state import BlockMapState, LatencyState, MemoryState, ScheduleS
 from labkit.viz.streaming import StreamingView
 from labkit.viz.style import KIND_COLORS, kind_label
 
-
 CONTROLS_WIDTH = "340px"  # the controls' labels are 150 px (labkit/viz/controls.py)
 
 
@@ -78,6 +77,9 @@ class Dashboard:
             "schedule": ScheduleView(self.schedule, engines),
             "latency": LatencyView(self.latency, engines, self.info.kind),
         }
+        if self.info.kind == "replay":
+            for view in self.views.values():
+                view.mark_replay()
         self.timings: dict[str, float] = dict.fromkeys(["poll", "fold", *self.views], 0.0)
         self.num_refreshes = 0
         self.last_error: str | None = None
