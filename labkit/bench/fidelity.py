@@ -1,0 +1,235 @@
+"""How close the calibrated simulator comes to real vLLM: the same seeded workloads on both.
+
+Real side: a `Lab(mode="vllm")` per layout (one colocated engine; a PD pair on one GPU through
+ExampleConnector), the load generator through `lab.url`, /metrics of every engine before and
+after. Simulated side: `SimCluster` in-process with the same plan (same block count, chunk,
+connector) and the fitted cost constants; the API latency the calibration measured is the
+router hop (once per engine a request visits).
+
+Table per layout and workload: TTFT and TPOT median and p90, real vs sim, relative error; and
+the engine counters both sides report (prompt tokens by source, prefix-cache queries/hits,
+preemptions, generation tokens), compared exactly.
+
+    python -m labkit.bench.fidelity --costs labkit/data/costs/h200.json --out DIR
+    python -m labkit.bench.fidelity --costs ... --real DIR/fidelity.json   # re-run the sim side
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from labkit.bench.loadgen import RequestResult
+from labkit.bench.workloads import Workload, decode_heavy, prefill_heavy
+
+LAYOUTS: dict[str, dict[str, Any]] = {  # name -> build_config knobs (num_gpus=1)
+    "colocated": {"colocated": True, "num_gpu_blocks": 16384},
+    "pd-example": {"connector": "example", "num_gpu_blocks": 16384},
+}
+SOURCES = ("local_compute", "local_cache_hit", "external_kv_transfer")
+COUNTERS = {  # key -> (vLLM metric, labels)
+    **{f"prompt_{s}": ("vllm:prompt_tokens_by_source_total", {"source": s}) for s in SOURCES},
+    "prefix_queries": ("vllm:prefix_cache_queries_total", {}),
+    "prefix_hits": ("vllm:prefix_cache_hits_total", {}),
+    "preemptions": ("vllm:num_preemptions_total", {}),
+    "generation_tokens": ("vllm:generation_tokens_total", {}),
+}
+
+
+def workloads(n: int = 40) -> list[Workload]:
+    """Small seeded workloads at fixed Poisson rates: one prefill-heavy, one decode-heavy."""
+    return [prefill_heavy(n, rate=8.0, seed=11),
+            decode_heavy(n, rate=4.0, seed=12, output=(128, 256))]
+
+
+# ------------------------------------------------------------------ timing statistics
+def timing(records: list[RequestResult]) -> dict[str, float]:
+    """TTFT and TPOT median / p90 (seconds) over the finished requests."""
+    ok = [r for r in records if r.ok]
+    ttft = [r.ttft for r in ok]
+    tpot = [r.tpot for r in ok if r.tpot is not None]
+    out = {"num_ok": float(len(ok))}
+    for name, xs in (("ttft", ttft), ("tpot", tpot)):
+        out[f"{name}_p50"] = float(np.median(xs)) if xs else math.nan
+        out[f"{name}_p90"] = float(np.percentile(xs, 90)) if xs else math.nan
+    return out
+
+
+def rel_error(sim: float, real: float) -> float:
+    """(sim - real) / real; nan where real is 0 or missing."""
+    if real is None or sim is None or not real or math.isnan(real) or math.isnan(sim):
+        return math.nan
+    return (sim - real) / real
+
+
+def rows(real: dict[str, Any], sim: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per (layout, workload): timings with errors and counter (real, sim) pairs."""
+    out = []
+    for key, r in real.items():
+        s = sim[key]
+        row: dict[str, Any] = {"case": key}
+        for m in ("ttft_p50", "ttft_p90", "tpot_p50", "tpot_p90"):
+            row[m] = (r["timing"][m], s["timing"][m], rel_error(s["timing"][m], r["timing"][m]))
+        row["counts"] = {f"{eng}.{c}": (r["counts"].get(eng, {}).get(c), s["counts"].get(eng, {}).get(c))
+                         for eng in sorted(set(r["counts"]) | set(s["counts"]))
+                         for c in COUNTERS}
+        out.append(row)
+    return out
+
+
+def median_abs_error(table: list[dict[str, Any]]) -> float:
+    """The median over cases of |error| of the two medians (TTFT p50, TPOT p50)."""
+    errs = [abs(row[m][2]) for row in table for m in ("ttft_p50", "tpot_p50")
+            if not math.isnan(row[m][2])]
+    return float(np.median(errs)) if errs else math.nan
+
+
+def format_table(table: list[dict[str, Any]]) -> str:
+    """Markdown: timings real/sim/error, then counters that differ or match."""
+    head = ["| case | TTFT p50 real / sim (err) | TTFT p90 | TPOT p50 | TPOT p90 |",
+            "| --- | --- | --- | --- | --- |"]
+    for row in table:
+        cells = [f"{row[m][0] * 1e3:.1f} / {row[m][1] * 1e3:.1f} ms ({row[m][2]:+.0%})"
+                 for m in ("ttft_p50", "ttft_p90", "tpot_p50", "tpot_p90")]
+        head.append(f"| {row['case']} | " + " | ".join(cells) + " |")
+    head += ["", "| case | counter | real | sim | equal |", "| --- | --- | --- | --- | --- |"]
+    for row in table:
+        for name, (a, b) in row["counts"].items():
+            if a is None and b is None:
+                continue
+            head.append(f"| {row['case']} | {name} | {_n(a)} | {_n(b)} | {'yes' if a == b else 'no'} |")
+    return "\n".join(head)
+
+
+def _n(v: float | None) -> str:
+    return "-" if v is None else f"{v:,.0f}"
+
+
+# ------------------------------------------------------------------ the two sides
+def _role(name: str) -> str:
+    """Engine names of both sides onto one key: 'prefill', 'decode' or 'colocated'."""
+    for role in ("prefill", "decode"):
+        if name.startswith(role):
+            return role
+    return "colocated"
+
+
+def run_real(layout: str, wls: list[Workload], run_dir: str | Path | None = None,
+             progress: Any = print) -> dict[str, Any]:
+    """One real Lab of `layout` (num_gpus=1), every workload through `lab.url`."""
+    from labkit.lab import Lab
+
+    with Lab(mode="vllm", num_gpus=1, observe=False, run_dir=run_dir, **LAYOUTS[layout]) as lab:
+        return measure_lab(lab, layout, wls, progress)
+
+
+def measure_lab(lab: Any, layout: str, wls: list[Workload], progress: Any = print) -> dict[str, Any]:
+    """Every workload through a running Lab's `lab.url`, with /metrics before and after."""
+    from labkit.bench.loadgen import run_load
+    from labkit.telemetry.metrics import scrape
+
+    out: dict[str, Any] = {}
+    colocated = lab.plan.connector is None
+    for wl in wls:
+        before = {n: scrape(e.base_url) for n, e in lab.engines.items()}
+        res = run_load(lab.url, wl, model=lab.plan.model.name, vocab_size=lab.plan.model.vocab_size)
+        after = {n: scrape(e.base_url) for n, e in lab.engines.items()}
+        counts = {("colocated" if colocated else _role(n)): {
+            k: after[n].sum(m, **lb) - before[n].sum(m, **lb) for k, (m, lb) in COUNTERS.items()}
+            for n in lab.engines}
+        key = f"{layout}/{wl.name}"
+        out[key] = {"timing": timing(res.records), "counts": counts,
+                    "records": [asdict(r) for r in res.records]}
+        progress(f"real {key}: {out[key]['timing']}")
+    return out
+
+
+def run_sim(layout: str, wls: list[Workload], costs: dict[str, Any], gpu_type: str = "h200"
+            ) -> dict[str, Any]:
+    """The same layout and workloads on SimCluster with the costs file's constants."""
+    from labkit.bench.compare import Variant, _engine_kwargs, _plan
+    from labkit.engines.sim.cluster import SimCluster
+    from labkit.engines.sim.cost_model import CostParams
+
+    params = CostParams(**{k: v for k, v in costs.items() if k in CostParams.__dataclass_fields__})
+    hop = float(costs.get("calibration", {}).get("api_latency_s", 0.0))
+    plan = _plan("lab-1b", Variant(layout, LAYOUTS[layout]), 1, gpu_type, simulated=True)
+    out: dict[str, Any] = {}
+    for wl in wls:
+        if plan.connector is None:
+            kw = {**_engine_kwargs(plan.engines[0]), "cost_params": params}
+            cluster = SimCluster("lab-1b", gpu_type, num_prefill=1, num_decode=0, prefill_kwargs=kw,
+                                 router_latency_s=hop, seed=wl.seed)
+        else:
+            cluster = SimCluster("lab-1b", gpu_type, num_prefill=1, num_decode=1,
+                                 connector=plan.connector, link=plan.link, router_latency_s=hop,
+                                 prefill_kwargs={**_engine_kwargs(plan.engine("prefill")),
+                                                 "cost_params": params},
+                                 decode_kwargs={**_engine_kwargs(plan.engine("decode")),
+                                                "cost_params": params}, seed=wl.seed)
+        final = {id(e) for e in (cluster.decode_engines or cluster.prefill_engines)}
+        times: dict[str, list[float]] = {}
+
+        def on_step(engine: Any, res: Any, final: set[int] = final,
+                    times: dict[str, list[float]] = times) -> None:
+            if id(engine) in final:
+                for request, _ in res.sampled:
+                    times.setdefault(request.request_id, []).append(res.end)
+
+        recs = cluster.run(wl.items(), on_step=on_step)
+        results = [RequestResult(int(r.req_id), r.arrival, r.prompt_len, r.output_len, sent=r.arrival,
+                                 first_token=r.first_token, token_times=times.get(r.req_id, []),
+                                 finish=r.finish, num_output_tokens=r.num_output_tokens,
+                                 error=None if r.finish is not None else "not finished")
+                   for r in recs]
+        counts = {}
+        for e in cluster.engines:
+            by = e.stats.prompt_tokens_by_source
+            q, h = e.prefix_cache_stats
+            counts["colocated" if plan.connector is None else _role(e.engine_id)] = {
+                **{f"prompt_{s}": float(by[s]) for s in SOURCES}, "prefix_queries": float(q),
+                "prefix_hits": float(h), "preemptions": float(e.num_preemptions),
+                "generation_tokens": float(e.stats.generation_tokens)}
+        out[f"{layout}/{wl.name}"] = {"timing": timing(results), "counts": counts}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="labkit fidelity", description=__doc__.split("\n")[0])
+    ap.add_argument("--costs", required=True, help="a costs JSON (labkit.bench.calibrate's output)")
+    ap.add_argument("--gpu-type", default="h200")
+    ap.add_argument("--out", default=".", help="folder for fidelity.json and fidelity.md")
+    ap.add_argument("--real", help="a fidelity.json of an earlier real run: only re-run the sim")
+    ap.add_argument("--layouts", default=",".join(LAYOUTS))
+    ap.add_argument("--requests", type=int, default=40)
+    a = ap.parse_args(argv)
+    costs = json.loads(Path(a.costs).read_text())
+    wls = workloads(a.requests)
+    layouts = a.layouts.split(",")
+    if a.real:
+        real = json.loads(Path(a.real).read_text())["real"]
+    else:
+        real = {}
+        for lay in layouts:
+            real.update(run_real(lay, wls, run_dir=Path(a.out) / f"run-{lay}"))
+    sim: dict[str, Any] = {}
+    for lay in layouts:
+        sim.update(run_sim(lay, wls, costs, a.gpu_type))
+    table = rows({k: v for k, v in real.items() if k in sim}, sim)
+    text = format_table(table) + f"\n\nmedian |error| of the medians: {median_abs_error(table):.1%}\n"
+    print(text)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "fidelity.md").write_text(text)
+    (out / "fidelity.json").write_text(json.dumps({"real": real, "sim": sim, "table": table,
+                                                   "costs": costs}, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
