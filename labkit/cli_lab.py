@@ -193,3 +193,22 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 
 COMMANDS.append(register_bench)
+
+
+# ---- labkit calibrate -----------------------------------------------------------------------
+def register_calibrate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("calibrate", help="on a GPU machine: probe a real vLLM engine and write "
+                                         "the simulator's cost constants for this GPU type",
+                       add_help=False)
+    p.add_argument("args", nargs=argparse.REMAINDER,
+                   help="see `python -m labkit.bench.calibrate --help`")
+    p.set_defaults(func=cmd_calibrate)
+
+
+def cmd_calibrate(a: argparse.Namespace) -> int:
+    from labkit.bench.calibrate import main as calibrate_main
+
+    return int(calibrate_main(a.args) or 0)
+
+
+COMMANDS.append(register_calibrate)
