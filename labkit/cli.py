@@ -217,6 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `labkit` script; returns the exit code."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["calibrate"]:  # its own parser takes every flag (argparse REMAINDER cannot)
+        from labkit.bench.calibrate import main as calibrate_main
+
+        return int(calibrate_main(argv[1:]) or 0)
     args = build_parser().parse_args(argv)
     return int(args.func(args))
 
