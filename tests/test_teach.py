@@ -209,3 +209,31 @@ def test_live_trace_and_dashboard_session(tmp_path, monkeypatch) -> None:
     events = [r["event"] for r in trace.timeline()]
     assert events[0] == "arrival" and events[-1] == "finish" and "kv_transfer_end" in events
     assert all(r.ok for r in result.records) and summary.rows[0]["finished"] == 3
+
+
+def test_apply_restarts_the_lab_and_keeps_the_previous_run(tmp_path, monkeypatch) -> None:
+    """Dashboard Apply: validated config -> new lab (chunk 64) -> old dashboard kept, titled."""
+    import labkit
+    from labkit.engines.base import pids_in_group
+    from labkit.teach import session
+    from labkit.viz.controls import LabSettings, WorkloadSettings
+
+    monkeypatch.setenv("LABKIT_RUN_DIR", str(tmp_path))
+    lab = labkit.Lab(mode="sim", model="lab-tiny", chunk=256, num_gpu_blocks=64, max_num_seqs=16)
+    lab.start(progress=False)
+    dash = session.DashboardSession(lab)
+    old_widget, old_groups = dash.dashboard.widget, [e.pgid for e in lab.engines.values()]
+    try:
+        cfg = labkit.lab.build_config("lab-tiny", chunk=64, num_gpu_blocks=64, max_num_seqs=16)
+        plan = labkit.config.validate(cfg, labkit.hardware.simulated(2, "h100"))
+        dash.apply(LabSettings(cfg, plan, WorkloadSettings(rate=20.0, prompt_len=100,
+                                                           output_len=4, shared_prefix=0.0)))
+        assert dash.lab is not lab and dash.lab.is_running()
+        assert dash.lab.plan.engine("prefill").max_num_batched_tokens == 64
+        assert all(not pids_in_group(g) for g in old_groups)  # the old engines are gone
+        assert dash.box.children[0] is dash.dashboard.widget
+        acc = dash.box.children[-1]
+        assert acc.children[0] is old_widget and "chunk 256" in acc.get_title(0)
+        assert dash.loads[-1].result(timeout=60).records  # the controls' workload was sent
+    finally:
+        dash.stop()

@@ -1,8 +1,10 @@
 """A running lab and its live dashboard in one widget (what notebook 08 and Voila show).
 
 Apply in the dashboard's controls restarts the lab with the validated config, rebuilds the
-dashboard on the new lab's telemetry and sends the workload the controls describe. Traffic
-runs on a background thread, so the dashboard keeps refreshing while requests flow.
+dashboard on the new lab's telemetry and sends the workload the controls describe. The
+previous run's dashboard is kept, frozen, under "Previous runs" (with what its traffic
+measured), so a learner compares before and after. Traffic runs on a background thread, so
+the dashboard keeps refreshing while requests flow.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class DashboardSession:
         self.box = w.VBox()
         self.dashboard: Any = None
         self.loads: list[Future] = []
+        self.previous: list[tuple[str, Any]] = []  # (title, frozen dashboard widget), newest first
         self._show()
 
     def _hardware(self) -> Any:
@@ -74,8 +77,34 @@ class DashboardSession:
             hardware=self._hardware(),
             interval=self.interval,
         )
-        self.box.children = (self.dashboard.widget,)
+        self.box.children = (self.dashboard.widget, *self._history())
         self.dashboard.start()
+
+    def _history(self) -> tuple[Any, ...]:
+        """The frozen dashboards of earlier runs, newest first, in an accordion."""
+        if not self.previous:
+            return ()
+        import ipywidgets as w
+
+        acc = w.Accordion(children=[widget for _, widget in self.previous])
+        for i, (title, _) in enumerate(self.previous):
+            acc.set_title(i, title)
+        acc.selected_index = None
+        return (w.HTML("<b>Previous runs</b> (frozen at Apply; open one to compare)"), acc)
+
+    def _freeze(self) -> None:
+        """Keep the current dashboard (stopped) with a title saying what ran and measured."""
+        if self.dashboard is None:
+            return
+        self.dashboard.stop()
+        c = self.lab.config.prefill
+        what = (f"{self.lab.describe().split(' PD pair')[0]} · chunk {c.max_num_batched_tokens or 'auto'}"
+                f" · TP {c.tp} · PP {c.pp} · KV {c.kv_cache_dtype} · block {c.block_size}")
+        if self.loads and self.loads[-1].done() and not self.loads[-1].exception():
+            row = load_summary(self.loads[-1].result(), kind=self.lab.kind).rows[0]
+            what += (f" · TTFT p50 {row['ttft_p50_ms']:.0f} ms · ITL p99 "
+                     f"{row['itl_p99_ms']:.1f} ms ({row['finished']} requests)")
+        self.previous.insert(0, (what, self.dashboard.widget))
 
     def send(self, workload: Any, max_duration_s: float | None = 150.0) -> Future:
         """Send `workload` (a labkit.bench Workload) through the lab on a daemon thread (the
@@ -117,8 +146,7 @@ class DashboardSession:
         from labkit.lab import Lab
 
         progress = self.dashboard.progress if self.dashboard is not None else None
-        if self.dashboard is not None:
-            self.dashboard.stop()
+        self._freeze()
         self.lab.stop()  # running traffic fails fast once the engines are gone
         new = Lab(settings.config, mode=self.lab.mode, speed=getattr(self.lab, "speed", 1.0))
         new.start(progress=(lambda s, f: progress.update(s, f)) if progress else False)
