@@ -82,9 +82,11 @@ class LinkSpec:
 
 
 LINKS: dict[str, LinkSpec] = {
-    # ExampleConnector writes safetensors files to /dev/shm and reads them back: measured
-    # ~1.3 GB/s for a 1,072-token prefill of the lab-1b shape on an H100 (DESIGN.md).
-    "same-gpu": LinkSpec("same-gpu", "same GPU, through host /dev/shm files", 1.3e9, 1e-3),
+    # ExampleConnector writes one safetensors file per (request, layer) to /dev/shm and reads
+    # them back; latency is per file. Measured on an H200 (docs/gpu-runs.md), lab-1b, 1,072
+    # tokens = 4.39 MB per layer file: save 1.39-1.79 ms per layer (bracket mode), load of
+    # 16 files 21.6-24.4 ms; 0.1 ms + 4.39 MB / 3 GB/s = 1.56 ms per file sits in between.
+    "same-gpu": LinkSpec("same-gpu", "same GPU, through host /dev/shm files", 3.0e9, 1e-4),
     "nvlink": LinkSpec("nvlink", "NVLink 4 (18 links)", 450e9, 3e-6),
     "pcie": LinkSpec("pcie", "PCIe Gen5 x16", 64e9, 5e-6),
     "rdma": LinkSpec("rdma", "InfiniBand NDR 400 Gb/s (RDMA)", 50e9, 5e-6),

@@ -75,7 +75,9 @@ class SimCluster:
         link: LINKS key between prefill and decode GPUs ("nvlink", "pcie", "rdma", "tcp").
         storage_link: LINKS key of ExampleConnector's storage path.
         shared_prefix_len: default length of a workload item's shared prefix.
-        router_latency_s: proxy hop time added before each engine submission.
+        router_latency_s: API time of one engine call (client or proxy -> engine -> first
+            byte back), paid once per engine a request visits: the request reaches the
+            engine that much after its arrival (PD: prefill's, then decode's call).
         prefill_kwargs / decode_kwargs: per-role SimEngine arguments over `engine_kwargs`.
         clock: a SimClock (paced for live views); default fast.
     """
@@ -175,7 +177,7 @@ class SimCluster:
         prompts = self._prompts(items)
         records = [RequestRecord(str(i), float(w[0]), int(w[1]), int(w[2])) for i, w in enumerate(items)]
         for i, w in enumerate(items):
-            self._push(float(w[0]), self._ARRIVE, i)
+            self._push(float(w[0]) + self.router_latency_s, self._ARRIVE, i)
         by_engine_req: dict[tuple[int, str], RequestRecord] = {}
         colocated = not self.decode_engines
         hashes = self._hashes = {}  # prompt hashes from prefill, reused by decode
@@ -215,7 +217,7 @@ class SimCluster:
                     engine.add_request(rec.req_id, prompts[i], 1, kv_transfer_params=params,
                                        arrival_time=rec.arrival)
                 by_engine_req[(p, rec.req_id)] = rec
-                self._wake(p, t + self.router_latency_s)
+                self._wake(p, t)
             else:  # _SUBMIT_DECODE
                 i, params = data
                 rec = records[i]

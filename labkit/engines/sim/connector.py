@@ -4,8 +4,10 @@ plus a timed stand-in for the worker side.
 - "example" (vllm/distributed/kv_transfer/kv_connector/v1/example_connector.py): the prefill
   engine saves the KV of whole blocks of the prompt to shared storage keyed by the prompt's
   tokens; the decode engine finds the key and loads `align(len(prompt) - 1)` tokens, e.g. a
-  1,081-token prompt -> 1,072 external tokens, the rest computed locally. Loads and saves run
-  inside the forward pass (synchronous): they lengthen the step.
+  1,081-token prompt -> 1,072 external tokens, the rest computed locally. The worker writes
+  and reads one safetensors file per (request, attention layer): prefill's `save_kv_layer`
+  writes each layer's file synchronously right after that layer's forward, decode's
+  `start_load_kv` reads every layer's file before the forward starts. Both lengthen the step.
 - "nixl" (kv_connector/v1/nixl/pull_scheduler.py): prefill finishes with delay-free and returns
   kv_transfer_params (remote_block_ids, remote_engine_id, remote_host, remote_port,
   remote_num_tokens); decode pulls EVERY prompt token it lacks asynchronously
@@ -132,13 +134,16 @@ class SimKVConnector(ABC):
         block_size: tokens per block.
         kv_bytes_per_token: KV bytes of one token on one GPU of this engine.
         transport: how this engine reaches the others.
+        num_layers: attention layers on one GPU of this engine (ExampleConnector: files
+            per request; each file costs the link's latency once).
     """
 
     name = "base"
 
     def __init__(self, engine_id: str, block_size: int, kv_bytes_per_token: int,
-                 transport: KVTransport) -> None:
+                 transport: KVTransport, num_layers: int = 1) -> None:
         self.engine_id = engine_id
+        self.num_layers = max(1, num_layers)
         self.block_size = block_size
         self.kv_bytes_per_token = kv_bytes_per_token
         self.transport = transport
@@ -242,7 +247,19 @@ class ExampleConnector(SimKVConnector):
         self._requests_need_load.clear()
         return loads, saves
 
+    def file_time(self, num_tokens: int, link: LinkSpec) -> float:
+        """Seconds to write or read one request's files: one per layer, each latency + bytes / bw."""
+        per_layer = num_tokens * self.kv_bytes_per_token / self.num_layers
+        return self.num_layers * transfer_time(per_layer, link)
+
     def start_step(self, meta: Any, now: float) -> float:
+        """Loads (start_load_kv: every layer of every loading request, before the forward),
+        then saves (save_kv_layer after each layer's forward, one file per stored request).
+
+        vLLM's saves interleave with the layers' compute; each is synchronous (GPU->host copy,
+        then the file write), so the step lasts forward + all saves. Records: a load spans its
+        own reads; a save spans the forward's window from its first to its last layer file.
+        """
         if not meta:
             return 0.0
         loads, saves = meta
@@ -252,17 +269,16 @@ class ExampleConnector(SimKVConnector):
         link_in = self.transport.link(STORAGE, self.engine_id)
         for req_id, n in loads:
             nbytes = self._bytes(n)
-            end = t + transfer_time(nbytes, link_in)
+            end = t + self.file_time(n, link_in)
             self.transfers.append(TransferRecord(req_id, "recv", n, nbytes, t, end, self.name))
             t = end
         link_out = self.transport.link(self.engine_id, STORAGE)
+        save_total = sum(self.file_time(n, link_out) for _, n, _ in saves)
         for req_id, n, key in saves:
-            nbytes = self._bytes(n)
-            end = t + transfer_time(nbytes, link_out)
-            self.transfers.append(TransferRecord(req_id, "send", n, nbytes, t, end, self.name))
+            self.transfers.append(TransferRecord(req_id, "send", n, self._bytes(n), t,
+                                                 t + save_total, self.name))
             self.transport.store(key, n)
-            t = end
-        return t - now
+        return t + save_total - now
 
 
 class NixlConnector(SimKVConnector):

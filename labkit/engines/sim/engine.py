@@ -1,7 +1,8 @@
 """SimEngine: one simulated vLLM engine (scheduler + KV cache + connector + cost model).
 
 Each `step()` is one vLLM engine-core iteration: the worker reports finished KV transfers,
-the scheduler schedules, the cost model says how long the forward pass takes (plus any
+the requests the scheduler has seen by then join it (async scheduling, vLLM 0.26's default,
+decides a step's batch one step ahead: labkit/engines/sim/async_sched.py), it schedules, the cost model says how long the forward pass takes (plus any
 synchronous connector load/save), every request whose tokens are all computed samples one
 pseudo-random token (vLLM's dummy weights produce noise too), finished requests are freed.
 """
@@ -12,6 +13,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
+from labkit.engines.sim.async_sched import RequestInbox
 from labkit.engines.sim.clock import SimClock
 from labkit.engines.sim.connector import (
     InProcessTransport,
@@ -132,6 +134,8 @@ class SimEngine:
         transport: how the connector reaches other engines (default: a private in-process one).
         clock: shared SimClock (default: a fast private one).
         seed: seeds the sampled token ids.
+        async_scheduling: schedule one step ahead like vLLM 0.26's default AsyncScheduler
+            (a request reaching a busy engine joins one step later); False: vLLM's sync loop.
     """
 
     def __init__(self, model: Any = "lab-1b", gpu: Any = "h100", *, tp: int = 1, pp: int = 1,
@@ -144,7 +148,8 @@ class SimEngine:
                  clock: SimClock | None = None, seed: int = 0, enable_kv_cache_events: bool = False,
                  record_observer_events: bool = False, cost_params: CostParams | None = None,
                  hash_algo: str = "builtin", eos_token_id: int | None = None,
-                 side_channel_port: int = 5600, tp_link_bw: float | None = None) -> None:
+                 side_channel_port: int = 5600, tp_link_bw: float | None = None,
+                 async_scheduling: bool = True) -> None:
         from labkit.hardware import GPU_TYPES, LINKS
         from labkit.models import get_model, normalize_kv_dtype
 
@@ -176,6 +181,7 @@ class SimEngine:
                 connector, block_size=block_size,
                 kv_bytes_per_token=self.cost_model.kv_bytes_per_token,
                 transport=self.transport, engine_id=self.engine_id,
+                num_layers=max(self.model.layers_per_stage(pp)),
                 **({"tp_size": tp, "side_channel_port": side_channel_port}
                    if conn_name in ("nixl", "NixlConnector") else {}))
         else:
@@ -195,6 +201,8 @@ class SimEngine:
         self._next_token = itertools.cycle(
             [rng.randrange(self.model.vocab_size) for _ in range(4093)]).__next__
         self.stats = EngineStats()
+        self.async_scheduling = async_scheduling
+        self._inbox = RequestInbox(async_scheduling)
         self.step_count = 0
         self.busy_until = self.clock.now()
 
@@ -222,7 +230,7 @@ class SimEngine:
         `block_hashes`: the prompt's chained block hashes if already known (same block size
         and hash algorithm, e.g. from another SimEngine of the cluster); computed otherwise.
         """
-        if req_id in self.scheduler.requests:
+        if req_id in self.scheduler.requests or self._inbox.get(req_id) is not None:
             raise ValueError(f"duplicate request id {req_id!r}")
         if len(prompt_token_ids) == 0:
             raise ValueError("empty prompt")
@@ -237,17 +245,22 @@ class SimEngine:
             arrival_time=self.clock.now() if arrival_time is None else arrival_time,
             kv_transfer_params=kv_transfer_params,
             block_hashes=block_hashes[: len(prompt_token_ids) // self.block_size] if block_hashes else None)
-        self.scheduler.add_request(request)
+        if self.async_scheduling:
+            self._inbox.add(self.clock.now(), request)
+        else:
+            self.scheduler.add_request(request)
 
     def abort(self, req_id: str) -> bool:
         """Abort a request (the client went away); True if it was unfinished."""
+        if self._inbox.remove(req_id) is not None:
+            return True
         return bool(self.scheduler.finish_requests([req_id], RequestStatus.FINISHED_ABORTED))
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.get_num_unfinished_requests() > 0
+        return self.scheduler.get_num_unfinished_requests() > 0 or len(self._inbox) > 0
 
     def get_request(self, req_id: str) -> Request | None:
-        return self.scheduler.requests.get(req_id)
+        return self.scheduler.requests.get(req_id) or self._inbox.get(req_id)
 
     def next_event_time(self) -> float | None:
         """When a pending async KV load lands (an idle engine should step again then)."""
@@ -263,6 +276,9 @@ class SimEngine:
             start = self.busy_until
         sched = self.scheduler
         connector = self.connector
+        if len(self._inbox):
+            self._inbox.admit(start, bool(sched.running or sched.waiting or sched.skipped_waiting),
+                              sched.add_request)
         if connector is not None:
             sending, recving = connector.get_finished(start)
             if sending or recving:
@@ -294,6 +310,7 @@ class SimEngine:
             sending, recving = connector.get_finished(end)
             if sending or recving:
                 sched.update_from_kv_xfer_finished(sending, recving)
+        self._inbox.step_ran(start, end, total)
         self.busy_until = end
         if standalone:
             self.clock.advance_to(end)
@@ -343,7 +360,7 @@ class SimEngine:
 
     @property
     def num_waiting(self) -> int:
-        return len(self.scheduler.waiting) + len(self.scheduler.skipped_waiting)
+        return len(self.scheduler.waiting) + len(self.scheduler.skipped_waiting) + len(self._inbox)
 
     @property
     def num_preemptions(self) -> int:
