@@ -1,7 +1,13 @@
-"""Screenshot of the dashboard replaying a shipped REAL vLLM recording, served by Voila, in
-headless Chromium (docs/img/dashboard-real-h200x2-replay.png):
+"""Screenshot of the dashboard replaying a shipped REAL vLLM recording, served by Voila and
+opened in headless Chromium (what docs/img/dashboard-real-h200x2-replay.png shows):
+
     python tests/e2e/screenshot_replay.py docs/img/dashboard-real-h200x2-replay.png
 """
+
+from __future__ import annotations
+
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -12,26 +18,47 @@ import httpx
 from playwright.sync_api import sync_playwright
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parents[1]))
-from labkit.cli_lab import voila_args
+NOTEBOOK = HERE / "replay-real.ipynb"
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync"]
 
-s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
-p = subprocess.Popen(voila_args(str(HERE / "replay-real.ipynb"), port) + ["--no-browser"], cwd=str(HERE),
-                     stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
-try:
-    for _ in range(120):
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/", timeout=60).status_code == 200: break
-        except Exception: time.sleep(0.5)
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox", "--disable-gpu",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
-        pg = b.new_page(viewport={"width": 1600, "height": 1000})
-        pg.goto(f"http://127.0.0.1:{port}/", timeout=120000)
-        pg.wait_for_selector(".js-plotly-plot", timeout=120000)
-        time.sleep(8)
-        pg.screenshot(path=sys.argv[1], full_page=True)
-        print("titles:", pg.evaluate("Array.from(document.querySelectorAll('.gtitle')).map(e=>e.textContent)"))
-        b.close()
-finally:
-    import os; import signal; os.killpg(p.pid, signal.SIGTERM)
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def main(out: str) -> None:
+    sys.path.insert(0, str(HERE.parents[1]))
+    from labkit.cli_lab import voila_args
+
+    port = free_port()
+    voila = subprocess.Popen([*voila_args(NOTEBOOK, port), "--no-browser"], cwd=HERE,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/api", timeout=2)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=FLAGS)
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            page.goto(f"http://127.0.0.1:{port}/", timeout=120_000)
+            page.wait_for_selector(".js-plotly-plot", timeout=120_000)
+            time.sleep(8)  # the figures' first full sync
+            page.screenshot(path=out, full_page=True)
+            titles = page.evaluate(
+                "Array.from(document.querySelectorAll('.gtitle')).map(e => e.textContent)")
+            print("\n".join(titles))
+            browser.close()
+    finally:
+        os.killpg(voila.pid, signal.SIGTERM)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
