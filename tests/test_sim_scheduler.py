@@ -54,7 +54,9 @@ def test_new_request_reports_prefix_hits_as_num_computed_tokens():
 
 
 def test_decode_tokens_take_budget_first():
-    e = engine()
+    # The scheduler's budget rule, in the sync loop (async scheduling would hold "long" one
+    # step: tests/test_sim_async.py).
+    e = engine(async_scheduling=False)
     e.add_request("d1", prompt(100), 50)
     e.add_request("d2", prompt(100, 5), 50)
     e.step()  # both prefilled in one step

@@ -4,7 +4,8 @@ Real side: a `Lab(mode="vllm")` per layout (one colocated engine; a PD pair on o
 ExampleConnector), the load generator through `lab.url`, /metrics of every engine before and
 after. Simulated side: `SimCluster` in-process with the same plan (same block count, chunk,
 connector) and the fitted cost constants; the API latency the calibration measured is the
-router hop (once per engine a request visits).
+router hop, paid once per engine call (PD: prefill's call, then decode's); the simulated
+engines schedule asynchronously, as vLLM 0.26 does by default.
 
 Table per layout and workload: TTFT and TPOT median and p90, real vs sim, relative error; and
 the engine counters both sides report (prompt tokens by source, prefix-cache queries/hits,
