@@ -239,6 +239,56 @@ class EngineHandle:
         self.stop()
 
 
+class LogFollowingEngine(EngineHandle):
+    """An engine whose log says how its start-up goes (vLLM's, or the simulator's, which
+    writes the same lines): a LogFollower turns it into staged progress and `startup`."""
+
+    START_TIMEOUT_S = 600.0
+    POLL_S = 0.5
+    STOP_TIMEOUT_S = 20.0
+
+    def __init__(self, name: str, **kwargs: Any) -> None:
+        super().__init__(name, **kwargs)
+        self.follower: Any = None  # labkit.telemetry.vllm_log.LogFollower while starting
+
+    def _on_start(self, progress_callback: ProgressCallback | None) -> None:
+        from labkit.telemetry.vllm_log import LogFollower
+
+        def on_event(ev: Any, state: Any) -> None:
+            if progress_callback is not None:
+                progress_callback(ev.stage, {**ev.detail, "engine": self.name, "kind": self.kind,
+                                             "simulated": self.kind == "sim",
+                                             "progress": state.progress})
+
+        self.follower = LogFollower(self.log_path, on_event).start()
+
+    @property
+    def startup(self) -> Any:
+        """What the log said so far (a vllm_log.StartupState: stages, GiB, KV tokens, errors)."""
+        from labkit.telemetry.vllm_log import StartupState, parse_log
+
+        if self.follower is not None:
+            return self.follower.state
+        return parse_log(self.log_path) if self.log_path.exists() else StartupState()
+
+    def wait_ready(self, timeout: float | None = None, poll_s: float | None = None) -> float:
+        try:
+            return super().wait_ready(timeout or self.START_TIMEOUT_S, poll_s or self.POLL_S)
+        except EngineStartError:
+            self._stop_follower()
+            raise
+
+    def stop(self, timeout: float | None = None) -> int | None:
+        code = super().stop(timeout or self.STOP_TIMEOUT_S)
+        self._stop_follower()
+        return code
+
+    def _stop_follower(self) -> None:
+        if self.follower is not None:
+            self.follower.stop()
+            self.follower = None
+
+
 def _signal_group(pgid: int | None, sig: signal.Signals) -> None:
     if pgid is None:
         return

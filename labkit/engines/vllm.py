@@ -12,13 +12,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from labkit.engines.base import EngineHandle, EngineStartError, ProgressCallback
-from labkit.telemetry.vllm_log import LogFollower, StageEvent, StartupState, parse_log
+from labkit.engines.base import LogFollowingEngine
+from labkit.telemetry.vllm_log import StartupState, parse_log
 
 VLLM_MAIN = "vllm.entrypoints.cli.main"
 
 
-class VLLMEngine(EngineHandle):
+class VLLMEngine(LogFollowingEngine):
     """A real vLLM engine on this machine's GPUs.
 
     Args:
@@ -37,7 +37,6 @@ class VLLMEngine(EngineHandle):
         if "--port" in self.serve_args:  # labkit.config.vllm_args names the port itself
             self.port = int(self.serve_args[self.serve_args.index("--port") + 1])
         self.python = python or sys.executable
-        self.follower: LogFollower | None = None
 
     def command(self) -> list[str]:
         args = [self.python, "-m", VLLM_MAIN, "serve", *self.serve_args]
@@ -59,37 +58,7 @@ class VLLMEngine(EngineHandle):
             env["PYTHONPATH"] = ":".join([*paths, root])
         return env
 
-    def _on_start(self, progress_callback: ProgressCallback | None) -> None:
-        def on_event(ev: StageEvent, state: StartupState) -> None:
-            if progress_callback is not None:
-                progress_callback(ev.stage, {**ev.detail, "engine": self.name,
-                                             "progress": state.progress})
-
-        self.follower = LogFollower(self.log_path, on_event).start()
-
-    @property
-    def startup(self) -> StartupState:
-        """What the log said so far (stages, GiB, KV tokens, errors)."""
-        if self.follower is not None:
-            return self.follower.state
-        return parse_log(self.log_path) if self.log_path.exists() else StartupState()
-
     def _start_errors(self) -> list[str]:
         state = parse_log(self.log_path) if self.log_path.exists() else StartupState()
         return state.errors[-10:] or super()._start_errors()
 
-    def wait_ready(self, timeout: float = 600.0, poll_s: float = 0.5) -> float:
-        try:
-            return super().wait_ready(timeout, poll_s)
-        except EngineStartError:
-            self._stop_follower()
-            raise
-
-    def stop(self, timeout: float = 20.0) -> int | None:
-        code = super().stop(timeout)
-        self._stop_follower()
-        return code
-
-    def _stop_follower(self) -> None:
-        if self.follower is not None:
-            self.follower.stop()

@@ -12,11 +12,10 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from labkit.engines.base import EngineHandle, EngineStartError, ProgressCallback
+from labkit.engines.base import LogFollowingEngine
 
 if TYPE_CHECKING:
     from labkit.config import EngineConfig, EnginePlan, Plan
-    from labkit.telemetry.vllm_log import LogFollower, StartupState
 
 SIM_MAIN = "labkit.engines.sim"
 
@@ -57,7 +56,7 @@ def options_from_plan(config: EngineConfig | None, plan: Plan, key: Any) -> dict
     return opts
 
 
-class SimEngineProcess(EngineHandle):
+class SimEngineProcess(LogFollowingEngine):
     """A simulated engine subprocess (kind "sim").
 
     Args:
@@ -97,7 +96,6 @@ class SimEngineProcess(EngineHandle):
         self.run_dir = Path(run_dir or os.environ.get("LABKIT_RUN_DIR") or self.log_path.parent)
         if opts.get("connector") == "example" and not opts.get("kv_storage"):
             opts["kv_storage"] = str(self.run_dir / "kv-store")
-        self.follower: LogFollower | None = None
 
     def command(self) -> list[str]:
         args = [self.python, "-m", SIM_MAIN, "--host", self.host, "--port", str(self.port)]
@@ -124,41 +122,9 @@ class SimEngineProcess(EngineHandle):
             env["PYTHONPATH"] = os.pathsep.join([*paths, root])
         return env
 
-    def _on_start(self, progress_callback: ProgressCallback | None) -> None:
-        from labkit.telemetry.vllm_log import LogFollower, StageEvent
-
-        def on_event(ev: StageEvent, state: StartupState) -> None:
-            if progress_callback is not None:
-                progress_callback(ev.stage, {**ev.detail, "engine": self.name, "simulated": True,
-                                             "progress": state.progress})
-
-        self.follower = LogFollower(self.log_path, on_event).start()
-
-    @property
-    def startup(self) -> StartupState:
-        """What the log said so far (stages, KV tokens, errors)."""
-        from labkit.telemetry.vllm_log import StartupState, parse_log
-
-        if self.follower is not None:
-            return self.follower.state
-        return parse_log(self.log_path) if self.log_path.exists() else StartupState()
-
-    def wait_ready(self, timeout: float = 60.0, poll_s: float = 0.1) -> float:
-        try:
-            return super().wait_ready(timeout, poll_s)
-        except EngineStartError:
-            self._stop_follower()
-            raise
-
-    def stop(self, timeout: float = 10.0) -> int | None:
-        code = super().stop(timeout)
-        self._stop_follower()
-        return code
-
-    def _stop_follower(self) -> None:
-        if self.follower is not None:
-            self.follower.stop()
-            self.follower = None
+    START_TIMEOUT_S = 60.0  # a simulated engine starts in seconds
+    POLL_S = 0.1
+    STOP_TIMEOUT_S = 10.0
 
 
 def _options_from_config(c: EngineConfig) -> dict[str, Any]:
