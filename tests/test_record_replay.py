@@ -333,10 +333,12 @@ def test_shipped_recording_loads_and_plays(path: Path) -> None:
     done = [r for r in dash.transfers.requests.values() if r.finish and r.transfer_end]
     arrivals = {e["req_id"] for _, d in rp.recording.frames for e in d.timeline
                 if e["event"] == "arrival"}
-    # each shipped recording's workload is a 1,081-token prompt then 8+ more, all finished
-    # with their KV transfer drawn (the Gantt keeps the newest 40 ids), each with a TTFT
-    assert len(arrivals) >= 9 and len(done) >= 9
-    assert len(dash.latency.ttft) >= len(arrivals)
+    finished_ok = {e["req_id"] for _, d in rp.recording.frames for e in d.timeline
+                   if e["event"] == "finish" and e.get("status", 200) == 200}
+    # a shipped recording shows a working pair: every request the proxy saw finished, each
+    # with a TTFT, and their KV transfers are drawn (the Gantt keeps the newest 40 ids)
+    assert len(arrivals) >= 5 and finished_ok == arrivals
+    assert len(done) >= 5 and len(dash.latency.ttft) >= len(arrivals)
     assert set(dash.schedule.steps) == {e["name"] for e in rp.describe()["engines"]}
     assert dash.memory.latest and dash.memory.engine_mem
     for engine in dash.schedule.steps:  # /metrics at most 2 Hz per engine
