@@ -93,6 +93,20 @@ LINKS: dict[str, LinkSpec] = {
     "tcp": LinkSpec("tcp", "TCP over 25 GbE", 3.125e9, 50e-6),
 }
 
+# What a connector really gets out of a link (the LINKS above are the links' peaks, drawn as
+# the "peak" line in the streaming view). NixlConnector over NVLink between two H200s moved
+# 68 blocks of lab-1b (71,303,168 B) in 5.7-6.1 ms: ~12.1 GB/s (docs/gpu-runs.md). Links
+# without a measurement use their peak.
+ACHIEVED: dict[tuple[str, str], LinkSpec] = {
+    ("nixl", "nvlink"): LinkSpec("nvlink", "NVLink 4, NixlConnector as measured (2xH200)",
+                                 12.1e9, 3e-6),
+}
+
+
+def achieved_link(connector: str, link: LinkSpec) -> LinkSpec:
+    """The link as `connector` achieves it where measured, else the link's peak."""
+    return ACHIEVED.get((connector, link.key), link)
+
 
 @dataclass(frozen=True)
 class GPUInfo:

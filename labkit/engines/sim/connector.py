@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from labkit.engines.sim.cost_model import transfer_time
 from labkit.engines.sim.request import Request, RequestStatus
+from labkit.hardware import achieved_link
 
 if TYPE_CHECKING:
     from labkit.engines.sim.kv_cache_manager import KVCacheBlocks
@@ -340,7 +341,7 @@ class NixlConnector(SimKVConnector):
             remote_engine = str(params.get("remote_engine_id"))
             num_blocks = len(local_block_ids)
             num_bytes = num_blocks * self.block_size * self.kv_bytes_per_token
-            link = self.transport.link(remote_engine, self.engine_id)
+            link = achieved_link("nixl", self.transport.link(remote_engine, self.engine_id))
             start = max(now, self._inbound_free_at)
             end = start + transfer_time(num_bytes, link) if num_blocks else start + link.latency
             if num_blocks:
