@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from labkit.telemetry.recording import record_demo_session
+from labkit.bench.record_session import record_demo_session
 
 VARIANTS = {
     "real-h200-1gpu-chunk256": {"chunk": 256},

@@ -340,12 +340,23 @@ class Scheduler:
     def update_from_output(self, out: SchedulerOutput, next_token: Callable[[], int], now: float,
                            itl: list[float], on_first_token: Callable[[Request, float], None]
                            ) -> tuple[list[tuple[Request, int]], list[tuple[Request, dict[str, Any] | None]]]:
-        """Append one sampled token to every request whose tokens are all computed (a partial
-        prefill chunk samples nothing); stop and free finished ones.
+        """Sample (`sample_tokens`) and report (`emit_outputs`) one step's tokens at `now`.
 
-        Token times are stamped `now` (the step's end): inter-token latencies go to `itl`,
-        a request's first token to `on_first_token(request, now)`.
         Returns (sampled (request, token) pairs, finished (request, kv_transfer_params) pairs).
+        """
+        sampled, stopped = self.sample_tokens(out, next_token)
+        return sampled, self.emit_outputs(sampled, stopped, now, itl, on_first_token)
+
+    def sample_tokens(self, out: SchedulerOutput, next_token: Callable[[], int]
+                      ) -> tuple[list[tuple[Request, int]], list[Request]]:
+        """Append one sampled token to every request whose tokens are all computed (a partial
+        prefill chunk samples nothing) and take stopped ones out of `running`.
+
+        Stopped requests are not freed here: `emit_outputs` does that, as vLLM's
+        update_from_output frees (and calls the connector's request_finished) while it
+        builds the outputs. Taking them out of `running` at once is AsyncScheduler's
+        "don't schedule an extra step when max_tokens is reached" (vllm/v1/core/sched/
+        scheduler.py, num_output_placeholders check). Returns (sampled pairs, stopped).
         """
         sampled: list[tuple[Request, int]] = []
         stopped: list[Request] = []
@@ -355,12 +366,6 @@ class Scheduler:
             if request.status > _PREEMPTED or request.num_computed_tokens < request.num_tokens:
                 continue
             token = next_token()
-            last = request.last_token_time
-            if last is None:
-                on_first_token(request, now)
-            else:
-                itl.append(now - last)
-            request.last_token_time = now
             # Request.append_output_token_id, inlined (hot path).
             request.all_token_ids.append(token)
             num_tokens = request.num_tokens = request.num_tokens + 1
@@ -376,11 +381,28 @@ class Scheduler:
             else:
                 continue
             stopped.append(request)
-        if not stopped:
-            return sampled, []
-        stopped_set = set(stopped)
-        self.running = [r for r in self.running if r not in stopped_set]
-        return sampled, [(request, self.free_request(request)) for request in stopped]
+        if stopped:
+            stopped_set = set(stopped)
+            self.running = [r for r in self.running if r not in stopped_set]
+        return sampled, stopped
+
+    def emit_outputs(self, sampled: list[tuple[Request, int]], stopped: list[Request], now: float,
+                     itl: list[float], on_first_token: Callable[[Request, float], None]
+                     ) -> list[tuple[Request, dict[str, Any] | None]]:
+        """Report sampled tokens at `now` and free the stopped requests.
+
+        Token times are stamped `now` (when the output leaves the engine core): inter-token
+        latencies go to `itl`, a request's first token to `on_first_token(request, now)`.
+        Returns the finished (request, kv_transfer_params) pairs.
+        """
+        for request, _ in sampled:
+            last = request.last_token_time
+            if last is None:
+                on_first_token(request, now)
+            else:
+                itl.append(now - last)
+            request.last_token_time = now
+        return [(request, self.free_request(request)) for request in stopped]
 
     def free_request(self, request: Request, delay_free_blocks: bool = False) -> dict[str, Any] | None:
         """_free_request: connector.request_finished decides whether blocks outlive the request."""
