@@ -19,7 +19,8 @@ import httpx
 STATE_CHARS = {0: ".", 1: "c", 2: "#", 3: "S"}  # free, cached (evictable), in use, shared
 
 
-def _stream(url: str, model: str, prompt: list[int], max_tokens: int) -> dict[str, Any]:
+def stream_completion(url: str, model: str, prompt: list[int], max_tokens: int
+                      ) -> dict[str, Any]:
     """One streamed completion; returns TTFT, ITLs and end-to-end from the client's side."""
     t0 = time.perf_counter()
     stamps: list[float] = []
@@ -56,7 +57,7 @@ def run_demo(lab: Any, num_requests: int = 12, seed: int = 0) -> int:
         rng = random.Random(seed)
         first = [rng.randrange(100, vocab) for _ in range(1081)]
         print("\n1) one 1,081-token prompt through the PD proxy ...", flush=True)
-        results = [_stream(url, model, first, 32)]
+        results = [stream_completion(url, model, first, 32)]
         system = [rng.randrange(100, vocab) for _ in range(256)]
         prompts = []
         for i in range(num_requests):
@@ -66,7 +67,7 @@ def run_demo(lab: Any, num_requests: int = 12, seed: int = 0) -> int:
               flush=True)
         peak: dict[str, tuple[int, bytes]] = {}
         with ThreadPoolExecutor(8) as pool:
-            futs = [pool.submit(_stream, url, model, p, rng.choice([16, 48, 96])) for p in prompts]
+            futs = [pool.submit(stream_completion, url, model, p, rng.choice([16, 48, 96])) for p in prompts]
             while not all(f.done() for f in futs):
                 _fold_peaks(tel.poll(), peak)
                 time.sleep(0.1)

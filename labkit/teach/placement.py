@@ -14,45 +14,36 @@ from labkit.teach.result import Result
 GiB = 1 << 30
 
 
-def colocated_plan(
+def simulated_plan(
     model: str = "lab-1b",
     *,
     tp: int = 1,
     pp: int = 1,
     num_gpus: int = 2,
     gpu_type: str = "h100",
+    colocated: bool = False,
     **knobs: Any,
 ) -> Any:
-    """The Plan of ONE engine (no PD) on a simulated machine of `num_gpus` x `gpu_type`.
-
-    `knobs` go to labkit.lab.build_config (kv_cache_dtype, gpu_memory_utilization,
-    kv_offloading_size_gb, chunk, ...)."""
+    """The Plan of a prefill + decode pair (or, `colocated`, of ONE engine) on a simulated
+    machine of `num_gpus` x `gpu_type`. `knobs` go to labkit.lab.build_config
+    (kv_cache_dtype, gpu_memory_utilization, kv_offloading_size_gb, chunk, connector, ...)."""
     from labkit import hardware
     from labkit.config import validate
     from labkit.lab import build_config
 
-    cfg = build_config(
-        model, tp=tp, pp=pp, num_gpus=num_gpus, gpu_type=gpu_type, colocated=True, **knobs
-    )
+    cfg = build_config(model, tp=tp, pp=pp, num_gpus=num_gpus, gpu_type=gpu_type,
+                       colocated=colocated, **knobs)
     return validate(cfg, hardware.simulated(num_gpus, gpu_type))
 
 
-def pd_plan(
-    model: str = "lab-1b",
-    *,
-    tp: int = 1,
-    pp: int = 1,
-    num_gpus: int = 2,
-    gpu_type: str = "h100",
-    **knobs: Any,
-) -> Any:
-    """The Plan of a prefill + decode pair on a simulated machine."""
-    from labkit import hardware
-    from labkit.config import validate
-    from labkit.lab import build_config
+def colocated_plan(model: str = "lab-1b", **kw: Any) -> Any:
+    """The Plan of ONE engine (no PD) on a simulated machine (see `simulated_plan`)."""
+    return simulated_plan(model, colocated=True, **kw)
 
-    cfg = build_config(model, tp=tp, pp=pp, num_gpus=num_gpus, gpu_type=gpu_type, **knobs)
-    return validate(cfg, hardware.simulated(num_gpus, gpu_type))
+
+def pd_plan(model: str = "lab-1b", **kw: Any) -> Any:
+    """The Plan of a prefill + decode pair on a simulated machine (see `simulated_plan`)."""
+    return simulated_plan(model, colocated=False, **kw)
 
 
 def placement_table(

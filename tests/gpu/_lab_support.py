@@ -25,18 +25,12 @@ def prompt_ids(n: int, seed: int = 0, vocab: int = 30000) -> list[int]:
 
 
 def stream(url: str, model: str, ids: list[int], max_tokens: int) -> dict[str, Any]:
-    """One streamed completion; client-side TTFT and end to end."""
-    t0 = time.perf_counter()
-    stamps: list[float] = []
-    body = {"model": model, "prompt": ids, "max_tokens": max_tokens, "ignore_eos": True,
-            "stream": True}
-    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                stamps.append(time.perf_counter())
-    return {"chunks": len(stamps), "ttft_s": stamps[0] - t0 if stamps else None,
-            "e2e_s": time.perf_counter() - t0}
+    """One streamed completion (labkit.demo's client); client-side TTFT and end to end."""
+    from labkit.demo import stream_completion
+
+    r = stream_completion(url, model, ids, max_tokens)
+    return {"chunks": r["tokens"], "ttft_s": r["ttft"] if r["tokens"] else None,
+            "e2e_s": r["e2e"]}
 
 
 def metrics(url: str) -> MetricsSnapshot:
