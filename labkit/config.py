@@ -370,6 +370,42 @@ def _pick_connector(cfg: PDConfig, kind: str, shared: bool, engines: list[Engine
     return conn
 
 
+def _example_prefill(
+    e: EngineConfig, model: ModelShape, gpu: GPUType, util: float, notes: list[str]
+) -> EngineConfig:
+    """The prefill engine of an ExampleConnector pair must never split a prompt.
+
+    ExampleConnector stores a request's KV only in the step that first schedules it
+    (`build_connector_meta` adds store entries for `scheduled_new_reqs` only, with the blocks
+    allocated so far: kv_connector/v1/example_connector.py). A prompt split over steps (a
+    chunk smaller than the prompt, or a budget partly used by other prompts) is saved with
+    its first chunk's tokens only, and decode's load then fails on a shape mismatch, which
+    kills the decode engine. So: chunked prefill off on prefill (a prompt that does not fit
+    the step's budget waits a step, v1/core/sched/scheduler.py) and prompts capped at the chunk.
+    """
+    if not e.enable_chunked_prefill:
+        return e
+    probe = _plan_engine("prefill", "prefill", e, model, gpu, util, 0, [])
+    chunk, model_len = probe.max_num_batched_tokens, probe.max_model_len
+    if e.max_model_len is not None and e.max_model_len > chunk:
+        raise ConfigError(
+            f"prefill: chunk (max_num_batched_tokens) {chunk} < max_model_len "
+            f"{e.max_model_len} with connector='example': ExampleConnector saves a prompt's KV "
+            "in its first step only, so a prompt longer than the chunk would reach decode with "
+            "part of its KV and decode would fail loading it",
+            f"use connector='nixl' (chunked prefill works there), or max_model_len <= {chunk}, "
+            f"or a chunk >= {e.max_model_len}",
+        )
+    capped = min(model_len, chunk)
+    notes.append(
+        f"prefill: chunked prefill off and max_model_len {capped} (= the chunk at most): "
+        "ExampleConnector saves a prompt's KV in its first step only; use connector='nixl' "
+        "to see chunked prefill in a PD pair"
+    )
+    return replace(e, enable_chunked_prefill=False, max_num_batched_tokens=chunk,
+                   max_model_len=capped)
+
+
 def _pick_utilization(
     names: list[str], engines: list[EngineConfig], shared: bool, notes: list[str]
 ) -> list[float]:
@@ -585,6 +621,8 @@ def validate(cfg: PDConfig, hardware: Hardware | None = None) -> Plan:
     utils = _pick_utilization([n for n, _, _ in named], engines, shared, notes)
     plans, first = [], 0
     for (n, role, e), model, u in zip(named, models, utils, strict=True):
+        if connector == "example" and role == "prefill":
+            e = _example_prefill(e, model, gpu, u, notes)
         plans.append(_plan_engine(n, role, e, model, gpu, u, 0 if shared else first, notes))
         first += e.world_size
     gpus = _gpu_lines(plans, models[0], gpu, num_gpus)

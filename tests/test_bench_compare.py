@@ -18,7 +18,7 @@ def test_pd_vs_colocated_table_and_kv_transfer_only_for_pd() -> None:
     w = wl.prefill_heavy(120, rate=8.0, seed=1)
     res = compare("pd-vs-colocated", w, engine="cluster", model="llama-3.1-8b", slo=SLO(0.5, 0.05))
     names = [r.variant for r in res]
-    assert names == ["PD 1P+1D", "colocated x1", "colocated x2 (DP)"]
+    assert names == ["PD 1P+1D", "colocated x1", "colocated x2 (DP)", "colocated TP2"]
     by = {r.variant: r for r in res}
     for r in res:
         assert r.kind == "sim" and r.engine == "cluster"
@@ -34,18 +34,32 @@ def test_pd_vs_colocated_table_and_kv_transfer_only_for_pd() -> None:
     assert pd["kv_transfer_bytes"] > 0
     assert by["colocated x1"].engine_side["kv_transfer_tokens"] == 0
     assert by["colocated x2 (DP)"].engine_side["kv_transfer_tokens"] == 0
+    assert by["colocated TP2"].num_gpus == 2 and by["colocated TP2"].engine_side["kv_transfer_tokens"] == 0
     # colocated prefills stall the decodes batched with them: the ITL tail is PD's to win
     assert by["PD 1P+1D"].summary["itl"]["p99"] < by["colocated x1"].summary["itl"]["p99"]
     # PD pays the KV hop in TTFT at light load
     assert by["PD 1P+1D"].summary["ttft"]["p50"] > by["colocated x2 (DP)"].summary["ttft"]["p50"]
     table = format_table(res).splitlines()
     assert table[0].startswith("SIMULATED") and "SimCluster" in table[0]
-    assert [line.split("  ")[0].strip() for line in table[-3:]] == names
+    assert [line.split("  ")[0].strip() for line in table[-4:]] == names
+
+
+def test_rate_sweep_rows_rate_by_rate_and_one_gpu_drops_multi_gpu_variants() -> None:
+    sweep = wl.rate_sweep("prefill-heavy", 30, [2.0, 20.0], seed=3)
+    res = compare("pd-vs-colocated", sweep, engine="cluster", num_gpus=1, slo=SLO(0.5, 0.05))
+    assert [r.variant for r in res] == ["PD 1P+1D @ 2/s", "colocated x1 @ 2/s",
+                                        "PD 1P+1D @ 20/s", "colocated x1 @ 20/s"]
+    assert [r.config["rate"] for r in res] == [2.0, 2.0, 20.0, 20.0]
+    assert all(r.summary["num_ok"] == 30 for r in res)
+    # the same lengths at both rates; ten times the offered rate shows in the throughput
+    slow, fast = res[1], res[3]
+    assert fast.summary["throughput_rps"] > 4 * slow.summary["throughput_rps"]
 
 
 def test_variants_share_one_machine_and_chunk_changes_budget() -> None:
     assert variants("tp")[0] == 4 and [v.name for v in variants("tp")[1]] == ["PD TP1", "PD TP2"]
-    assert [v.name for v in variants("pd-vs-colocated", "http")[1]] == ["PD 1P+1D", "colocated x1"]
+    assert [v.name for v in variants("pd-vs-colocated", "http")[1]] == ["PD 1P+1D", "colocated x1",
+                                                                         "colocated TP2"]
     chunk = {v.name: v for v in variants("chunk")[1]}
     assert list(chunk) == ["colocated chunk 512", "colocated chunk 8192", "PD chunk 512",
                            "PD chunk 8192"]

@@ -77,3 +77,6 @@ def test_rate_sweep_keeps_lengths_changes_arrivals() -> None:
         [(r.prompt_len, r.output_len) for r in b.requests]
     assert a.requests[-1].arrival_s > 5 * b.requests[-1].arrival_s
     assert b.stats()["offered_rate"] == pytest.approx(20.0, rel=0.15)
+    # fresh prompt tokens per rate: an engine serving the sweep gets no prefix hits from the last rate
+    ta, tb = a.token_ids(32000), b.token_ids(32000)
+    assert all(x[:16] != y[:16] for x, y in zip(ta, tb, strict=True))

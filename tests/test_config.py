@@ -224,6 +224,24 @@ def test_shared_gpu_plan():
     assert [e.gpu_memory_utilization for e in one.engines] == [0.6, 0.25]
 
 
+def test_example_pair_never_splits_a_prompt_on_prefill():
+    """ExampleConnector saves a prompt's KV in its first step only: prefill gets chunked prefill
+    off and prompts capped at the chunk; decode keeps chunked prefill; nixl keeps both."""
+    plan = validate(pd(num_gpus=1, max_num_batched_tokens=256), NO_GPU)
+    p, d = plan.engines
+    assert plan.connector == "example"
+    assert (p.config.enable_chunked_prefill, p.max_num_batched_tokens, p.max_model_len) == (
+        False, 256, 256)
+    assert d.config.enable_chunked_prefill and d.max_model_len > 256
+    args = vllm_args(None, plan, "prefill", "/m", 8000)
+    assert "--no-enable-chunked-prefill" in args
+    assert args[args.index("--max-model-len") + 1] == "256"
+    assert any("first step only" in n for n in plan.notes)
+    nixl = validate(pd(num_gpus=2, max_num_batched_tokens=256, connector="nixl"), NO_GPU)
+    assert all(e.config.enable_chunked_prefill for e in nixl.engines)
+    assert nixl.engines[0].max_model_len > 256
+
+
 def test_kv_capacity_follows_vllm_formula_against_fixture(monkeypatch):
     """Real vLLM (fixtures, H100, util 0.25, lab-1b): non-torch 6.21 GiB -> 189,168 tokens,
     4.76 GiB -> 212,912 tokens. With the logged non-torch figure the plan must agree."""

@@ -34,6 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-len", type=int, default=512, help="--workload fixed only")
     p.add_argument("--output-len", type=int, default=64, help="--workload fixed only")
     p.add_argument("--rate", type=float, default=4.0, help="Poisson arrivals per second (inf: all at once)")
+    p.add_argument("--rates", type=str, default=None, metavar="R1,R2,...",
+                   help="a rate sweep (Poisson, per second) instead of --rate: each variant "
+                        "serves the same lengths at every rate (over HTTP its Lab starts once)")
     p.add_argument("--burst", type=str, default=None, metavar="SIZE,INTERVAL_S",
                    help="bursts of SIZE requests every INTERVAL_S seconds instead of Poisson")
     p.add_argument("--num-requests", type=int, default=100)
@@ -52,7 +55,7 @@ def run(a: argparse.Namespace) -> int:
     """Run the comparison the flags describe; print the table; return an exit code."""
     from labkit.bench.compare import compare
     from labkit.bench.report import SLO, format_table, write_json
-    from labkit.bench.workloads import make
+    from labkit.bench.workloads import make, rate_sweep
     from labkit.config import ConfigError
 
     kw = {"prompt_len": a.prompt_len, "output_len": a.output_len} if a.workload == "fixed" else {}
@@ -61,12 +64,26 @@ def run(a: argparse.Namespace) -> int:
         size, interval = a.burst.split(",")
         burst = (int(size), float(interval))
     rate = math.inf if a.rate <= 0 else a.rate
+    if a.rates and burst:
+        print("error: --rates and --burst exclude each other", file=sys.stderr)
+        return 2
+    try:
+        rates = [float(r) for r in a.rates.split(",")] if a.rates else []
+    except ValueError:
+        print(f"error: --rates {a.rates!r}: give numbers, e.g. 2,4,8", file=sys.stderr)
+        return 2
+    if any(r <= 0 or math.isnan(r) for r in rates):
+        print(f"error: --rates {a.rates!r}: every rate must be > 0", file=sys.stderr)
+        return 2
     workload = make(a.workload, a.num_requests, rate=rate, seed=a.seed, burst=burst, **kw)
+    if rates:
+        workload = rate_sweep(a.workload, a.num_requests, rates, seed=a.seed, **kw)
     slo = SLO(a.ttft_slo_ms / 1e3, a.itl_slo_ms / 1e3)
-    st = workload.stats()
+    st = (workload[0] if rates else workload).stats()
     title = (f"labkit bench --compare {a.compare}: {a.model}, {a.workload} x{a.num_requests} "
              f"(prompt mean {st['prompt_mean']:.0f}, output mean {st['output_mean']:.0f} tokens), "
-             + (f"bursts {a.burst}" if burst else f"rate {a.rate:g}/s") + f", seed {a.seed}")
+             + (f"bursts {a.burst}" if burst else f"rates {a.rates}/s" if rates
+                else f"rate {a.rate:g}/s") + f", seed {a.seed}")
     try:
         results = compare(a.compare, workload, engine=a.engine, mode=a.mode, model=a.model,
                           gpu_type=a.gpu_type, slo=slo, seed=a.seed, speed=a.speed,

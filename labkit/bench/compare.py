@@ -15,7 +15,7 @@ REAL vLLM (and on which device) or SIMULATED.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,11 @@ class Variant:
     replicas: int = 1
 
     @property
+    def gpus(self) -> int:
+        """GPUs the variant needs at least (a PD pair at tp=pp=1 can share one)."""
+        return self.replicas * self.knobs.get("tp", 1) * self.knobs.get("pp", 1)
+
+    @property
     def http_ok(self) -> bool:
         return self.replicas == 1
 
@@ -49,6 +54,7 @@ COMPARISONS: dict[str, tuple[int, list[Variant]]] = {  # name -> (GPUs, variants
         Variant("PD 1P+1D", {}),
         Variant("colocated x1", {"colocated": True}),
         Variant("colocated x2 (DP)", {"colocated": True}, replicas=2),
+        Variant("colocated TP2", {"colocated": True, "tp": 2}),
     ]),
     # Colocated, the chunk bounds how long a prefill stalls the decodes batched with it
     # (TTFT vs ITL); in PD it only paces the prefill engine.
@@ -149,33 +155,52 @@ def _scrape_all(lab: Any) -> dict[str, Any]:
     return {name: scrape(e.base_url) for name, e in lab.engines.items()}
 
 
-def run_http(variant: Variant, workload: Workload, *, mode: str = "sim", model: str = "lab-1b",
-             gpu_type: str = "h100", num_gpus: int = 2, slo: SLO = DEFAULT_SLO, speed: float = 1.0,
-             max_duration_s: float | None = None, run_dir: str | Path | None = None,
-             progress: Progress | None = None) -> BenchResult:
-    """Start a Lab for `variant`, replay `workload` through its OpenAI endpoint, stop it."""
+def run_http(variant: Variant, workload: Workload | Sequence[Workload], *, mode: str = "sim",
+             model: str = "lab-1b", gpu_type: str = "h100", num_gpus: int = 2,
+             slo: SLO = DEFAULT_SLO, speed: float = 1.0, max_duration_s: float | None = None,
+             run_dir: str | Path | None = None,
+             progress: Progress | None = None) -> BenchResult | list[BenchResult]:
+    """Start a Lab for `variant`, replay `workload` through its OpenAI endpoint, stop it.
+
+    Given a sequence of workloads (a rate sweep), the Lab starts once and serves them one
+    after the other (each to completion); one BenchResult per workload, in order.
+    """
     from labkit.lab import Lab, build_config
 
+    many = not isinstance(workload, Workload)
+    wls = list(workload) if many else [workload]
     gpu = gpu_type if mode == "sim" else None
     cfg = build_config(model, num_gpus=num_gpus, gpu_type=gpu, **variant.knobs)
     lab = Lab(cfg, mode=mode, run_dir=run_dir, speed=speed, observe=False)
     say = progress or (lambda s: None)
     say(f"{variant.name}: {lab.describe()}")
+    runs = []
     with lab:
-        before = _scrape_all(lab)
-        load = run_load(lab.url, workload, model=lab.plan.model.name,
-                        vocab_size=lab.plan.model.vocab_size, max_duration_s=max_duration_s,
-                        time_scale=speed if lab.kind == "sim" else 1.0)
-        after = _scrape_all(lab)
+        for wl in wls:
+            before = _scrape_all(lab)
+            load = run_load(lab.url, wl, model=lab.plan.model.name,
+                            vocab_size=lab.plan.model.vocab_size, max_duration_s=max_duration_s,
+                            time_scale=speed if lab.kind == "sim" else 1.0)
+            runs.append((wl, load, engine_delta(before, _scrape_all(lab))))
+            if many:
+                say(f"{variant.name}: {_rate_label(wl)} done")
     plan = lab.plan
     used = len({g for ep in plan.engines for g in ep.gpus})
     device = (f"{plan.num_gpus}x {plan.gpu_type.name}" if lab.kind == "sim"
               else _real_device_name(plan))
-    return BenchResult(variant.name, lab.kind, device, "http", workload.name, used,
-                       summarize(load.records, slo), engine_delta(before, after),
-                       {"knobs": variant.knobs, "connector": plan.connector, "link": plan.link,
-                        "model": plan.model.name, "url_kind": "proxy" if lab.plan.connector
-                        else "engine", "speed": speed}, load.records)
+    out = [BenchResult(f"{variant.name} @ {_rate_label(wl)}" if many else variant.name,
+                       lab.kind, device, "http", wl.name, used, summarize(load.records, slo),
+                       delta, {"knobs": variant.knobs, "connector": plan.connector,
+                               "link": plan.link, "model": plan.model.name,
+                               "url_kind": "proxy" if lab.plan.connector else "engine",
+                               "speed": speed, "rate": wl.params.get("rate")}, load.records)
+           for wl, load, delta in runs]
+    return out if many else out[0]
+
+
+def _rate_label(wl: Workload) -> str:
+    rate = wl.params.get("rate")
+    return "all at once" if rate is None or rate == float("inf") else f"{rate:g}/s"
 
 
 def _real_device_name(plan: Any) -> str:
@@ -187,15 +212,18 @@ def _real_device_name(plan: Any) -> str:
 
 
 # ------------------------------------------------------------------ one comparison
-def compare(compare: str, workload: Workload, *, engine: str = "cluster", mode: str = "sim",
-            model: str = "lab-1b", gpu_type: str = "h100", slo: SLO = DEFAULT_SLO, seed: int = 0,
-            speed: float = 1.0, max_duration_s: float | None = None,
-            run_dir: str | Path | None = None, progress: Progress | None = None,
-            num_gpus: int | None = None) -> list[BenchResult]:
+def compare(compare: str, workload: Workload | Sequence[Workload], *, engine: str = "cluster",
+            mode: str = "sim", model: str = "lab-1b", gpu_type: str = "h100",
+            slo: SLO = DEFAULT_SLO, seed: int = 0, speed: float = 1.0,
+            max_duration_s: float | None = None, run_dir: str | Path | None = None,
+            progress: Progress | None = None, num_gpus: int | None = None) -> list[BenchResult]:
     """Run every variant of `compare` on `workload`; one BenchResult per variant.
 
     Args:
         compare: "pd-vs-colocated" | "chunk" | "tp" | "kv-dtype".
+        workload: one workload, or several (a rate sweep, `workloads.rate_sweep`): then one
+            result per (variant, workload), rate by rate, named "<variant> @ <rate>/s"; over
+            HTTP each variant's Lab starts once for the whole sweep.
         engine: "cluster" (in-process SimCluster) or "http" (a Lab per variant).
         mode: HTTP engine only: "sim" | "vllm" | "auto" (as Lab).
         speed: simulated Labs: simulated seconds per wall second.
@@ -206,17 +234,26 @@ def compare(compare: str, workload: Workload, *, engine: str = "cluster", mode: 
         raise ValueError(f"engine must be 'cluster' or 'http', got {engine!r}")
     if engine == "cluster" and mode == "vllm":
         raise ValueError("the cluster engine is the simulator; use engine='http' for real vLLM")
+    many = not isinstance(workload, Workload)
+    wls = list(workload) if many else [workload]
     default_gpus, vs = variants(compare, engine)
     num_gpus = num_gpus or default_gpus
-    vs = [v for v in vs if v.replicas <= num_gpus]  # one colocated engine per GPU
-    out = []
+    vs = [v for v in vs if v.gpus <= num_gpus]  # e.g. no DP/TP2 colocated on one GPU
+    per_variant: list[list[BenchResult]] = []
     for v in vs:
         if engine == "cluster":
-            out.append(run_cluster(v, workload, model=model, gpu_type=gpu_type,
-                                   num_gpus=num_gpus, slo=slo, seed=seed))
+            rs = [run_cluster(v, wl, model=model, gpu_type=gpu_type, num_gpus=num_gpus,
+                              slo=slo, seed=seed) for wl in wls]
+            if many:
+                for r, wl in zip(rs, wls, strict=True):
+                    r.variant = f"{v.name} @ {_rate_label(wl)}"
+                    r.config["rate"] = wl.params.get("rate")
         else:
             sub = Path(run_dir) / v.name.replace(" ", "_") if run_dir else None
-            out.append(run_http(v, workload, mode=mode, model=model, gpu_type=gpu_type,
-                                num_gpus=num_gpus, slo=slo, speed=speed,
-                                max_duration_s=max_duration_s, run_dir=sub, progress=progress))
-    return out
+            got = run_http(v, wls if many else wls[0], mode=mode, model=model,
+                           gpu_type=gpu_type, num_gpus=num_gpus, slo=slo, speed=speed,
+                           max_duration_s=max_duration_s, run_dir=sub, progress=progress)
+            rs = got if isinstance(got, list) else [got]
+        per_variant.append(rs)
+    # rate by rate: the variants of one rate side by side
+    return [rs[i] for i in range(len(wls)) for rs in per_variant]

@@ -288,6 +288,10 @@ def make(name: str, num_requests: int, *, rate: float = math.inf, seed: int = 0,
 
 def rate_sweep(name: str, num_requests: int, rates: Sequence[float], *, seed: int = 0,
                **kwargs: Any) -> list[Workload]:
-    """One workload per rate: the same lengths (same seed), only the arrivals change."""
+    """One workload per rate: the same lengths (same seed), only the arrivals change.
+
+    Each rate's prompts get their own token ids (a seed of their own for `token_ids`), so an
+    engine that serves the whole sweep finds no prefix-cache hits left by the previous rate.
+    """
     base = make(name, num_requests, rate=math.inf, seed=seed, **kwargs)
-    return [base.scaled(r) for r in rates]
+    return [replace(base.scaled(r), seed=seed + 7919 * (i + 1)) for i, r in enumerate(rates)]
