@@ -502,7 +502,11 @@ def _plan_engine(
         num_blocks = e.num_gpu_blocks_override
     num_tokens = num_blocks * e.block_size
     if e.max_model_len is None and e.enable_chunked_prefill:
-        model_len = min(model.max_position_embeddings, num_tokens)
+        # 90 % of the planned capacity: the plan's activation/overhead figures are estimates,
+        # and vLLM refuses to start when one max-length request does not fit the real pool
+        # (an 8B pair sharing an H100: 15.59 GiB needed, 15.57 GiB there).
+        fit = int(num_tokens * 0.9) // e.block_size * e.block_size
+        model_len = min(model.max_position_embeddings, fit)
         why = (
             "the KV capacity"
             if model_len < model.max_position_embeddings
@@ -631,7 +635,7 @@ def validate(cfg: PDConfig, hardware: Hardware | None = None) -> Plan:
             "two engines on one GPU: start them one after the other, or each counts "
             "the other's start-up allocations as its own and gets less KV"
         )
-    if connector == "example":
+    if connector == "example" or shared:
         link = "same-gpu"
     elif connector == "nixl":
         link = "nvlink" if gpu.nvlink_bw else "pcie"

@@ -14,7 +14,7 @@ from typing import Any
 
 from labkit.config import EngineConfig, EnginePlan, Plan, Role
 from labkit.engines.base import free_port
-from labkit.hardware import GiB
+from labkit.hardware import GiB, engine_gpu_env
 
 # ---- from the plan to `vllm serve` ------------------------------------------------------------
 _CONNECTOR_CLASS = {"example": "ExampleConnector", "nixl": "NixlConnector"}
@@ -230,13 +230,21 @@ def env_for(
     engine: EngineConfig | EnginePlan | int | str, plan: Plan, side_channel_port: int | None = None
 ) -> dict[str, str]:
     """Environment variables one engine's process needs on top of the parent's:
-    CUDA_VISIBLE_DEVICES (its GPUs, rank order) and, with NIXL, its own side-channel port."""
+    CUDA_VISIBLE_DEVICES (its GPUs, rank order) and, with NIXL, its own side-channel port.
+
+    On a real plan the plan's (logical) GPUs become the parent's CUDA_VISIBLE_DEVICES entries
+    (logical 0 under CUDA_VISIBLE_DEVICES=2,3 is "2") and CUDA_DEVICE_ORDER=PCI_BUS_ID is set
+    (hardware.engine_gpu_env); a simulated plan's GPUs are no GPUs of this machine.
+    """
     ep = plan.engine(engine)
     order: list[int] = []
     for r in ep.ranks:
         if r.gpu not in order:
             order.append(r.gpu)
-    env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, order))}
+    if plan.kind == "vllm":
+        env = engine_gpu_env(order)
+    else:
+        env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, order))}
     if plan.connector == "nixl":
         env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = "127.0.0.1"
         env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(side_channel_port or free_port())

@@ -301,7 +301,9 @@ def test_planner_defaults_follow_vllm():
     a100 = validate(pd(num_gpus=2, gpu_type="a100"), NO_GPU).engines[0]
     assert a100.max_num_batched_tokens == 2048  # arg_utils.get_batch_defaults: A100 excluded
     capped = validate(pd(model="llama-3.1-8b", gpu_type="l4", num_gpus=2), NO_GPU).engines[0]
-    assert capped.max_model_len == capped.num_tokens < 131072  # auto-fit to the KV capacity
+    # auto-fit to the KV capacity, with a 10 % margin for the planner's estimates (an 8B pair
+    # on a real H100 had 15.57 GiB where the plan said 15.59 GiB, and vLLM refused max length)
+    assert capped.max_model_len == int(capped.num_tokens * 0.9) // 16 * 16 < 131072
 
 
 def test_colocated_is_one_engine():

@@ -104,6 +104,7 @@ def _fake_nvml(names: list[str]) -> types.ModuleType:
 
 
 def test_detect_maps_nvml_devices(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setitem(sys.modules, "pynvml", _fake_nvml(["NVIDIA H100 80GB HBM3"] * 2))
     hw = detect()
     assert not hw.simulated and hw.num_gpus == 2 and hw.gpu_type.key == "h100"
@@ -112,7 +113,18 @@ def test_detect_maps_nvml_devices(monkeypatch):
     assert g.memory_total == 81_559 * 2**20 and g.compute_capability == (9, 0)
 
 
+def test_detect_numbers_the_visible_gpus_and_keeps_nvmls_index(monkeypatch):
+    names = ["NVIDIA L4", "NVIDIA A100-SXM4-80GB", "NVIDIA H200"]
+    monkeypatch.setitem(sys.modules, "pynvml", _fake_nvml(names))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2")
+    hw = detect()
+    (g,) = hw.gpus  # logical GPU 0 is NVML's GPU 2, and the machine's type is its type
+    assert (g.index, g.physical, g.uuid, hw.gpu_type.key) == (0, 2, "GPU-2", "h200")
+    assert simulated(1).gpus[0].physical is None  # a simulated GPU is no NVML GPU
+
+
 def test_detect_unknown_gpu_gets_a_type_from_nvml(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setitem(sys.modules, "pynvml", _fake_nvml(["NVIDIA GH200 480GB"]))
     hw = detect()
     assert hw.gpu_type.key == "other" and hw.gpu_type.name == "NVIDIA GH200 480GB"

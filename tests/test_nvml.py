@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 
@@ -76,3 +77,21 @@ def test_without_nvml_the_sampler_refuses_to_start():
         nvml.NvmlSampler().start()
     with pytest.raises(RuntimeError):
         nvml.read_sample()
+
+
+def test_read_sample_numbers_the_visible_gpus_by_position(monkeypatch):
+    """NVML ignores CUDA_VISIBLE_DEVICES: the sampler keeps the GPUs it names, renumbered."""
+    m = types.SimpleNamespace(
+        nvmlDeviceGetCount=lambda: 3, nvmlDeviceGetHandleByIndex=lambda i: i,
+        nvmlDeviceGetUUID=lambda h: f"GPU-{h}", nvmlDeviceGetName=lambda h: b"NVIDIA H200",
+        nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(used=h * GIB, total=140 * GIB),
+        nvmlDeviceGetUtilizationRates=lambda h: types.SimpleNamespace(gpu=h),
+        nvmlDeviceGetComputeRunningProcesses=lambda h: [
+            types.SimpleNamespace(pid=500 + h, usedGpuMemory=h * GIB)])
+    monkeypatch.setattr(nvml, "_NVML", m)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    s = nvml.read_sample()
+    assert [(g.index, g.physical, g.used_bytes) for g in s.gpus] == [(0, 1, GIB)]
+    assert s.processes == [ProcessMemory(0, 501, GIB)]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert [(g.index, g.physical) for g in nvml.read_sample().gpus] == [(0, 0), (1, 1), (2, 2)]

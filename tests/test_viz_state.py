@@ -132,6 +132,15 @@ def test_schedule_state_splits_prefill_chunks_from_decodes():
     assert all(s.num_tokens <= s.token_budget for s in st.steps["prefill-0"])
 
 
+def test_schedule_rows_only_for_schedulers_not_tp_worker_ranks():
+    """With TP=2 the worker ranks ("prefill/rank1") send layer timings only: no schedule row."""
+    st = ScheduleState()
+    st.apply(batch([LayerTiming(0.1, "save", "model.layers.0", 0.1, 0.2, 4096, ["a"])],
+                   engine="prefill/rank1"))
+    st.apply(batch([step(1, 512, {"a": 512}, {}, {"a": 0})], engine="prefill"))
+    assert list(st.steps) == ["prefill"] and list(st.kinds) == ["prefill"]
+
+
 def test_latency_from_timeline_and_fixture_metrics():
     st = LatencyState()
     for ev, t in [("arrival", 0.0), ("first_token", 0.2), ("token", 0.25), ("token", 0.35), ("finish", 0.35)]:

@@ -114,14 +114,14 @@ def run_cluster(variant: Variant, workload: Workload, *, model: str = "lab-1b",
                              prefill_kwargs=_engine_kwargs(plan.engine("prefill")),
                              decode_kwargs=_engine_kwargs(plan.engine("decode")), seed=seed)
     # The client sees tokens from the engine that finishes the request: decode, or the
-    # colocated engine. Each sampled token leaves at its step's end.
+    # colocated engine, when they leave its engine core (StepResult.emitted).
     final = {id(e) for e in (cluster.decode_engines or cluster.prefill_engines)}
     token_times: dict[str, list[float]] = {}
 
     def on_step(engine: Any, res: Any) -> None:
         if id(engine) in final:
-            for request, _ in res.sampled:
-                token_times.setdefault(request.request_id, []).append(res.end)
+            for request, _, t in res.emitted:
+                token_times.setdefault(request.request_id, []).append(t)
 
     cpu0 = time.process_time()
     records = cluster.run(workload.items(), on_step=on_step)

@@ -5,7 +5,8 @@ ExampleConnector), the load generator through `lab.url`, /metrics of every engin
 after. Simulated side: `SimCluster` in-process with the same plan (same block count, chunk,
 connector) and the fitted cost constants; the API latency the calibration measured is the
 router hop, paid once per engine call (PD: prefill's call, then decode's); the simulated
-engines schedule asynchronously, as vLLM 0.26 does by default.
+engines schedule asynchronously, as vLLM 0.26 does by default, and the PD pair shares its one
+GPU as the plan says (their GPU work is serialized there).
 
 Table per layout and workload: TTFT and TPOT median and p90, real vs sim, relative error; and
 the engine counters both sides report (prompt tokens by source, prefix-cache queries/hits,
@@ -172,15 +173,16 @@ def run_sim(layout: str, wls: list[Workload], costs: dict[str, Any], gpu_type: s
                                  prefill_kwargs={**_engine_kwargs(plan.engine("prefill")),
                                                  "cost_params": params},
                                  decode_kwargs={**_engine_kwargs(plan.engine("decode")),
-                                                "cost_params": params}, seed=wl.seed)
+                                                "cost_params": params}, seed=wl.seed,
+                                 gpus=[plan.engine("prefill").gpus, plan.engine("decode").gpus])
         final = {id(e) for e in (cluster.decode_engines or cluster.prefill_engines)}
         times: dict[str, list[float]] = {}
 
         def on_step(engine: Any, res: Any, final: set[int] = final,
                     times: dict[str, list[float]] = times) -> None:
-            if id(engine) in final:
-                for request, _ in res.sampled:
-                    times.setdefault(request.request_id, []).append(res.end)
+            if id(engine) in final:  # a token reaches the client when it leaves the engine
+                for request, _, t in res.emitted:
+                    times.setdefault(request.request_id, []).append(t)
 
         recs = cluster.run(wl.items(), on_step=on_step)
         results = [RequestResult(int(r.req_id), r.arrival, r.prompt_len, r.output_len, sent=r.arrival,

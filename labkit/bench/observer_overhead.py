@@ -32,12 +32,14 @@ def _engine(name: str, plan: Any, model_dir: str, run_dir: Path, gpu: int,
     from labkit.config import env_for, vllm_args
     from labkit.engines.base import free_port
     from labkit.engines.vllm import VLLMEngine
+    from labkit.hardware import engine_gpu_env
 
     port = free_port()
     extra = {"run_dir": str(run_dir), "served_model_name": plan.model.name,
              "observer_endpoint": observer_endpoint}
     args = vllm_args(None, plan, 0, model_dir, port, extra)
-    env = {**env_for(0, plan), "CUDA_VISIBLE_DEVICES": str(gpu)}
+    # `gpu` is logical: the gpu-th of the GPUs the parent's CUDA_VISIBLE_DEVICES names
+    env = {**env_for(0, plan), **engine_gpu_env([gpu])}
     return VLLMEngine(name, args, role="both", port=port, log_path=run_dir / f"{name}.log",
                       env=env)
 
@@ -63,6 +65,7 @@ def run(gpu: int = 0, model: str = "lab-1b", requests: int = 64, prompt: int = 5
     from labkit.bench.workloads import fixed
     from labkit.config import validate
     from labkit.engines.base import free_port
+    from labkit.hardware import cuda_visible_devices
     from labkit.lab import build_config
     from labkit.models import write_model_dir
     from labkit.telemetry.subscriber import ObserverSubscriber
@@ -78,7 +81,8 @@ def run(gpu: int = 0, model: str = "lab-1b", requests: int = 64, prompt: int = 5
                              callback=lambda b: batches.__setitem__(0, batches[0] + 1))
     engines = {"plain": _engine("plain", plan, model_dir, run_dir, gpu, None),
                "observed": _engine("observed", plan, model_dir, run_dir, gpu, endpoint)}
-    out: dict[str, Any] = {"gpu": gpu, "model": plan.model.name, "requests": requests,
+    out: dict[str, Any] = {"gpu": gpu, "cuda_visible_devices": cuda_visible_devices([gpu]),
+                           "model": plan.model.name, "requests": requests,
                            "prompt": prompt, "output": output, "concurrency": concurrency,
                            "rounds": rounds, "runs": {v: [] for v in VARIANTS}}
     try:
@@ -119,7 +123,8 @@ def format_table(result: dict[str, Any]) -> str:
     s = result["summary"]
     lines = [f"observer overhead: {result['model']}, {result['requests']} requests of "
              f"{result['prompt']}+{result['output']} tokens, concurrency {result['concurrency']}, "
-             f"median of {result['rounds']} rounds (REAL vLLM, GPU {result['gpu']})",
+             f"median of {result['rounds']} rounds (REAL vLLM, GPU {result['gpu']}, "
+             f"CUDA_VISIBLE_DEVICES={result.get('cuda_visible_devices', result['gpu'])})",
              f"{'':>9}" + "".join(f"{c:>13}" for c in cols)]
     for row in ("plain", "observed", "ratio"):
         if row in s:
@@ -132,7 +137,8 @@ def format_table(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m labkit.bench.observer_overhead",
                                 description=__doc__.split("\n\n")[0])
-    p.add_argument("--gpu", type=int, default=0)
+    p.add_argument("--gpu", type=int, default=0,
+                   help="logical GPU: its position among those CUDA_VISIBLE_DEVICES names")
     p.add_argument("--model", default="lab-1b")
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--prompt", type=int, default=512)

@@ -20,6 +20,8 @@ from typing import Any, Literal
 
 import httpx
 
+from labkit.hardware import engine_gpu_env
+
 EngineKind = Literal["vllm", "sim"]
 ProgressCallback = Callable[[str, dict[str, Any]], None]
 
@@ -123,9 +125,13 @@ class EngineHandle:
         raise NotImplementedError
 
     def environment(self) -> dict[str, str]:
+        """The parent's environment + `env`; with `gpus` (logical plan GPUs), a real engine
+        gets the parent's CUDA_VISIBLE_DEVICES entries for them (hardware.engine_gpu_env)."""
         env = dict(os.environ)
         env.update(self.extra_env)
-        if self.gpus:
+        if self.gpus and self.kind == "vllm":
+            env.update(engine_gpu_env(self.gpus))
+        elif self.gpus:  # simulated GPUs are no GPUs of this machine
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in self.gpus)
         return env
 

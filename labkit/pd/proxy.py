@@ -18,6 +18,9 @@ Engines are plain base URLs (`http://127.0.0.1:8100`); a labkit simulated engine
 API. An engine may add `labkit_timing` (a dict of engine-measured wall-clock seconds, e.g.
 `{"kv_transfer_start": t0, "kv_transfer_end": t1}`) to its JSON answer or to its FIRST SSE chunk;
 the timeline keeps it as `engine_timing` on `prefill_end` / `kv_transfer_end`.
+
+What is said to one engine lives in upstream.py; what is recorded of each request (timeline
+events, Prometheus metrics, the SSE relay) in flight.py; the timeline itself in timeline.py.
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ import logging
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 
@@ -38,16 +40,10 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from labkit.pd.flight import Flight, ProxyMetrics
 from labkit.pd.timeline import Timeline, timeline_router
 from labkit.pd.upstream import (  # noqa: F401  (public names of the proxy module)
     CHAT,
@@ -64,57 +60,6 @@ from labkit.pd.upstream import (  # noqa: F401  (public names of the proxy modul
 logger = logging.getLogger(__name__)
 CONNECTORS: tuple[str, ...] = ("nixl", "example")
 UPSTREAM_KEEPALIVE_S = 2.0  # < the engines' 5 s keep-alive (see PDProxy._engine)
-# vLLM's TTFT buckets (vllm/v1/metrics/loggers.py), for every proxy histogram.
-# fmt: off
-_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
-            7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
-# fmt: on
-
-
-class ProxyMetrics:
-    """The proxy's own Prometheus registry; names prefixed `labkit:proxy_` like vLLM's `vllm:`."""
-
-    HISTOGRAMS = {  # attribute: (name after `labkit:proxy_`, help)
-        "ttft": ("time_to_first_token_seconds", "Arrival to the first streamed token."),
-        "e2e": ("e2e_request_latency_seconds", "Arrival to finish."),
-        "prefill": ("prefill_time_seconds", "Prefill call, sent to answered."),
-        "transfer_wait": ("kv_transfer_wait_seconds", "Decode call to its first byte: the KV "
-                          "transfer plus the first decode step, seen from outside."),
-    }  # fmt: skip
-    ttft: Histogram
-    e2e: Histogram
-    prefill: Histogram
-    transfer_wait: Histogram
-
-    def __init__(self) -> None:
-        self.registry = r = CollectorRegistry()
-        self.requests = Counter("labkit:proxy_requests", "Requests answered, by route and HTTP "
-                                "status (499: the client went away).", ["route", "status"],
-                                registry=r)  # fmt: skip
-        self.in_flight = Gauge("labkit:proxy_requests_in_flight", "Requests now.", registry=r)
-        self.upstream_errors = Counter("labkit:proxy_upstream_errors", "Requests that failed "
-                                       "(5xx) at an engine, by role.", ["role"], registry=r)  # fmt: skip
-        for attr, (name, doc) in self.HISTOGRAMS.items():
-            setattr(
-                self, attr, Histogram(f"labkit:proxy_{name}", doc, registry=r, buckets=_BUCKETS)
-            )
-
-
-@dataclass
-class _Flight:
-    """What the proxy knows of one request while it runs."""
-
-    req_id: str
-    route: str
-    arrival: float
-    prefill: Engine | None = None
-    decode: Engine | None = None
-    decode_sent: float = 0.0
-    decode_answered: bool = False
-    num_tokens: int = 0
-    first_token: float | None = None
-    ids: dict[str, str | None] = field(default_factory=dict)
-    usage: dict[str, Any] = field(default_factory=dict)
 
 
 class PDProxy:
@@ -160,9 +105,8 @@ class PDProxy:
     async def completions(self, request: Request, route: str) -> Response:
         """POST /v1/completions or /v1/chat/completions: prefill, then decode."""
         tl = self.timeline
-        fl = _Flight(
-            request.headers.get("x-request-id") or f"pd-{uuid.uuid4().hex}", route, tl.now()
-        )
+        req_id = request.headers.get("x-request-id") or f"pd-{uuid.uuid4().hex}"
+        fl = Flight(tl, self.metrics, req_id, route, tl.now())
         self.metrics.in_flight.inc()
         try:
             body = json.loads(await request.body())
@@ -173,7 +117,7 @@ class PDProxy:
             err = ProxyError(
                 400, error_body(f"Invalid JSON body: {exc}", 400, "Bad Request", "body")
             )
-            return self._finish(fl, err.status, err.response(fl.req_id), err)
+            return fl.finish(err.status, err.response(fl.req_id), err)
         stream = bool(body.get("stream"))
         tl.record(
             fl.req_id,
@@ -208,14 +152,14 @@ class PDProxy:
             if resp.status_code >= 400:
                 raise ProxyError.from_upstream(decode, resp.status_code, content)
         except ProxyError as exc:
-            return self._finish(fl, exc.status, exc.response(fl.req_id), exc)
+            return fl.finish(exc.status, exc.response(fl.req_id), exc)
         except Exception as exc:  # a bug: still answer, count and close the request
             logger.exception("request %s failed in the proxy", fl.req_id)
             err = ProxyError(500, error_body(f"proxy error: {exc!r}", 500, "InternalServerError"))
-            return self._finish(fl, 500, err.response(fl.req_id), err)
+            return fl.finish(500, err.response(fl.req_id), err)
         if stream:
             return StreamingResponse(
-                self._relay(fl, resp),
+                fl.relay(resp),
                 status_code=resp.status_code,
                 media_type=resp.headers.get("content-type"),
                 headers={"x-request-id": fl.req_id},
@@ -224,9 +168,8 @@ class PDProxy:
         with contextlib.suppress(ValueError):
             reply = json.loads(content)
         if isinstance(reply, dict):
-            self._on_decode_data(fl, reply, streamed=False)
-        return self._finish(
-            fl,
+            fl.on_decode_data(reply, streamed=False)
+        return fl.finish(
             resp.status_code,
             Response(
                 content,
@@ -236,7 +179,7 @@ class PDProxy:
             ),
         )
 
-    async def _prefill(self, fl: _Flight, body: dict, headers: dict[str, str]) -> dict:
+    async def _prefill(self, fl: Flight, body: dict, headers: dict[str, str]) -> dict:
         """Run the prefill step; returns the prefill engine's JSON answer."""
         tl = self.timeline
         fl.prefill = engine = next(self._next_prefill)
@@ -266,97 +209,6 @@ class PDProxy:
         )["ts"]
         self.metrics.prefill.observe(end - start)
         return reply
-
-    async def _relay(self, fl: _Flight, resp: httpx.Response) -> AsyncIterator[bytes]:
-        """Pass decode's SSE through chunk by chunk, timestamping each token on the way."""
-        scanner, error = SSEScanner(), None
-        status = resp.status_code
-        try:
-            assert fl.decode is not None
-            with fl.decode.errors():
-                async for chunk in resp.aiter_raw():
-                    for data in scanner.feed(chunk):
-                        with contextlib.suppress(ValueError):
-                            obj = json.loads(data)
-                            if isinstance(obj, dict):
-                                self._on_decode_data(fl, obj, streamed=True)
-                    yield chunk
-        except ProxyError as exc:  # the decode engine went away mid-stream
-            status, error = exc.status, exc
-            yield f"data: {json.dumps(exc.body)}\n\ndata: [DONE]\n\n".encode()
-        except (asyncio.CancelledError, GeneratorExit):
-            status = 499
-            error = ProxyError(499, error_body("the client went away", 499, "ClientClosed"))
-            raise
-        finally:
-            await resp.aclose()
-            self._finish(fl, status, None, error)
-
-    def _on_decode_data(self, fl: _Flight, obj: dict, streamed: bool) -> None:
-        """Fold one decode answer (a JSON body, or one SSE chunk) into the timeline."""
-        tl, now = self.timeline, self.timeline.now()
-        if not fl.decode_answered:  # the first byte: KV transfer + first decode step are done
-            fl.decode_answered = True
-            timing = obj.get("labkit_timing")
-            tl.record(
-                fl.req_id,
-                "kv_transfer_end",
-                ts=now,
-                wait_s=now - fl.decode_sent,
-                engine_timing=timing if isinstance(timing, dict) else None,
-            )
-            self.metrics.transfer_wait.observe(now - fl.decode_sent)
-        fl.ids["decode_id"] = fl.ids.get("decode_id") or obj.get("id")
-        if isinstance(obj.get("usage"), dict):
-            fl.usage.update({k: v for k, v in obj["usage"].items() if v is not None})
-        if isinstance(obj.get("error"), dict):  # vLLM reports a mid-stream failure in the stream
-            err = obj["error"]
-            tl.record(fl.req_id, "error", status=err.get("code"), message=err.get("message"))
-        if not streamed:
-            return  # a whole answer has no per-token times
-        for choice in obj.get("choices") or []:
-            delta = choice.get("delta")
-            if isinstance(delta, dict) and delta.get("role"):
-                continue  # chat's opening chunk names the role; it carries no token
-            fl.num_tokens += 1
-            if fl.first_token is None:
-                fl.first_token = now
-                tl.record(fl.req_id, "first_token", ts=now, ttft_s=now - fl.arrival)
-                self.metrics.ttft.observe(now - fl.arrival)
-            text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
-            tl.record(
-                fl.req_id, "token", ts=now, n=fl.num_tokens, index=choice.get("index", 0), text=text
-            )
-
-    def _finish(
-        self, fl: _Flight, status: int, response: Response | None, error: ProxyError | None = None
-    ) -> Response | None:
-        """Record `error` (if any) and `finish`, count the request, return `response`."""
-        tl = self.timeline
-        if error is not None:
-            tl.record(fl.req_id, "error", status=status, message=str(error))
-            if status >= 500:
-                role = fl.decode.role if fl.decode else (fl.prefill.role if fl.prefill else None)
-                self.metrics.upstream_errors.labels(role or "proxy").inc()
-        now = tl.now()
-        tl.record(
-            fl.req_id,
-            "finish",
-            ts=now,
-            status=status,
-            e2e_s=now - fl.arrival,
-            prefill_engine=fl.prefill.url if fl.prefill else None,
-            decode_engine=fl.decode.url if fl.decode else None,
-            prompt_tokens=fl.usage.get("prompt_tokens"),
-            completion_tokens=fl.usage.get(
-                "completion_tokens", fl.num_tokens if fl.first_token else None
-            ),
-            **fl.ids,
-        )
-        self.metrics.requests.labels(fl.route, str(status)).inc()
-        self.metrics.e2e.observe(now - fl.arrival)
-        self.metrics.in_flight.dec()
-        return response
 
     async def health(self) -> JSONResponse:
         """200 when every engine answers /health with 200; 503 naming the ones that do not."""

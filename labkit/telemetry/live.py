@@ -180,9 +180,11 @@ class LiveTelemetry:
             for p in sample.processes:
                 if p.gpu == g.index and p.pid in owner and p.used_bytes is not None:
                     per[owner[p.pid]] = per.get(owner[p.pid], 0) + p.used_bytes
+            # g.index is logical (plan GPU k), as engines' gpus are: nvml.read_sample numbers
+            # the GPUs CUDA_VISIBLE_DEVICES names; g.physical is NVML's index, for labels
             self._gpu.put(GpuSample(ts=sample.ts, gpu=g.index, used_bytes=g.used_bytes,
                                     total_bytes=g.total_bytes, process_bytes=per, name=g.name,
-                                    kind="vllm"))
+                                    kind="vllm", physical=g.physical))
 
     def refresh_pids(self, pids: dict[str, list[int]]) -> None:
         """vLLM's EngineCore / worker children appear after start: map them again."""

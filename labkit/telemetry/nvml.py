@@ -2,7 +2,9 @@
 
 `pynvml` is imported lazily: without it, or without a GPU, `available()` is False and the
 sampler is never started; the mapping of process samples to engines (`attribute()`) is pure
-and works on recorded samples.
+and works on recorded samples. Only the GPUs the parent's CUDA_VISIBLE_DEVICES lets the lab
+use are sampled, numbered by their logical position (plan GPU k), with NVML's own index
+beside it (`GpuSample.physical`); NVML itself ignores CUDA_VISIBLE_DEVICES.
 
     sampler = NvmlSampler(hz=4).start(); ...; sampler.latest(); sampler.stop()
     per_engine = attribute(sample, {"prefill": prefill.group_pids(), "decode": [...]})
@@ -17,6 +19,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
+
+from labkit.hardware import visible_physical
 
 _NVML: ModuleType | None = None
 _NVML_LOCK = threading.Lock()
@@ -39,19 +43,19 @@ def _nvml() -> ModuleType | None:
 
 
 def available() -> bool:
-    """True when NVML answers and sees at least one GPU."""
+    """True when NVML answers and at least one GPU is visible (CUDA_VISIBLE_DEVICES)."""
     nv = _nvml()
     if nv is None:
         return False
     try:
-        return int(nv.nvmlDeviceGetCount()) > 0
+        return len(visible_physical(nv)) > 0
     except Exception:
         return False
 
 
 @dataclass(frozen=True, slots=True)
 class ProcessMemory:
-    """One process's memory on one GPU (bytes; None when the driver hides it)."""
+    """One process's memory on one GPU (logical index; bytes, None when the driver hides it)."""
 
     gpu: int
     pid: int
@@ -60,13 +64,15 @@ class ProcessMemory:
 
 @dataclass(frozen=True, slots=True)
 class GpuSample:
-    """One GPU at one time."""
+    """One GPU at one time: `index` is its logical position (plan GPU k), `physical` NVML's
+    index (None in samples recorded before it was kept)."""
 
     index: int
     name: str
     used_bytes: int
     total_bytes: int
     util_percent: int | None
+    physical: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,13 +85,14 @@ class Sample:
 
 
 def read_sample() -> Sample:
-    """One NVML reading of every GPU and its compute processes (raises without NVML)."""
+    """One NVML reading of every visible GPU and its compute processes (raises without NVML,
+    and as hardware.resolve_visible on a CUDA_VISIBLE_DEVICES that names no GPU)."""
     nv = _nvml()
     if nv is None:
         raise RuntimeError("NVML is not available (no nvidia-ml-py, driver or GPU)")
     gpus: list[GpuSample] = []
     procs: list[ProcessMemory] = []
-    for i in range(int(nv.nvmlDeviceGetCount())):
+    for k, i in enumerate(visible_physical(nv)):  # k: logical, i: NVML's index
         h = nv.nvmlDeviceGetHandleByIndex(i)
         mem = nv.nvmlDeviceGetMemoryInfo(h)
         try:
@@ -95,14 +102,14 @@ def read_sample() -> Sample:
         name = nv.nvmlDeviceGetName(h)
         if isinstance(name, bytes):
             name = name.decode()
-        gpus.append(GpuSample(i, str(name), int(mem.used), int(mem.total), util))
+        gpus.append(GpuSample(k, str(name), int(mem.used), int(mem.total), util, physical=i))
         try:
             running = nv.nvmlDeviceGetComputeRunningProcesses(h)
         except Exception:
             running = []
         for p in running:
             used = getattr(p, "usedGpuMemory", None)
-            procs.append(ProcessMemory(i, int(p.pid), int(used) if used is not None else None))
+            procs.append(ProcessMemory(k, int(p.pid), int(used) if used is not None else None))
     return Sample(time.time(), gpus, procs)
 
 

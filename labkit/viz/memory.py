@@ -29,16 +29,19 @@ class MemoryView(View):
 
     def __init__(self, state: MemoryState, info: SourceInfo) -> None:
         super().__init__(state, [info.kind])
-        self.gpus = [g.index for g in info.gpus] or [0]
+        self.gpus = [g.index for g in info.gpus] or [0]  # logical: the plan's GPUs
         self.gpu_names = {g.index: g.name for g in info.gpus}
+        self.physical = {g.index: g.physical for g in info.gpus if g.physical is not None}
         self.engines = [e.name for e in info.engines]
         n = len(self.gpus)
         base = make_subplots(
             rows=n, cols=2, column_widths=[0.35, 0.65], horizontal_spacing=0.08,
             specs=[[{"rowspan": n}, {}]] + [[None, {}] for _ in range(n - 1)],
-            subplot_titles=["now (GiB)"] + [f"GPU {g} over time (GiB)" for g in self.gpus],
+            subplot_titles=["now (GiB)"] + [f"{self.gpu_label(g)} over time (GiB)"
+                                            for g in self.gpus],
         )  # fmt: skip
         fig = self.figure = go.FigureWidget(base)
+        self.title_index = {g: 1 + gi for gi, g in enumerate(self.gpus)}  # subplot titles
         self.bar_keys: list[tuple[str, str]] = []
         for ei, eng in enumerate(self.engines):
             for cat in ("weights", "KV cache", "engine other"):
@@ -74,11 +77,22 @@ class MemoryView(View):
         fig.update_xaxes(tickangle=0, row=1, col=1)
         self._label(fig, height=max(420, 220 * n + 120))
 
+    def gpu_label(self, gpu: int) -> str:
+        """"GPU k" (the plan's GPU), with NVML's index where it differs: "GPU 0 (physical 2)"
+        under CUDA_VISIBLE_DEVICES=2,3. The samples say it; describe() may say it first."""
+        s = self.state.latest.get(gpu)
+        p = s.physical if s is not None and s.physical is not None else self.physical.get(gpu)
+        return f"GPU {gpu}" if p is None or p == gpu else f"GPU {gpu} (physical {p})"
+
     def draw(self) -> None:
         st: MemoryState = self.state
         kinds = {s.kind for s in st.latest.values()}
         self.set_kinds(kinds or self.kinds)
-        labels = [f"GPU {g}" for g in self.gpus]  # short: a long name collides with the legend
+        labels = [self.gpu_label(g) for g in self.gpus]  # no model name: it hits the legend
+        for g, label in zip(self.gpus, labels, strict=True):
+            title = self.figure.layout.annotations[self.title_index[g]]
+            if title.text != f"{label} over time (GiB)":
+                title.text = f"{label} over time (GiB)"
         per_gpu = {g: {(e, c): b for e, c, b in st.breakdown(g)} for g in self.gpus}
         for key, tr in zip(self.bar_keys, self.figure.data, strict=False):
             tr.x = labels

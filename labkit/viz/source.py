@@ -47,18 +47,22 @@ class EngineInfo:
 
 @dataclass(frozen=True)
 class GpuInfo:
-    """One GPU the engines run on (or a simulated one)."""
+    """One GPU the engines run on (or a simulated one): `index` is the plan's (logical) GPU,
+    `physical` NVML's index of it where known (they differ under CUDA_VISIBLE_DEVICES)."""
 
     index: int
     name: str = "GPU"
     total_bytes: int = 0
+    physical: int | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GpuInfo:
+        physical = d.get("physical")
         return cls(
             index=int(d["index"]),
             name=str(d.get("name", "GPU")),
             total_bytes=int(d.get("total_bytes", 0) or 0),
+            physical=int(physical) if physical is not None else None,
         )
 
 
@@ -88,8 +92,9 @@ class SourceInfo:
 class GpuSample:
     """One NVML reading of one GPU: device totals and what each engine's process holds on it.
 
-    `process_bytes` maps engine name -> bytes its process(es) use on this GPU (NVML's
-    per-process figure); memory used by anything else shows as "other processes".
+    `gpu` is the plan's (logical) GPU, `physical` NVML's index of it (None: simulated, or
+    not recorded). `process_bytes` maps engine name -> bytes its process(es) use on this GPU
+    (NVML's per-process figure); memory used by anything else shows as "other processes".
     """
 
     ts: float
@@ -99,6 +104,7 @@ class GpuSample:
     process_bytes: dict[str, int] = field(default_factory=dict)
     name: str = ""
     kind: str = "vllm"
+    physical: int | None = None
 
 
 @dataclass(frozen=True)

@@ -203,13 +203,16 @@ class ScheduleState:
         self.version = 0
 
     def apply(self, batch) -> None:
+        # Only the scheduler schedules: with TP/PP the worker ranks ("prefill/rank1") send
+        # layer events only, and get no row of their own here.
+        events = [ev for ev in batch.events if isinstance(ev, StepScheduled)]
+        if not events:
+            return
         name = batch.engine_id
         self.kinds[name] = (batch.role, batch.kind)
         ring = self.steps.setdefault(name, deque(maxlen=self.max_steps))
         seen = self._seen.setdefault(name, set())
-        for ev in batch.events:
-            if not isinstance(ev, StepScheduled):
-                continue
+        for ev in events:
             rec = StepRecord(ev.step, ev.ts, ev.token_budget, num_preempted=len(ev.preempted))
             for req_id, n in ev.num_scheduled_tokens.items():
                 first = req_id not in seen and ev.num_computed_tokens.get(req_id, 0) == 0

@@ -1,16 +1,42 @@
-"""Async scheduling (vLLM 0.26's default): the scheduler runs one step ahead of the GPU.
+"""Async scheduling (vLLM 0.26's default): per step, EITHER a lookahead OR late emission.
 
 vLLM (vllm/config/vllm.py, "Enable async scheduling unless there is an incompatible
 option") uses AsyncScheduler (vllm/v1/core/sched/async_scheduler.py) and
-EngineCore.step_with_batch_queue (vllm/v1/engine/core.py) with a batch queue of 2: right
-after step K is submitted to the worker, step K+1 is scheduled (decodes use output
-placeholders), then the core blocks on step K's output and processes it while K+1 runs.
-So the batch of step K+1 is fixed at the START of step K: a request that reaches a busy
-engine during step K is not in K+1; it joins step K+2, one step later than a synchronous
-engine would take it. Its token still leaves at the end of the step that computed it.
-An idle engine schedules a new request at once (the core loop wakes on its input queue).
+EngineCore.step_with_batch_queue (vllm/v1/engine/core.py) with a batch queue of 2. The
+engine-core thread loops:
 
-`RequestInbox` holds requests added to a SimEngine until the scheduler would have seen them.
+    schedule K+1, execute_model(K+1, non_block=True)    # launches K+1's kernels (CPU time)
+    future(K).result()                                  # blocks until K's GPU work is done
+    update_from_output(K)                               # K's tokens leave, K's finished freed
+    (read new requests from the input queue), schedule K+2, launch K+2, wait on K+1, ...
+
+With UniProcExecutor (vllm/v1/executor/uniproc_executor.py, execute_model(non_block=True))
+the launch runs on the engine-core thread itself, so K's output is processed at
+max(end of K's GPU work, end of K+1's launch), and K+2 is scheduled right then. The
+simulator lays each step's launch and GPU parts end to end (the calibrated sum), so each
+step J behaves in one of two ways, decided by its LAUNCH part against its GPU part
+(CostModel.step_parts):
+
+- Launch-bound J (launch time > GPU time; the 1B model on an H200: ~5 ms of overhead per
+  step): the previous step's tokens leave when J's launch ends (late emission), and a
+  request arriving during J is read before J+1 is scheduled (no lookahead).
+- GPU-bound J (GPU time >= launch time, e.g. a long prefill): J was queued while the core
+  waited on the previous step, whose tokens left at its own end (= J's start), and J+1's
+  batch is fixed at J's START (lookahead: a request reaching the busy engine during J
+  joins J+2).
+
+A step's tokens wait for the next step only if one runs (requests left running, waiting or
+arriving); otherwise (a max_tokens=1 request alone, the last tokens) the next launch is
+empty and they leave at the step's end: never late. The measured H200 run backs the rule:
+an idle request's TTFT is the max_tokens=1 probe's plus about one launch (22.1 ms vs
+13.8 ms for ~2,100 tokens), even after a GPU-bound prefill.
+
+An idle engine schedules a new request at once (the core loop wakes on its input queue).
+The synchronous engine (EngineCore.step) has neither: batch fixed at the step's start,
+tokens out at its end.
+
+`RequestInbox` holds requests added to a SimEngine until the scheduler would have seen
+them; `LateOutputs` holds a step's sampled tokens until the next step says when they leave.
 """
 from __future__ import annotations
 
@@ -30,7 +56,8 @@ class RequestInbox:
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
         self._pending: list[tuple[float, Request]] = []  # (time added, request), in order
-        self._last_busy: tuple[float, float] | None = None  # (start, end) of the last step with work
+        # (start, end) of the last GPU-bound step with work: the next step was scheduled at its start
+        self._last_busy: tuple[float, float] | None = None
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -54,8 +81,9 @@ class RequestInbox:
     def schedule_time(self, start: float, scheduler_busy: bool) -> float:
         """When the batch of a step starting at `start` was decided.
 
-        Async: at the start of the previous step if this one follows it back to back and the
-        scheduler had requests then (step_with_batch_queue filled the queue); else `start`.
+        Async: at the start of the previous step if that step was GPU-bound, this one follows
+        it back to back and the scheduler had requests then (step_with_batch_queue filled the
+        queue); else `start` (launch-bound previous step, idle engine, sync scheduling).
         """
         last = self._last_busy
         if self.enabled and scheduler_busy and last is not None and start <= last[1] + 1e-12:
@@ -78,7 +106,49 @@ class RequestInbox:
         self._pending = keep
         return n
 
-    def step_ran(self, start: float, end: float, num_tokens: int) -> None:
-        """Record a step; only steps that ran tokens keep the pipeline full."""
+    def step_ran(self, start: float, end: float, num_tokens: int, lookahead: bool = True) -> None:
+        """Record a step; only GPU-bound steps that ran tokens schedule the next one early."""
         if num_tokens:
-            self._last_busy = (start, end)
+            self._last_busy = (start, end) if lookahead else None
+
+
+def launch_bound(launch_s: float, gpu_s: float) -> bool:
+    """True when launching the step takes longer than the GPU work it launches."""
+    return launch_s > gpu_s
+
+
+class LateOutputs:
+    """A step's sampled tokens, waiting for the next step (its launch end or its start).
+
+    `hold` keeps them; `take` hands them over (once) to the step that emits them.
+    """
+
+    __slots__ = ("sampled", "stopped")
+
+    def __init__(self) -> None:
+        self.sampled: list[tuple[Request, int]] | None = None
+        self.stopped: list[Request] = []
+
+    def __bool__(self) -> bool:
+        return self.sampled is not None
+
+    def hold(self, sampled: list[tuple[Request, int]], stopped: list[Request]) -> None:
+        if self.sampled is not None:
+            raise RuntimeError("a step's outputs are already waiting to be emitted")
+        self.sampled, self.stopped = sampled, stopped
+
+    def drop(self, req_id: str) -> None:
+        """Forget the held token of a request being aborted (EngineCore runs
+        _process_aborts_queue before update_from_output, which skips finished requests)."""
+        if self.sampled is None:
+            return
+        # A request that already stopped stays: its output still leaves and frees it.
+        self.sampled = [e for e in self.sampled
+                        if e[0].request_id != req_id or e[0].is_finished()]
+        if not self.sampled and not self.stopped:
+            self.sampled = None
+
+    def take(self) -> tuple[list[tuple[Request, int]], list[Request]]:
+        sampled, stopped = self.sampled or [], self.stopped
+        self.sampled, self.stopped = None, []
+        return sampled, stopped

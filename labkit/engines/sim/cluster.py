@@ -6,7 +6,9 @@ decode engine with the prefill response's kv_transfer_params and the client's ma
 Engines are stepped as a discrete-event simulation: an engine steps again when its step
 ends, sleeps when it has nothing to schedule, and is woken by an arrival, a finished KV
 read (NIXL notif) or a pending load landing. With no decode engines the prefill engines
-serve whole requests (colocated, no connector).
+serve whole requests (colocated, no connector). Engines planned on the same GPU (`gpus`,
+e.g. the PD pair with num_gpus=1) take turns on it for their GPU work
+(labkit/engines/sim/shared_gpu.py); by default each engine has its GPUs to itself.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import numpy as np
 from labkit.engines.sim.clock import SimClock
 from labkit.engines.sim.connector import InProcessTransport
 from labkit.engines.sim.engine import SimEngine, StepResult
+from labkit.engines.sim.shared_gpu import SharedGPU
 
 NIXL_PREFILL_PARAMS = {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
                        "remote_block_ids": None, "remote_host": None, "remote_port": None}
@@ -80,6 +83,9 @@ class SimCluster:
             engine that much after its arrival (PD: prefill's, then decode's call).
         prefill_kwargs / decode_kwargs: per-role SimEngine arguments over `engine_kwargs`.
         clock: a SimClock (paced for live views); default fast.
+        gpus: the GPU indices of each engine, prefill engines first (a Plan's
+            `EnginePlan.gpus`); engines listed on a common GPU serialize their GPU work
+            there. None: every engine on GPUs of its own.
     """
 
     def __init__(self, model: Any = "lab-1b", gpu: Any = "h100", *, num_prefill: int = 1,
@@ -87,7 +93,8 @@ class SimCluster:
                  storage_link: str = "same-gpu", shared_prefix_len: int = 512,
                  router_latency_s: float = 0.0, prefill_kwargs: dict[str, Any] | None = None,
                  decode_kwargs: dict[str, Any] | None = None, clock: SimClock | None = None,
-                 seed: int = 0, **engine_kwargs: Any) -> None:
+                 seed: int = 0, gpus: Sequence[Sequence[int]] | None = None,
+                 **engine_kwargs: Any) -> None:
         from labkit.hardware import LINKS
 
         self.clock = clock or SimClock()
@@ -107,6 +114,9 @@ class SimCluster:
         self.prefill_engines = [build("prefill", i, prefill_kwargs) for i in range(num_prefill)]
         self.decode_engines = [build("decode", i, decode_kwargs) for i in range(num_decode)]
         self.engines = self.prefill_engines + self.decode_engines
+        self.shared_gpu = SharedGPU()
+        if gpus is not None:
+            self.shared_gpu.attach(self.engines, gpus)
         self._index = {e.engine_id: i for i, e in enumerate(self.engines)}
         # Decode can reuse the prompt hashes prefill computed when both hash alike.
         self._share_hashes = bool(self.decode_engines) and all(
@@ -198,7 +208,7 @@ class SimCluster:
                 self._after_step(idx, engine, res, by_engine_req, prompts, colocated)
                 if on_step is not None:
                     on_step(engine, res)
-                if res.num_scheduled_tokens or res.sampled:
+                if res.num_scheduled_tokens or res.emitted:
                     self._wake(idx, res.end)
                 elif engine.has_unfinished():
                     nxt = engine.next_event_time()
@@ -239,8 +249,10 @@ class SimCluster:
                 rec = by_engine_req.get((idx, tr.req_id))
                 if rec is not None:
                     rec.transfer_start, rec.transfer_end, rec.transfer_bytes = tr.start, tr.end, tr.num_bytes
-        if not res.sampled:
+        if not res.finished:
             return
+        # A request's output leaves at its emission time (`finished_time`), which is the
+        # step's end or, after a launch-bound step, the end of the next step's launch.
         if is_prefill and not colocated:
             for request, params in res.finished:
                 rec = by_engine_req.get((idx, request.request_id))
@@ -248,16 +260,17 @@ class SimCluster:
                     continue
                 if self._share_hashes:
                     self._hashes[int(rec.req_id)] = request.block_hashes
+                out = request.finished_time
                 rec.prefill_start = request.scheduled_time
-                rec.prefill_end = res.end
-                self._push(res.end + self.router_latency_s, self._SUBMIT_DECODE, (int(rec.req_id), params))
+                rec.prefill_end = out
+                self._push(out + self.router_latency_s, self._SUBMIT_DECODE, (int(rec.req_id), params))
             return
         for request, _ in res.finished:
             rec = by_engine_req.get((idx, request.request_id))
             if rec is None:
                 continue
             rec.first_token = request.first_token_time
-            rec.finish = res.end
+            rec.finish = request.finished_time
             rec.num_output_tokens = request.num_output_tokens
             rec.num_cached_tokens = request.num_local_cached_tokens + request.num_external_tokens
             if colocated:

@@ -10,6 +10,13 @@ Per pipeline stage (each GPU of a TP group does 1/tp of it):
     step    = sum of stages (one batch crosses every stage; V1's PP micro-batch overlap is
               not modelled) + PP sends between stages + overhead (per step + per request)
 
+A step has two parts that the engine treats differently (`step_parts`): the LAUNCH part
+(the overhead: the engine-core thread preparing inputs and launching kernels, CPU time) and
+the GPU part (the stages and sends). Which one dominates decides whether vLLM's async
+engine core schedules one step ahead or emits a step's tokens one launch late
+(labkit/engines/sim/async_sched.py); two engines on one GPU share only the GPU part
+(labkit/engines/sim/shared_gpu.py).
+
 The KV-cache dtype changes KV bytes (fp8: 1 byte per element). Constants come from
 labkit/data/costs/<gpu>.json; they are marked "uncalibrated defaults" until fitted to real
 vLLM runs.
@@ -68,6 +75,16 @@ class StepCost:
     @property
     def bound(self) -> str:
         return "compute" if self.compute_s >= self.memory_s else "memory"
+
+    @property
+    def launch_s(self) -> float:
+        """CPU time on the engine-core thread (inputs, kernel launches): the overhead."""
+        return self.overhead_s
+
+    @property
+    def gpu_s(self) -> float:
+        """Time the GPU itself works: the stages, TP all-reduces and PP sends."""
+        return self.total_s - self.overhead_s
 
 
 class CostModel:
@@ -154,6 +171,18 @@ class CostModel:
             m = w + kv * sum_context
             return (c if c > m else m) + ct * num_tokens + cf + self._overhead + self._per_req * num_reqs
         return self.step_cost(num_tokens, num_reqs, sum_context, attn_pairs).total_s
+
+    def step_parts(self, num_tokens: int, num_reqs: int, sum_context: float, attn_pairs: float
+                   ) -> tuple[float, float]:
+        """(launch seconds, GPU seconds) of one step; their sum is `step_time` (hot path)."""
+        launch = self._overhead + self._per_req * num_reqs
+        if len(self._stages) == 1 and not self._pp_send_tok:
+            mm, at, w, kv, ct, cf = self._stages[0]
+            c = mm * num_tokens + at * attn_pairs
+            m = w + kv * sum_context
+            return launch, (c if c > m else m) + ct * num_tokens + cf
+        cost = self.step_cost(num_tokens, num_reqs, sum_context, attn_pairs)
+        return launch, cost.total_s - cost.overhead_s
 
     def kv_bytes(self, num_tokens: int) -> int:
         """KV bytes of `num_tokens` tokens on one GPU of this engine."""

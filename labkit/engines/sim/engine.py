@@ -1,10 +1,13 @@
 """SimEngine: one simulated vLLM engine (scheduler + KV cache + connector + cost model).
 
 Each `step()` is one vLLM engine-core iteration: the worker reports finished KV transfers,
-the requests the scheduler has seen by then join it (async scheduling, vLLM 0.26's default,
-decides a step's batch one step ahead: labkit/engines/sim/async_sched.py), it schedules, the cost model says how long the forward pass takes (plus any
-synchronous connector load/save), every request whose tokens are all computed samples one
-pseudo-random token (vLLM's dummy weights produce noise too), finished requests are freed.
+the requests the scheduler has seen by then join it, it schedules, the cost model says how
+long the launch part (CPU: overhead, plus any synchronous connector load/save) and the GPU
+part take, every request whose tokens are all computed samples one pseudo-random token
+(vLLM's dummy weights produce noise too), and the step's outputs leave the engine (tokens
+out, finished requests freed). With async scheduling (vLLM 0.26's default) a GPU-bound step
+fixes the next step's batch at its start (lookahead) and a launch-bound one emits its tokens
+when the next step's launch ends: labkit/engines/sim/async_sched.py.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from labkit.engines.sim.async_sched import RequestInbox
+from labkit.engines.sim.async_sched import LateOutputs, RequestInbox, launch_bound
 from labkit.engines.sim.clock import SimClock
 from labkit.engines.sim.connector import (
     InProcessTransport,
@@ -30,60 +33,11 @@ from labkit.engines.sim.cost_model import (
     load_cost_params,
 )
 from labkit.engines.sim.kv_cache_manager import KVCacheManager
+from labkit.engines.sim.output import RequestOutput, StepResult
 from labkit.engines.sim.request import HASH_FUNCTIONS, Request, RequestStatus
 from labkit.engines.sim.scheduler import Scheduler, SchedulerOutput
 
-
-@dataclass(slots=True)
-class RequestOutput:
-    """What one request produced in one step (vLLM's EngineCoreOutput, trimmed)."""
-
-    request_id: str
-    new_token_ids: list[int]
-    finished: bool = False
-    finish_reason: str | None = None
-    kv_transfer_params: dict[str, Any] | None = None
-    num_prompt_tokens: int = 0
-    num_cached_tokens: int = 0
-    first_token_time: float | None = None
-
-
-@dataclass(slots=True)
-class StepResult:
-    """One engine step: what was scheduled, what came out, and when."""
-
-    step: int
-    start: float
-    end: float
-    scheduler_output: SchedulerOutput
-    sampled: list[tuple[Request, int]] = field(default_factory=list, repr=False)
-    finished: list[tuple[Request, dict[str, Any] | None]] = field(default_factory=list, repr=False)
-    kv_connector_time: float = 0.0  # synchronous connector load/save inside the step
-    _outputs: list[RequestOutput] | None = field(default=None, repr=False)
-
-    @property
-    def duration(self) -> float:
-        return self.end - self.start
-
-    @property
-    def num_scheduled_tokens(self) -> int:
-        return self.scheduler_output.total_num_scheduled_tokens
-
-    @property
-    def outputs(self) -> list[RequestOutput]:
-        """One RequestOutput per request that produced a token (built on first access)."""
-        if self._outputs is None:
-            params = {r.request_id: p for r, p in self.finished}
-            outs = []
-            for r, token in self.sampled:
-                rid = r.request_id
-                done = rid in params
-                outs.append(RequestOutput(
-                    rid, [token], done, r.get_finished_reason() if done else None,
-                    params.get(rid), r.num_prompt_tokens,
-                    r.num_local_cached_tokens + r.num_external_tokens, r.first_token_time))
-            self._outputs = outs
-        return self._outputs
+__all__ = ["EngineStats", "RequestOutput", "SimEngine", "StepResult", "serve_defaults"]
 
 
 @dataclass
@@ -203,6 +157,10 @@ class SimEngine:
         self.stats = EngineStats()
         self.async_scheduling = async_scheduling
         self._inbox = RequestInbox(async_scheduling)
+        self._late = LateOutputs()  # a launch-bound step's tokens, out when the next launch ends
+        # None: the GPU is this engine's alone; else a SharedGPU's reserve(engine, start,
+        # launch_s, gpu_s) -> when the step's GPU part ends (labkit/engines/sim/shared_gpu.py).
+        self.gpu_share: Any = None
         self.step_count = 0
         self.busy_until = self.clock.now()
 
@@ -254,10 +212,12 @@ class SimEngine:
         """Abort a request (the client went away); True if it was unfinished."""
         if self._inbox.remove(req_id) is not None:
             return True
+        self._late.drop(req_id)
         return bool(self.scheduler.finish_requests([req_id], RequestStatus.FINISHED_ABORTED))
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.get_num_unfinished_requests() > 0 or len(self._inbox) > 0
+        return (self.scheduler.get_num_unfinished_requests() > 0 or len(self._inbox) > 0
+                or bool(self._late))
 
     def get_request(self, req_id: str) -> Request | None:
         return self.scheduler.requests.get(req_id) or self._inbox.get(req_id)
@@ -287,34 +247,59 @@ class SimEngine:
         self.step_count += 1
         sync = connector.start_step(so.kv_connector_metadata, start) if connector is not None else 0.0
         total = so.total_num_scheduled_tokens
+        # The connector's synchronous loads/saves run on the engine-core thread (ExampleConnector's
+        # safetensors I/O after a .cpu() copy): they belong to the launch part.
+        launch, gpu = sync, 0.0
         if total:
-            duration = self.cost_model.step_time(total, len(so.scheduled),
-                                                 so.sum_context, so.attn_pairs) + sync
+            launch_s, gpu = self.cost_model.step_parts(total, len(so.scheduled), so.sum_context, so.attn_pairs)
+            launch += launch_s
+        end = start + launch + gpu
+        # Launch- or GPU-bound by the step's own parts: a wait for a shared GPU comes after
+        # the launch, so it does not delay the previous step's output.
+        bound = launch_bound(launch, gpu)
+        if gpu and self.gpu_share is not None:  # another engine's GPU work may come first
+            end = self.gpu_share(self, start, launch, gpu)
+            gpu = end - start - launch
+        if total:
             self.stats.num_steps += 1
-            self.stats.busy_time += duration
+            self.stats.busy_time += end - start
             self.stats.samples["iteration_tokens_total"].append(total)
-        else:
-            duration = sync
-        end = start + duration
         for new_req in so.scheduled_new_reqs:
             request = sched.requests[new_req.req_id]
             if request.scheduled_time is None:
                 request.scheduled_time = start
-        sampled, finished = sched.update_from_output(
-            so, self._next_token, end, self.stats.samples["inter_token_latency_seconds"],
-            self._on_first_token)
-        self.stats.generation_tokens += len(sampled)
-        for request, _ in finished:
-            self._on_finished(request, end)
+        emitted: list[tuple[Request, int, float]] = []
+        finished: list[tuple[Request, dict[str, Any] | None]] = []
+        if self._late:  # the previous step's tokens: out when this launch ends, or at once
+            self._emit(*self._late.take(), start + launch if bound and total else start, emitted, finished)
+        sampled, stopped = sched.sample_tokens(so, self._next_token)
+        if (self.async_scheduling and sampled
+                and (sched.running or sched.waiting or sched.skipped_waiting or len(self._inbox))):
+            self._late.hold(sampled, stopped)  # a next step runs: it decides when these leave
+        elif sampled or stopped:
+            self._emit(sampled, stopped, end, emitted, finished)
         if connector is not None:
             sending, recving = connector.get_finished(end)
             if sending or recving:
                 sched.update_from_kv_xfer_finished(sending, recving)
-        self._inbox.step_ran(start, end, total)
+        self._inbox.step_ran(start, end, total, lookahead=not bound)
         self.busy_until = end
         if standalone:
             self.clock.advance_to(end)
-        return StepResult(self.step_count, start, end, so, sampled, finished, sync)
+        return StepResult(self.step_count, start, end, so, sampled, finished, sync, emitted, launch, gpu)
+
+    def _emit(self, sampled: list[tuple[Request, int]], stopped: list[Request], t: float,
+              emitted: list[tuple[Request, int, float]],
+              finished: list[tuple[Request, dict[str, Any] | None]]) -> None:
+        """update_from_output's second half at `t`: tokens out, stopped requests freed."""
+        done = self.scheduler.emit_outputs(sampled, stopped, t,
+                                           self.stats.samples["inter_token_latency_seconds"],
+                                           self._on_first_token)
+        self.stats.generation_tokens += len(sampled)
+        for request, _ in done:
+            self._on_finished(request, t)
+        emitted.extend([(r, tok, t) for r, tok in sampled])
+        finished.extend(done)
 
     def _on_first_token(self, request: Request, t: float) -> None:
         request.first_token_time = t

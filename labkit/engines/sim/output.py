@@ -1,7 +1,11 @@
-"""What one scheduler step decided: vLLM V1's `SchedulerOutput` (vllm/v1/core/sched/output.py).
+"""What one step decided and produced: vLLM V1's `SchedulerOutput` (vllm/v1/core/sched/output.py),
+the engine's `StepResult` and its per-request `RequestOutput`s.
 
-The interface between the scheduler and everything that reads a step: the engine's cost
-model, the KV connector's `build_connector_meta`, and the observer events the views draw.
+SchedulerOutput is the interface between the scheduler and everything that reads a step: the
+engine's cost model, the KV connector's `build_connector_meta`, and the observer events the
+views draw. StepResult is what `SimEngine.step` returns: what was scheduled, what it sampled,
+and what left the engine during the step (with async scheduling a launch-bound step's tokens
+leave during the NEXT step: labkit/engines/sim/async_sched.py).
 """
 from __future__ import annotations
 
@@ -99,3 +103,69 @@ class SchedulerOutput:
         return (f"SchedulerOutput(new={[r.req_id for r in self.scheduled_new_reqs]}, "
                 f"num_scheduled_tokens={self.num_scheduled_tokens}, "
                 f"preempted={self.preempted_req_ids}, finished={self.finished_req_ids})")
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """What one request produced in one step (vLLM's EngineCoreOutput, trimmed)."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool = False
+    finish_reason: str | None = None
+    kv_transfer_params: dict[str, Any] | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    first_token_time: float | None = None
+
+
+@dataclass(slots=True)
+class StepResult:
+    """One engine step: what was scheduled, what it sampled, what left the engine, and when.
+
+    `sampled`: the (request, token) pairs this step computed (its end). `emitted`: the
+    (request, token, time) triples whose output left the engine core during this step: the
+    previous step's (when this step's launch ended if it is launch-bound, else at its
+    start), and this step's own if no step follows (at `end`). `finished`: requests freed by those emissions, with the connector's
+    kv_transfer_params; each one's `finished_time` is its emission time. `outputs` are
+    built from `emitted`: what a client receives.
+    """
+
+    step: int
+    start: float
+    end: float
+    scheduler_output: SchedulerOutput
+    sampled: list[tuple[Request, int]] = field(default_factory=list, repr=False)
+    finished: list[tuple[Request, dict[str, Any] | None]] = field(default_factory=list, repr=False)
+    kv_connector_time: float = 0.0  # synchronous connector load/save inside the step
+    emitted: list[tuple[Request, int, float]] = field(default_factory=list, repr=False)
+    launch_s: float = 0.0  # the step's launch part (overhead + synchronous connector I/O)
+    gpu_s: float = 0.0  # its GPU part (after any wait for a GPU shared with another engine)
+    _outputs: list[RequestOutput] | None = field(default=None, repr=False)
+
+    @property
+    def duration(self) -> float:
+        return self.end - self.start
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        return self.scheduler_output.total_num_scheduled_tokens
+
+    @property
+    def outputs(self) -> list[RequestOutput]:
+        """One RequestOutput per emitted token (built on first access)."""
+        if self._outputs is None:
+            params = {r.request_id: p for r, p in self.finished}
+            # Two emissions in one step (the previous step's late tokens, then this step's)
+            # can carry two tokens of one request: only its last one finishes it.
+            last = {r.request_id: i for i, (r, _, _) in enumerate(self.emitted)}
+            outs = []
+            for i, (r, token, _) in enumerate(self.emitted):
+                rid = r.request_id
+                done = rid in params and last[rid] == i
+                outs.append(RequestOutput(
+                    rid, [token], done, r.get_finished_reason() if done else None,
+                    params.get(rid), r.num_prompt_tokens,
+                    r.num_local_cached_tokens + r.num_external_tokens, r.first_token_time))
+            self._outputs = outs
+        return self._outputs

@@ -10,102 +10,34 @@ One asyncio task steps the engine. Each step runs in simulated time; paced (defa
 then sleeps until the wall clock reaches the step's end (divided by `--speed`), so live
 views see realistic timing; `--fast` steps back to back. HTTP handlers and the engine
 loop share the event-loop thread: engine calls never race. The loop and the telemetry (ZMQ
-KV events, observer events, /metrics) live in runner.EngineRunner.
+KV events, observer events, /metrics) live in runner.EngineRunner; the request bodies and
+vLLM's error shape in openai_protocol.py, the OpenAI routes' work in openai_serving.py.
 """
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
-import time
-import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from labkit.engines.sim.engine import RequestOutput
+from labkit.engines.sim.openai_protocol import (  # noqa: F401  (public names of this module)
+    VLLM_VERSION,
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    KVReadRequest,
+    validation_error_response,
+)
+from labkit.engines.sim.openai_serving import OpenAIServing
 from labkit.engines.sim.runner import EngineRunner, SimServerArgs
-from labkit.engines.sim.transport import KVLoadError
 
 logger = logging.getLogger("labkit.sim.server")
 
-VLLM_VERSION = "0.26.0"
-NonNegInt = Annotated[int, Field(ge=0)]
 
-
-# ---------------------------------------------------------------- request bodies
-class StreamOptions(BaseModel):
-    include_usage: bool | None = False
-    continuous_usage_stats: bool | None = False
-
-
-class _Base(BaseModel):
-    model_config = ConfigDict(extra="allow")  # temperature, top_p, seed, ...: accepted, ignored
-    model: str | None = None
-    max_tokens: int | None = None
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
-    ignore_eos: bool = False
-    kv_transfer_params: dict[str, Any] | None = None
-
-
-class CompletionRequest(_Base):
-    # Same union order as vLLM's CompletionRequest.prompt (the error bodies list it).
-    prompt: list[NonNegInt] | list[list[NonNegInt]] | str | list[str]
-    max_tokens: int | None = 16
-
-
-class ChatCompletionRequest(_Base):
-    messages: list[dict[str, Any]]
-    max_completion_tokens: int | None = None
-
-
-class KVReadRequest(BaseModel):
-    remote_request_id: str
-    block_ids: list[int] = Field(default_factory=list)
-    remote_engine_id: str | None = None
-
-
-# ---------------------------------------------------------------- errors (vLLM's shape)
-class APIError(Exception):
-    """An error answered as vLLM's ErrorResponse {"error": {message, type, param, code}}."""
-
-    def __init__(self, message: str, code: int = 400, type_: str = "BadRequestError",
-                 param: str | None = None) -> None:
-        super().__init__(message)
-        self.message, self.code, self.type, self.param = message, code, type_, param
-
-    def response(self) -> JSONResponse:
-        return JSONResponse({"error": {"message": self.message, "type": self.type,
-                                       "param": self.param, "code": self.code}},
-                            status_code=self.code)
-
-
-def _clean_loc(loc: tuple[Any, ...]) -> str:
-    """server_utils.py clean_loc_for_param: drop pydantic's union-branch markers."""
-    parts = [str(p) for p in loc if not any(c in str(p) for c in "[]{}()")
-             and not str(p).startswith("function-")]
-    return ".".join(parts or [str(p) for p in loc])
-
-
-def _validation_error(exc: RequestValidationError) -> JSONResponse:
-    """server_utils.py validation_exception_handler: "N validation errors:\\n  {err}..."."""
-    errors = [{k: v for k, v in e.items() if k in ("type", "loc", "msg", "input", "ctx")}
-              for e in exc.errors()]
-    n = len(errors)
-    message = (f"{n} validation {'error' if n == 1 else 'errors'}:\n"
-               + "".join(f"  {e}\n" for e in errors)).rstrip() if errors else "Validation error"
-    param = _clean_loc(tuple(errors[0]["loc"])) if errors and errors[0].get("loc") else None
-    return APIError(message, 400, "Bad Request", param).response()
-
-
-# ---------------------------------------------------------------- the app
 def create_app(args: SimServerArgs) -> FastAPI:
     """The FastAPI app; the engine loop starts with the app (lifespan) and stops with it."""
     runner = EngineRunner(args)
@@ -127,7 +59,7 @@ def create_app(args: SimServerArgs) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return _validation_error(exc)
+        return validation_error_response(exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -176,264 +108,6 @@ def create_app(args: SimServerArgs) -> FastAPI:
         return runner.info()
 
     return app
-
-
-@dataclass
-class _Choice:
-    index: int
-    prompt_len: int
-    token_ids: list[int]
-    text: str = ""
-    finish_reason: str | None = None
-    kv_transfer_params: dict[str, Any] | None = None
-
-
-class OpenAIServing:
-    """Turns OpenAI requests into engine requests and engine outputs into vLLM's bodies."""
-
-    def __init__(self, runner: EngineRunner) -> None:
-        self.runner = runner
-        self.created = int(time.time())
-        self.fingerprint = f"vllm-{VLLM_VERSION}-sim{uuid.uuid4().hex[:5]}"
-
-    # -------------------------------------------------------------- shared checks
-    def _check_model(self, model: str | None) -> None:
-        if model is not None and model not in (self.runner.served_model_name, self.runner.args.model):
-            raise APIError(f"The model `{model}` does not exist.", 404, "NotFoundError", "model")
-
-    def _max_tokens(self, requested: int | None, prompt_len: int) -> int:
-        limit = self.runner.engine.max_model_len
-        if requested is not None and requested < 1:
-            raise APIError(f"max_tokens must be at least 1, got {requested}. "
-                           f"(parameter=max_tokens, value={requested})", param="max_tokens")
-        if requested is None:
-            if prompt_len >= limit:
-                raise APIError(f"This model's maximum context length is {limit} tokens. However, "
-                               f"your request has {prompt_len} input tokens. Please reduce the "
-                               f"length of the input messages. (parameter=input_tokens, "
-                               f"value={prompt_len})", param="input_tokens")
-            return limit - prompt_len
-        if prompt_len + requested > limit:
-            raise APIError(
-                f"This model's maximum context length is {limit} tokens. However, you requested "
-                f"{requested} output tokens and your prompt contains {prompt_len} input tokens, "
-                f"for a total of {prompt_len + requested} tokens. Please reduce the length of the "
-                f"input prompt or the number of requested output tokens. "
-                f"(parameter=input_tokens, value={prompt_len})", param="input_tokens")
-        return requested
-
-    def _prompts(self, prompt: Any) -> list[list[int]]:
-        tok = self.runner.tokenizer
-        if isinstance(prompt, str):
-            return [tok.encode(prompt).ids]
-        if prompt and isinstance(prompt[0], str):
-            return [tok.encode(p).ids for p in prompt]
-        if prompt and isinstance(prompt[0], list):
-            return [list(p) for p in prompt]
-        return [list(prompt)]
-
-    async def _run(self, req_id: str, index: int, prompt: list[int], max_tokens: int,
-                   body: _Base) -> AsyncIterator[tuple[_Choice, RequestOutput]]:
-        choice = _Choice(index, len(prompt), [])
-        try:
-            gen = self.runner.generate(req_id, prompt, max_tokens, ignore_eos=body.ignore_eos,
-                                       kv_transfer_params=body.kv_transfer_params)
-            async for out in gen:
-                choice.token_ids.extend(out.new_token_ids)
-                if out.finished:
-                    choice.finish_reason = out.finish_reason
-                    choice.kv_transfer_params = out.kv_transfer_params
-                yield choice, out
-        except ValueError as exc:
-            raise APIError(str(exc)) from None
-
-    async def _reach_kv_source(self, body: _Base) -> None:
-        """nixl decode: the prefill engine holding the KV must answer first (transport
-        handshake); if not, vLLM ends the request with an error and answers 500
-        (entrypoints/openai/engine/protocol.py GenerationError): here with the reason."""
-        if self.runner.transport is None:
-            return
-        try:
-            await self.runner.transport.handshake(body.kv_transfer_params)
-        except KVLoadError as exc:
-            logger.error("%s", exc)
-            raise APIError(str(exc), 500, "InternalServerError", "kv_transfer_params") from None
-
-    def _usage(self, choices: list[_Choice]) -> dict[str, int]:
-        p = sum(c.prompt_len for c in choices)
-        n = sum(len(c.token_ids) for c in choices)
-        return {"prompt_tokens": p, "total_tokens": p + n, "completion_tokens": n}
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.runner.tokenizer.decode(ids, skip_special_tokens=True)
-
-    async def _collect(self, runs: list[AsyncIterator[tuple[_Choice, RequestOutput]]]) -> list[_Choice]:
-        async def last(it: AsyncIterator[tuple[_Choice, RequestOutput]]) -> _Choice:
-            choice = None
-            async for item, _ in it:
-                choice = item
-            assert choice is not None
-            choice.text = self._decode(choice.token_ids)
-            return choice
-
-        return list(await asyncio.gather(*(last(r) for r in runs)))
-
-    async def _merge(self, runs: list[AsyncIterator[tuple[_Choice, RequestOutput]]]
-                     ) -> AsyncIterator[tuple[_Choice, RequestOutput]]:
-        """Interleave several requests' outputs in arrival order (one prompt: no tasks)."""
-        if len(runs) == 1:
-            async for item in runs[0]:
-                yield item
-            return
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-
-        async def pump(it: AsyncIterator[tuple[_Choice, RequestOutput]]) -> None:
-            try:
-                async for item in it:
-                    await queue.put(item)
-            except Exception as exc:  # surfaced to the consumer
-                await queue.put(exc)
-            finally:
-                await queue.put(None)
-
-        tasks = [asyncio.create_task(pump(r)) for r in runs]
-        try:
-            done = 0
-            while done < len(tasks):
-                item = await queue.get()
-                if item is None:
-                    done += 1
-                elif isinstance(item, Exception):
-                    raise item
-                else:
-                    yield item
-        finally:
-            for t in tasks:
-                t.cancel()
-
-    # -------------------------------------------------------------- endpoints
-    def models(self) -> dict[str, Any]:
-        r = self.runner
-        perm = {"id": f"modelperm-{uuid.uuid4().hex[:16]}", "object": "model_permission",
-                "created": self.created, "allow_create_engine": False, "allow_sampling": True,
-                "allow_logprobs": True, "allow_search_indices": False, "allow_view": True,
-                "allow_fine_tuning": False, "organization": "*", "group": None,
-                "is_blocking": False}
-        card = {"id": r.served_model_name, "object": "model", "created": self.created,
-                "owned_by": "vllm", "root": r.args.model, "parent": None,
-                "max_model_len": r.engine.max_model_len, "permission": [perm]}
-        return {"object": "list", "data": [card]}
-
-    def _start(self, prefix: str, prompts: list[list[int]], requested: int | None, body: _Base
-               ) -> tuple[str, list[AsyncIterator[tuple[_Choice, RequestOutput]]]]:
-        self._check_model(body.model)
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise APIError("Prompt cannot be empty", param="prompt")
-        top = max(max(p) for p in prompts)
-        if top >= self.runner.shape.vocab_size:  # v1/engine/input_processor.py: a ValueError
-            raise APIError(f"Token id {top} is out of vocabulary", param="prompt")
-        limits = [self._max_tokens(requested, len(p)) for p in prompts]
-        rid = f"{prefix}-{uuid.uuid4().hex[:16]}"
-        runs = [self._run(f"{rid}-{i}-{uuid.uuid4().hex[:8]}", i, p, m, body)
-                for i, (p, m) in enumerate(zip(prompts, limits, strict=True))]
-        return rid, runs
-
-    async def completions(self, body: CompletionRequest) -> Any:
-        rid, runs = self._start("cmpl", self._prompts(body.prompt), body.max_tokens, body)
-        await self._reach_kv_source(body)
-        created = int(time.time())
-        model = self.runner.served_model_name
-        if body.stream:
-            return StreamingResponse(self._completion_stream(rid, created, runs, body),
-                                     media_type="text/event-stream")
-        choices = await self._collect(runs)
-        return {
-            "id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": c.index, "text": c.text, "logprobs": None,
-                         "finish_reason": c.finish_reason, "stop_reason": None, "token_ids": None,
-                         "prompt_logprobs": None, "prompt_token_ids": None, "routed_experts": None}
-                        for c in choices],
-            "service_tier": None, "system_fingerprint": self.fingerprint,
-            "usage": {**self._usage(choices), "prompt_tokens_details": None},
-            "kv_transfer_params": choices[0].kv_transfer_params, "ec_transfer_params": None,
-            "metrics": None,
-        }
-
-    async def _completion_stream(self, rid: str, created: int, runs: list[Any], body: _Base
-                                 ) -> AsyncIterator[str]:
-        model = self.runner.served_model_name
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        texts: dict[int, str] = {}
-        seen: dict[int, _Choice] = {}
-        async for choice, out in self._merge(runs):
-            seen[choice.index] = choice
-            text = self._decode(choice.token_ids)
-            delta, texts[choice.index] = text[len(texts.get(choice.index, "")):], text
-            chunk: dict[str, Any] = {
-                "id": rid, "object": "text_completion", "created": created, "model": model,
-                "choices": [{"index": choice.index, "text": delta, "logprobs": None,
-                             "finish_reason": out.finish_reason if out.finished else None,
-                             "stop_reason": None, "prompt_token_ids": None, "token_ids": None}]}
-            if out.finished and not include_usage:
-                chunk["system_fingerprint"] = self.fingerprint
-            yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"
-        if include_usage:
-            final = {"id": rid, "object": "text_completion", "created": created, "model": model,
-                     "choices": [], "usage": self._usage(list(seen.values())),
-                     "system_fingerprint": self.fingerprint}
-            yield f"data: {json.dumps(final, separators=(',', ':'))}\n\n"
-        yield "data: [DONE]\n\n"
-
-    async def chat(self, body: ChatCompletionRequest) -> Any:
-        prompt = self.runner.render_chat(body.messages)
-        requested = body.max_completion_tokens or body.max_tokens
-        rid, runs = self._start("chatcmpl", [prompt], requested, body)
-        await self._reach_kv_source(body)
-        created = int(time.time())
-        model = self.runner.served_model_name
-        if body.stream:
-            return StreamingResponse(self._chat_stream(rid, created, runs, body),
-                                     media_type="text/event-stream")
-        (c,) = await self._collect(runs)
-        return {
-            "id": rid, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text,
-                                                 "refusal": None, "annotations": None,
-                                                 "audio": None, "function_call": None,
-                                                 "reasoning": None},
-                         "logprobs": None, "finish_reason": c.finish_reason, "stop_reason": None,
-                         "token_ids": None, "routed_experts": None}],
-            "service_tier": None, "system_fingerprint": self.fingerprint,
-            "usage": {**self._usage([c]), "prompt_tokens_details": None},
-            "prompt_logprobs": None, "prompt_token_ids": None, "prompt_text": None,
-            "kv_transfer_params": c.kv_transfer_params, "ec_transfer_params": None,
-            "metrics": None,
-        }
-
-    async def _chat_stream(self, rid: str, created: int, runs: list[Any], body: _Base
-                           ) -> AsyncIterator[str]:
-        model = self.runner.served_model_name
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
-
-        def chunk(delta: dict[str, Any], finish: str | None) -> str:
-            data = {**head, "choices": [{"index": 0, "delta": delta, "logprobs": None,
-                                         "finish_reason": finish}]}
-            return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
-
-        yield chunk({"role": "assistant", "content": ""}, None)
-        text, last = "", None
-        async for choice, out in self._merge(runs):
-            last = choice
-            new = self._decode(choice.token_ids)
-            delta, text = new[len(text):], new
-            yield chunk({"content": delta}, out.finish_reason if out.finished else None)
-        if include_usage and last is not None:
-            final = {**head, "choices": [], "usage": self._usage([last]),
-                     "system_fingerprint": self.fingerprint}
-            yield f"data: {json.dumps(final, separators=(',', ':'))}\n\n"
-        yield "data: [DONE]\n\n"
-
 
 def serve(args: SimServerArgs, on_ready: Callable[[EngineRunner], None] | None = None) -> None:
     """Run the server until SIGINT/SIGTERM (uvicorn handles both); `on_ready(runner)` runs
