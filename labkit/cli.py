@@ -178,8 +178,8 @@ def format_plan(plan: Plan, commands: list[dict]) -> str:
 def cmd_plan(a: argparse.Namespace) -> int:
     from labkit.hardware import detect, simulated
 
-    hardware = simulated(0) if a.sim else detect()
     try:
+        hardware = simulated(0) if a.sim else detect()  # a bad CUDA_VISIBLE_DEVICES raises here
         plan = validate(config_from_args(a), hardware)
     except ConfigError as exc:
         print(f"error: {exc.problem}\n  fix: {exc.fix}", file=sys.stderr)

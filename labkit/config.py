@@ -326,8 +326,12 @@ def _machine(cfg: PDConfig, hw: Hardware) -> tuple[GPUType, int, bool, list[str]
             [f"simulated cluster: {count} x {GPU_TYPES[key].name} ({why})"],
         )
     if n is not None and n > hw.num_gpus:
+        import os
+
+        cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
+        seen = f" visible (CUDA_VISIBLE_DEVICES={cvd})" if cvd is not None else ""
         raise ConfigError(
-            f"num_gpus={n} but this machine has {hw.num_gpus} GPU(s)",
+            f"num_gpus={n} but this machine has {hw.num_gpus} GPU(s){seen}",
             f"use num_gpus <= {hw.num_gpus}, or set gpu_type to plan a simulated cluster",
         )
     return hw.gpu_type, n or hw.num_gpus, False, []

@@ -218,3 +218,12 @@ def test_memory_view_shows_logical_gpus_with_their_physical_index(nv, monkeypatc
     assert list(free.y) == pytest.approx([77, 76])
     titles = [a.text for a in view.figure.layout.annotations]
     assert "GPU 1 (physical 3) over time (GiB)" in titles
+
+
+def test_labkit_plan_reports_a_bad_entry_as_error_and_fix(nv, monkeypatch, capsys):
+    from labkit.cli import main as cli_main
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,7")
+    assert cli_main(["plan"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "fix:" in err and "Traceback" not in err

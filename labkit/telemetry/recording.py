@@ -199,11 +199,13 @@ def _hardware(kind: str, describe: dict[str, Any]) -> dict[str, Any]:
         try:
             drv = pynvml.nvmlSystemGetDriverVersion()
             out["driver"] = drv.decode() if isinstance(drv, bytes) else drv
-            n = pynvml.nvmlDeviceGetCount()
-            names = [
-                pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(i)) for i in range(n)
-            ]
+            from labkit.hardware import visible_physical
+
+            phys = visible_physical(pynvml)  # the GPUs this run could use (CUDA_VISIBLE_DEVICES)
+            names = [pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(i)) for i in phys]
             out["gpus"] = [x.decode() if isinstance(x, bytes) else x for x in names]
+            if phys != list(range(pynvml.nvmlDeviceGetCount())):
+                out["physical"] = phys
         finally:
             pynvml.nvmlShutdown()
     except Exception as exc:  # NVML missing or failing: say so, keep describe()'s names
