@@ -349,10 +349,14 @@ def _pick_connector(cfg: PDConfig, kind: str, shared: bool, engines: list[Engine
     any_pp = any(e.pp > 1 for e in engines)
     conn = cfg.connector
     if conn == "auto":
-        if shared or any_pp:
+        has_nixl = kind == "sim" or nixl_available()
+        # A chunk asked for on a shared GPU: ExampleConnector cannot carry a chunked prompt
+        # (`_example_prefill`), NIXL can (through the host, ~0.25 GB/s on one H100).
+        chunked = engines[0].max_num_batched_tokens is not None and engines[0].enable_chunked_prefill
+        if any_pp or (shared and not (chunked and has_nixl)):
             conn = "example"
         else:
-            conn = "nixl" if kind == "sim" or nixl_available() else "example"
+            conn = "nixl" if has_nixl else "example"
     if conn == "nixl" and any_pp:
         raise ConfigError(
             "NixlConnector cannot move KV with pp > 1 in vLLM 0.26 (the pull connector "

@@ -50,7 +50,8 @@ def test_plan_error_exit_code_and_stderr():
 
 
 def test_plan_text_report(capsys):
-    assert main(["plan", "--gpus", "1", "--sim", "--chunk", "128", "--kv-dtype", "fp8"]) == 0
+    assert main(["plan", "--gpus", "1", "--sim", "--chunk", "128", "--kv-dtype", "fp8",
+                 "--connector", "example"]) == 0
     text = capsys.readouterr().out
     for part in (
         "Placement",

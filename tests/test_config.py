@@ -227,7 +227,7 @@ def test_shared_gpu_plan():
 def test_example_pair_never_splits_a_prompt_on_prefill():
     """ExampleConnector saves a prompt's KV in its first step only: prefill gets chunked prefill
     off and prompts capped at the chunk; decode keeps chunked prefill; nixl keeps both."""
-    plan = validate(pd(num_gpus=1, max_num_batched_tokens=256), NO_GPU)
+    plan = validate(pd(num_gpus=1, max_num_batched_tokens=256, connector="example"), NO_GPU)
     p, d = plan.engines
     assert plan.connector == "example"
     assert (p.config.enable_chunked_prefill, p.max_num_batched_tokens, p.max_model_len) == (
@@ -237,6 +237,12 @@ def test_example_pair_never_splits_a_prompt_on_prefill():
     assert "--no-enable-chunked-prefill" in args
     assert args[args.index("--max-model-len") + 1] == "256"
     assert any("first step only" in n for n in plan.notes)
+    # auto on a shared GPU: example by default, nixl (which can carry a chunked prompt) once a
+    # chunk is asked for; the link is the GPU itself either way
+    assert validate(pd(num_gpus=1), NO_GPU).connector == "example"
+    auto = validate(pd(num_gpus=1, max_num_batched_tokens=256), NO_GPU)
+    assert (auto.connector, auto.link) == ("nixl", "same-gpu")
+    assert all(e.config.enable_chunked_prefill for e in auto.engines)
     nixl = validate(pd(num_gpus=2, max_num_batched_tokens=256, connector="nixl"), NO_GPU)
     assert all(e.config.enable_chunked_prefill for e in nixl.engines)
     assert nixl.engines[0].max_model_len > 256

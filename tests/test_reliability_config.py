@@ -54,7 +54,7 @@ LAB_CASES: dict[str, tuple[dict, list[str]]] = {
         ["NixlConnector cannot move KV with pp > 1", "connector='example'"],
     ),
     "example connector with a chunk below the prompt length": (
-        dict(num_gpus=1, chunk=256, max_model_len=4096),
+        dict(num_gpus=1, chunk=256, max_model_len=4096, connector="example"),
         ["connector='example'", "first step only", "max_model_len <= 256", "connector='nixl'"],
     ),
     "block size not a multiple of 16": (dict(block_size=17), ["block_size=17", "multiple of 16"]),
