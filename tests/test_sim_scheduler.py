@@ -201,7 +201,11 @@ def test_cost_model_knobs():
     assert base.step_cost(1, 1, 100, 100).bound == "memory"
     m70 = get_model("llama-3.1-70b")
     tp1, tp4 = CostModel(m70, h100, tp=1), CostModel(m70, h100, tp=4)
-    assert tp4.step_time(1, 1, 1000, 1000) < tp1.step_time(1, 1, 1000, 1000) / 2.5
+    # a decode step reads a quarter of the weights per GPU (the fixed per-step overhead of
+    # the calibrated costs file is not split)
+    one, four = tp1.step_cost(1, 1, 1000, 1000), tp4.step_cost(1, 1, 1000, 1000)
+    assert four.memory_s < one.memory_s / 3.5
+    assert four.total_s - four.overhead_s < (one.total_s - one.overhead_s) / 2.5
     assert tp4.step_cost(2048, 1, 2048, 2048 * 1024).comm_s > 0
     pp2 = CostModel(m8b, h100, pp=2)
     assert pp2.step_cost(512, 1, 512, 512 * 256).comm_s > 0
@@ -236,3 +240,41 @@ def test_waiting_status_names_match_vllm():
     assert RequestStatus.WAITING_FOR_REMOTE_KVS.name == "WAITING_FOR_REMOTE_KVS"
     assert RequestStatus.is_finished(RequestStatus.FINISHED_ABORTED)
     assert not RequestStatus.is_finished(RequestStatus.PREEMPTED)
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_chunked_prefill_off_never_splits_a_waiting_prompt(chunked):
+    # vllm/v1/core/sched/scheduler.py: without chunked prefill a waiting request whose new
+    # tokens exceed the budget left is not split; scheduling stops there.
+    e = engine(max_num_batched_tokens=4096, max_model_len=4096, enable_chunked_prefill=chunked,
+               async_scheduling=False)
+    e.add_request("a", prompt(3000), 2)
+    e.add_request("b", prompt(3000, base=7), 2)
+    steps = [e.step().scheduler_output.num_scheduled_tokens for _ in range(3)]
+    if chunked:
+        assert steps == [{"a": 3000, "b": 1096}, {"a": 1, "b": 1904}, {"b": 1}]
+    else:
+        assert steps == [{"a": 3000}, {"a": 1, "b": 3000}, {"b": 1}]
+    while e.has_unfinished():
+        e.step()
+    assert e.stats.prompt_tokens_by_source["local_compute"] == 6000
+
+
+def test_chunked_prefill_off_chunk_holds_max_model_len():
+    # engine/arg_utils.py: the default chunk grows to max_model_len; config/scheduler.py
+    # verify_max_model_len: a smaller explicit chunk is an error.
+    assert engine(max_num_batched_tokens=None, max_model_len=20000,
+                  enable_chunked_prefill=False).max_num_batched_tokens == 20000
+    with pytest.raises(ValueError, match="smaller than max_model_len"):
+        engine(max_num_batched_tokens=2048, max_model_len=4096, enable_chunked_prefill=False)
+
+
+def test_example_connector_prefill_gets_chunked_prefill_off_from_the_plan():
+    from labkit.bench.compare import Variant, _engine_kwargs, _plan
+
+    plan = _plan("lab-1b", Variant("pd", {"connector": "example"}), 1, "h200", simulated=True)
+    kw = {r: _engine_kwargs(plan.engine(r)) for r in ("prefill", "decode")}
+    assert kw["prefill"]["enable_chunked_prefill"] is False
+    assert kw["decode"]["enable_chunked_prefill"] is True
+    prefill = SimEngine("lab-1b", "h200", **kw["prefill"])
+    assert prefill.scheduler.enable_chunked_prefill is False

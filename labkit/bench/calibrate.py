@@ -199,14 +199,14 @@ def measure(url: str, vocab_size: int = 32000, reps: int = 3, progress: Any = pr
 
 
 def cost_json(f: Fit, gpu_key: str, *, device: str, vllm_version: str, chunk: int,
-              base_raw: dict[str, Any] | None = None) -> dict[str, Any]:
+              base_raw: dict[str, Any] | None = None, model: str = "lab-1b") -> dict[str, Any]:
     """The costs file: the old file's other fields (memory, comm) + the fitted constants."""
     raw = dict(base_raw or {})
     p = f.params
     raw.update({
         "gpu": gpu_key, "calibrated": True,
         "note": f"fitted by labkit.bench.calibrate to vLLM {vllm_version} on {device} "
-                f"(--enforce-eager, lab-1b, dummy weights); comm/PP constants not calibrated",
+                f"(--enforce-eager, {model}, dummy weights); comm/PP constants not calibrated",
         **{k: round(getattr(p, k), 6) for k in EFFS},
         "step_overhead_s": round(p.step_overhead_s, 7),
         "per_request_overhead_s": round(p.per_request_overhead_s, 9),
@@ -238,6 +238,7 @@ def calibrate(lab_or_url: Any, gpu_type: str, out_path: str | Path, *, reps: int
     path = COSTS_DIR / f"{gpu.key}.json"
     base_raw = json.loads(path.read_text()) if path.exists() else {}
     out = cost_json(f, gpu.key, device=_device_name(), vllm_version=_vllm_version(), chunk=chunk,
+                    model=model.name,
                     base_raw=base_raw)
     Path(out_path).write_text(json.dumps(out, indent=2) + "\n")
     return out

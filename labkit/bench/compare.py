@@ -93,26 +93,37 @@ def _engine_kwargs(ep: Any) -> dict[str, Any]:
     return {"tp": c.tp, "pp": c.pp, "kv_cache_dtype": ep.kv_cache_dtype,
             "block_size": c.block_size, "max_num_batched_tokens": ep.max_num_batched_tokens,
             "max_num_seqs": c.max_num_seqs, "max_model_len": ep.max_model_len,
-            "num_gpu_blocks": ep.num_blocks, "enable_prefix_caching": c.enable_prefix_caching}
+            "num_gpu_blocks": ep.num_blocks, "enable_prefix_caching": c.enable_prefix_caching,
+            "enable_chunked_prefill": c.enable_chunked_prefill}
 
 
 # ------------------------------------------------------------------ in-process (SimCluster)
 def run_cluster(variant: Variant, workload: Workload, *, model: str = "lab-1b",
                 gpu_type: str = "h100", num_gpus: int = 2, slo: SLO = DEFAULT_SLO,
-                seed: int = 0) -> BenchResult:
-    """One variant on SimCluster: the same plan as a simulated Lab, no processes, no HTTP."""
+                seed: int = 0, router_latency_s: float | None = None) -> BenchResult:
+    """One variant on SimCluster: the same plan as a simulated Lab, no processes, no HTTP.
+
+    Engines the plan puts on one GPU (a PD pair with num_gpus=1) share it; each engine call
+    costs `router_latency_s` (default: the API latency calibrated for `gpu_type`, as a real
+    client through HTTP pays it).
+    """
     from labkit.engines.sim.cluster import SimCluster
+    from labkit.engines.sim.cost_model import load_api_latency
 
     plan = _plan(model, variant, num_gpus, gpu_type, simulated=True)
     eps = plan.engines
+    hop = load_api_latency(plan.gpu_type.key) if router_latency_s is None else router_latency_s
     if plan.connector is None:
         cluster = SimCluster(model, gpu_type, num_prefill=variant.replicas, num_decode=0,
-                             prefill_kwargs=_engine_kwargs(eps[0]), seed=seed)
+                             prefill_kwargs=_engine_kwargs(eps[0]), seed=seed,
+                             router_latency_s=hop)
     else:
         cluster = SimCluster(model, gpu_type, num_prefill=1, num_decode=1,
                              connector=plan.connector, link=plan.link,
                              prefill_kwargs=_engine_kwargs(plan.engine("prefill")),
-                             decode_kwargs=_engine_kwargs(plan.engine("decode")), seed=seed)
+                             decode_kwargs=_engine_kwargs(plan.engine("decode")), seed=seed,
+                             router_latency_s=hop,
+                             gpus=[plan.engine("prefill").gpus, plan.engine("decode").gpus])
     # The client sees tokens from the engine that finishes the request: decode, or the
     # colocated engine, when they leave its engine core (StepResult.emitted).
     final = {id(e) for e in (cluster.decode_engines or cluster.prefill_engines)}

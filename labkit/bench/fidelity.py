@@ -1,8 +1,8 @@
 """How close the calibrated simulator comes to real vLLM: the same seeded workloads on both.
 
 Real side: a `Lab(mode="vllm")` per layout (one colocated engine; a PD pair on one GPU through
-ExampleConnector), the load generator through `lab.url`, /metrics of every engine before and
-after. Simulated side: `SimCluster` in-process with the same plan (same block count, chunk,
+ExampleConnector; a PD pair on two GPUs through NIXL), the load generator through `lab.url`,
+/metrics of every engine before and after. Simulated side: `SimCluster` in-process with the same plan (same block count, chunk,
 connector) and the fitted cost constants; the API latency the calibration measured is the
 router hop, paid once per engine call (PD: prefill's call, then decode's); the simulated
 engines schedule asynchronously, as vLLM 0.26 does by default, and the PD pair shares its one
@@ -13,13 +13,17 @@ the engine counters both sides report (prompt tokens by source, prefix-cache que
 preemptions, generation tokens), compared exactly.
 
     python -m labkit.bench.fidelity --costs labkit/data/costs/h200.json --out DIR
-    python -m labkit.bench.fidelity --costs ... --real DIR/fidelity.json   # re-run the sim side
+    python -m labkit.bench.fidelity --costs ... --real A.json --real B.json   # re-run the sim side
+
+Given saved real runs, the simulated side runs every case they hold (layout / workload), and
+one table prints with the median error over all cases and per file.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -29,9 +33,32 @@ import numpy as np
 from labkit.bench.loadgen import RequestResult
 from labkit.bench.workloads import Workload, decode_heavy, prefill_heavy
 
-LAYOUTS: dict[str, dict[str, Any]] = {  # name -> build_config knobs (num_gpus=1)
-    "colocated": {"colocated": True, "num_gpu_blocks": 16384},
-    "pd-example": {"connector": "example", "num_gpu_blocks": 16384},
+
+class Layout(Mapping[str, Any]):
+    """A measured layout: `build_config` knobs (a mapping: `Lab(**layout)` passes them) and the
+    number of GPUs its Lab takes (`num_gpus`, not a knob)."""
+
+    def __init__(self, knobs: dict[str, Any], num_gpus: int = 1) -> None:
+        self.knobs = dict(knobs)
+        self.num_gpus = num_gpus
+
+    def __getitem__(self, key: str) -> Any:
+        return self.knobs[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.knobs)
+
+    def __len__(self) -> int:
+        return len(self.knobs)
+
+    def __repr__(self) -> str:
+        return f"Layout({self.knobs!r}, num_gpus={self.num_gpus})"
+
+
+LAYOUTS: dict[str, Layout] = {
+    "colocated": Layout({"colocated": True, "num_gpu_blocks": 16384}),
+    "pd-example": Layout({"connector": "example", "num_gpu_blocks": 16384}),  # one GPU, /dev/shm
+    "pd-nixl": Layout({"connector": "nixl", "num_gpu_blocks": 16384}, num_gpus=2),  # GPU 0 -> 1
 }
 SOURCES = ("local_compute", "local_cache_hit", "external_kv_transfer")
 COUNTERS = {  # key -> (vLLM metric, labels)
@@ -123,10 +150,11 @@ def _role(name: str) -> str:
 
 def run_real(layout: str, wls: list[Workload], run_dir: str | Path | None = None,
              progress: Any = print) -> dict[str, Any]:
-    """One real Lab of `layout` (num_gpus=1), every workload through `lab.url`."""
+    """One real Lab of `layout` (on its `num_gpus`), every workload through `lab.url`."""
     from labkit.lab import Lab
 
-    with Lab(mode="vllm", num_gpus=1, observe=False, run_dir=run_dir, **LAYOUTS[layout]) as lab:
+    lay = LAYOUTS[layout]
+    with Lab(mode="vllm", num_gpus=lay.num_gpus, observe=False, run_dir=run_dir, **lay) as lab:
         return measure_lab(lab, layout, wls, progress)
 
 
@@ -160,7 +188,8 @@ def run_sim(layout: str, wls: list[Workload], costs: dict[str, Any], gpu_type: s
 
     params = CostParams(**{k: v for k, v in costs.items() if k in CostParams.__dataclass_fields__})
     hop = float(costs.get("calibration", {}).get("api_latency_s", 0.0))
-    plan = _plan("lab-1b", Variant(layout, LAYOUTS[layout]), 1, gpu_type, simulated=True)
+    lay = LAYOUTS[layout]
+    plan = _plan("lab-1b", Variant(layout, dict(lay)), lay.num_gpus, gpu_type, simulated=True)
     out: dict[str, Any] = {}
     for wl in wls:
         if plan.connector is None:
@@ -202,35 +231,100 @@ def run_sim(layout: str, wls: list[Workload], costs: dict[str, Any], gpu_type: s
     return out
 
 
+def split_case(key: str) -> tuple[str, str]:
+    """'layout/workload' -> (layout, workload)."""
+    layout, _, workload = key.partition("/")
+    return layout, workload
+
+
+def sim_for(real: dict[str, Any], costs: dict[str, Any], gpu_type: str, n: int = 40
+            ) -> dict[str, Any]:
+    """The simulated side of every case (layout / workload) a real run holds."""
+    by_name = {wl.name: wl for wl in workloads(n)}
+    wanted: dict[str, list[str]] = {}
+    for key in real:
+        layout, wl = split_case(key)
+        if layout not in LAYOUTS or wl not in by_name:
+            raise ValueError(f"unknown fidelity case {key!r} (layouts {list(LAYOUTS)}, "
+                             f"workloads {list(by_name)})")
+        wanted.setdefault(layout, []).append(wl)
+    sim: dict[str, Any] = {}
+    for layout, names in wanted.items():
+        sim.update(run_sim(layout, [by_name[w] for w in names], costs, gpu_type))
+    return sim
+
+
+def _summary(tables: dict[str, list[dict[str, Any]]]) -> str:
+    """Median |error| over all cases, then per file."""
+    rows_all = [row for t in tables.values() for row in t]
+    lines = [f"median |error| of the medians: {median_abs_error(rows_all):.1%} "
+             f"({len(rows_all)} cases)"]
+    if len(tables) > 1:
+        lines += [f"  {name}: {median_abs_error(t):.1%} ({len(t)} cases)" for name, t in tables.items()]
+    return "\n".join(lines)
+
+
+def bench_table(real: dict[str, Any], sim: dict[str, Any]) -> str:
+    """Out-of-sample check: a real `labkit.bench --json` file against the simulator's run of the
+    same command (`--engine cluster`); TTFT / ITL p50 and p99 per variant, in ms, with errors.
+    Variants are matched by name ("PD 1P+1D @ 2/s"); those only one side has are left out."""
+    sims = {r["variant"]: r["summary"] for r in sim["results"]}
+    head = ["| variant | TTFT p50 real / sim (err) | TTFT p99 | ITL p50 | ITL p99 |",
+            "| --- | --- | --- | --- | --- |"]
+    for r in real["results"]:
+        s = sims.get(r["variant"])
+        if s is None:
+            continue
+        cells = []
+        for m in ("ttft", "itl"):
+            for q in ("p50", "p99"):
+                a, b = r["summary"][m][q], s[m][q]
+                cells.append(f"{a * 1e3:.1f} / {b * 1e3:.1f} ({rel_error(b, a):+.0%})")
+        head.append(f"| {r['variant']} | " + " | ".join(cells) + " |")
+    return "\n".join(head)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="labkit fidelity", description=__doc__.split("\n")[0])
     ap.add_argument("--costs", required=True, help="a costs JSON (labkit.bench.calibrate's output)")
-    ap.add_argument("--gpu-type", default="h200")
+    ap.add_argument("--gpu-type", help="simulated GPU (default: the costs file's 'gpu')")
     ap.add_argument("--out", default=".", help="folder for fidelity.json and fidelity.md")
-    ap.add_argument("--real", help="a fidelity.json of an earlier real run: only re-run the sim")
-    ap.add_argument("--layouts", default=",".join(LAYOUTS))
+    ap.add_argument("--real", action="append", default=[],
+                    help="a saved real run ({'real': ...}; repeat for several): only run the sim")
+    ap.add_argument("--layouts", default="colocated,pd-example",
+                    help="layouts to run for real when no --real is given")
     ap.add_argument("--requests", type=int, default=40)
     a = ap.parse_args(argv)
     costs = json.loads(Path(a.costs).read_text())
-    wls = workloads(a.requests)
-    layouts = a.layouts.split(",")
-    if a.real:
-        real = json.loads(Path(a.real).read_text())["real"]
-    else:
-        real = {}
-        for lay in layouts:
-            real.update(run_real(lay, wls, run_dir=Path(a.out) / f"run-{lay}"))
-    sim: dict[str, Any] = {}
-    for lay in layouts:
-        sim.update(run_sim(lay, wls, costs, a.gpu_type))
-    table = rows({k: v for k, v in real.items() if k in sim}, sim)
-    text = format_table(table) + f"\n\nmedian |error| of the medians: {median_abs_error(table):.1%}\n"
-    print(text)
+    gpu_type = a.gpu_type or costs.get("gpu", "h200")
     out = Path(a.out)
+    reals: dict[str, dict[str, Any]] = {}
+    if a.real:
+        for path in a.real:
+            reals[Path(path).stem] = json.loads(Path(path).read_text())["real"]
+    else:
+        wls = workloads(a.requests)
+        real: dict[str, Any] = {}
+        for lay in a.layouts.split(","):
+            real.update(run_real(lay, wls, run_dir=out / f"run-{lay}"))
+        reals["real"] = real
+    sims = {name: sim_for(real, costs, gpu_type, a.requests) for name, real in reals.items()}
+    tables = {name: rows(real, sims[name]) for name, real in reals.items()}
+    if len(tables) > 1:  # case names say which file they come from
+        for name, t in tables.items():
+            for row in t:
+                row["case"] = f"{name}: {row['case']}"
+    table = [row for t in tables.values() for row in t]
+    text = format_table(table) + "\n\n" + _summary(tables) + "\n"
+    print(text)
     out.mkdir(parents=True, exist_ok=True)
     (out / "fidelity.md").write_text(text)
-    (out / "fidelity.json").write_text(json.dumps({"real": real, "sim": sim, "table": table,
-                                                   "costs": costs}, indent=1, default=str))
+    doc: dict[str, Any] = {"table": table, "costs": costs, "gpu_type": gpu_type,
+                           "files": {n: {"real": reals[n], "sim": sims[n]} for n in reals}}
+    if len(reals) == 1:  # the format --real reads back
+        (only,) = reals
+        doc.update(real=reals[only], sim=sims[only])
+    (out / "fidelity.json").write_text(json.dumps(doc, indent=1, default=str))
     return 0
 
 

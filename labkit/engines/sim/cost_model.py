@@ -62,6 +62,15 @@ def load_cost_params(gpu_key: str) -> CostParams:
     return CostParams(**{k: v for k, v in raw.items() if k in known})
 
 
+def load_api_latency(gpu_key: str) -> float:
+    """The API time of one engine call the calibration measured on this GPU (seconds; 0 when
+    the costs file has none): client -> vLLM's HTTP server -> engine core -> first byte back."""
+    path = COSTS_DIR / f"{gpu_key}.json"
+    if not path.exists():
+        return 0.0
+    return float(json.loads(path.read_text()).get("calibration", {}).get("api_latency_s", 0.0))
+
+
 @dataclass(slots=True)
 class StepCost:
     """The parts of one step's time (seconds), for views that show the roofline."""

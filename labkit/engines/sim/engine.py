@@ -71,6 +71,21 @@ def serve_defaults(gpu_key: str, memory_bytes: int) -> tuple[int, int]:
     return 2048, 256
 
 
+def _chunk(requested: int | None, default: int, max_model_len: int, chunked: bool) -> int:
+    """max_num_batched_tokens as vLLM settles it: without chunked prefill the default grows
+    to max_model_len (engine/arg_utils.py) and a smaller explicit chunk is an error
+    (config/scheduler.py verify_max_model_len)."""
+    if chunked:
+        return requested or default
+    if requested is None:
+        return max(max_model_len, default)
+    if requested < max_model_len:
+        raise ValueError(f"max_num_batched_tokens ({requested}) is smaller than max_model_len "
+                         f"({max_model_len}) with chunked prefill off: enable chunked prefill, "
+                         "raise max_num_batched_tokens or lower max_model_len")
+    return requested
+
+
 class SimEngine:
     """A simulated vLLM V1 engine.
 
@@ -90,6 +105,8 @@ class SimEngine:
         seed: seeds the sampled token ids.
         async_scheduling: schedule one step ahead like vLLM 0.26's default AsyncScheduler
             (a request reaching a busy engine joins one step later); False: vLLM's sync loop.
+        enable_chunked_prefill: False: a prompt is never split over steps (it waits for a
+            step with room); the chunk must then hold max_model_len (vLLM's rule).
     """
 
     def __init__(self, model: Any = "lab-1b", gpu: Any = "h100", *, tp: int = 1, pp: int = 1,
@@ -103,7 +120,7 @@ class SimEngine:
                  record_observer_events: bool = False, cost_params: CostParams | None = None,
                  hash_algo: str = "builtin", eos_token_id: int | None = None,
                  side_channel_port: int = 5600, tp_link_bw: float | None = None,
-                 async_scheduling: bool = True) -> None:
+                 async_scheduling: bool = True, enable_chunked_prefill: bool = True) -> None:
         from labkit.hardware import GPU_TYPES, LINKS
         from labkit.models import get_model, normalize_kv_dtype
 
@@ -113,9 +130,11 @@ class SimEngine:
         self.kv_cache_dtype = normalize_kv_dtype(kv_cache_dtype)
         self.block_size = block_size
         d_tokens, d_seqs = serve_defaults(self.gpu.key, self.gpu.memory_bytes)
-        self.max_num_batched_tokens = max_num_batched_tokens or d_tokens
         self.max_num_seqs = max_num_seqs or d_seqs
         self.max_model_len = max_model_len or self.model.max_position_embeddings
+        self.max_num_batched_tokens = _chunk(max_num_batched_tokens, d_tokens, self.max_model_len,
+                                             enable_chunked_prefill)
+        self.enable_chunked_prefill = enable_chunked_prefill
         self.cost_params = cost_params or load_cost_params(self.gpu.key)
         self.cost_model = CostModel(self.model, self.gpu, tp, pp, self.kv_cache_dtype,
                                     self.cost_params, tp_link_bw)
@@ -147,7 +166,7 @@ class SimEngine:
             self.kv_cache_manager, max_num_batched_tokens=self.max_num_batched_tokens,
             max_num_seqs=self.max_num_seqs, max_model_len=self.max_model_len,
             long_prefill_token_threshold=long_prefill_token_threshold, connector=connector,
-            record_observer_events=record_observer_events)
+            enable_chunked_prefill=enable_chunked_prefill, record_observer_events=record_observer_events)
         self._hash_fn = HASH_FUNCTIONS[hash_algo]
         self.eos_token_id = eos_token_id
         rng = random.Random(seed)
@@ -169,7 +188,8 @@ class SimEngine:
         """Build from a labkit.config.EngineConfig (or anything with those attribute names)."""
         kw: dict[str, Any] = {}
         for name in ("model", "tp", "pp", "kv_cache_dtype", "block_size", "max_num_batched_tokens",
-                     "max_num_seqs", "max_model_len", "enable_prefix_caching"):
+                     "max_num_seqs", "max_model_len", "enable_prefix_caching",
+                     "enable_chunked_prefill"):
             if getattr(cfg, name, None) is not None:
                 kw[name] = getattr(cfg, name)
         if getattr(cfg, "gpu_memory_utilization", None) is not None:

@@ -11,20 +11,23 @@ encoder inputs, no async scheduling):
   max_num_seqs: local prefix hits (get_computed_blocks), connector hits
   (get_num_new_matched_tokens), allocate_slots with the whole-prompt admission gate
   (scheduler_reserve_full_isl), update_state_after_alloc. Async KV loads park the request
-  in WAITING_FOR_REMOTE_KVS until the connector reports finished_recving.
-- update_from_output: every request whose tokens are all computed samples one token; a
-  stopped request is freed, unless the connector delays the free (P/D prefill).
+  in WAITING_FOR_REMOTE_KVS until the connector reports finished_recving. Chunked prefill
+  off: a waiting request whose new tokens exceed the budget left is not split, scheduling
+  stops there (it waits a step, whole).
+- update_from_output (labkit/engines/sim/update_output.py): every request whose tokens are
+  all computed samples one token; a stopped request is freed, unless the connector delays
+  the free (P/D prefill).
 """
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
 from typing import Any
 
 from labkit.engines.sim.connector import SimKVConnector
 from labkit.engines.sim.kv_cache_manager import KVCacheBlocks, KVCacheManager, PrefixCacheStats
 from labkit.engines.sim.output import NewRequestData, SchedulerOutput
 from labkit.engines.sim.request import Request, RequestStatus
+from labkit.engines.sim.update_output import OutputUpdates
 
 _WAITING = RequestStatus.WAITING
 _RUNNING = RequestStatus.RUNNING
@@ -32,7 +35,7 @@ _PREEMPTED = RequestStatus.PREEMPTED
 _WAITING_FOR_REMOTE_KVS = RequestStatus.WAITING_FOR_REMOTE_KVS
 
 
-class Scheduler:
+class Scheduler(OutputUpdates):
     """FCFS continuous-batching scheduler over a KVCacheManager.
 
     Args:
@@ -43,13 +46,14 @@ class Scheduler:
         long_prefill_token_threshold: cap on one prefill chunk (0: none, vLLM's default).
         connector: KV connector (scheduler side) or None.
         scheduler_reserve_full_isl: admit a new request only if its whole prompt fits.
-        clock: returns the time used for finish / preemption stamps.
+        enable_chunked_prefill: False: never split a waiting request's prompt over steps.
+        record_observer_events: keep alloc / finished events for the lab's observer.
     """
 
     def __init__(self, kv_cache_manager: KVCacheManager, *, max_num_batched_tokens: int = 2048,
                  max_num_seqs: int = 256, max_model_len: int = 8192, long_prefill_token_threshold: int = 0,
                  connector: SimKVConnector | None = None, scheduler_reserve_full_isl: bool = True,
-                 record_observer_events: bool = False) -> None:
+                 enable_chunked_prefill: bool = True, record_observer_events: bool = False) -> None:
         self.kv_cache_manager = kv_cache_manager
         self.max_num_scheduled_tokens = max_num_batched_tokens
         self.max_num_running_reqs = max_num_seqs
@@ -57,6 +61,7 @@ class Scheduler:
         self.long_prefill_token_threshold = long_prefill_token_threshold
         self.connector = connector
         self.scheduler_reserve_full_isl = scheduler_reserve_full_isl
+        self.enable_chunked_prefill = enable_chunked_prefill
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
         self.skipped_waiting: deque[Request] = deque()
@@ -236,6 +241,8 @@ class Scheduler:
                 num_new_tokens = request.num_tokens - num_computed_tokens
                 if 0 < threshold < num_new_tokens:
                     num_new_tokens = threshold
+                if num_new_tokens > token_budget and not self.enable_chunked_prefill:
+                    break  # not split: scheduling stops here (v1/core/sched/scheduler.py)
                 num_new_tokens = min(num_new_tokens, token_budget)
 
             reserved_blocks = self._inflight_prefill_reserved_blocks() if load_kv_async else 0
@@ -335,74 +342,6 @@ class Scheduler:
         self.finished_recving_kv_req_ids.discard(rid)
         request.status = _PREEMPTED if request.num_preemptions else _WAITING
         return True
-
-    # -- after the forward pass --------------------------------------------------------
-    def update_from_output(self, out: SchedulerOutput, next_token: Callable[[], int], now: float,
-                           itl: list[float], on_first_token: Callable[[Request, float], None]
-                           ) -> tuple[list[tuple[Request, int]], list[tuple[Request, dict[str, Any] | None]]]:
-        """Sample (`sample_tokens`) and report (`emit_outputs`) one step's tokens at `now`.
-
-        Returns (sampled (request, token) pairs, finished (request, kv_transfer_params) pairs).
-        """
-        sampled, stopped = self.sample_tokens(out, next_token)
-        return sampled, self.emit_outputs(sampled, stopped, now, itl, on_first_token)
-
-    def sample_tokens(self, out: SchedulerOutput, next_token: Callable[[], int]
-                      ) -> tuple[list[tuple[Request, int]], list[Request]]:
-        """Append one sampled token to every request whose tokens are all computed (a partial
-        prefill chunk samples nothing) and take stopped ones out of `running`.
-
-        Stopped requests are not freed here: `emit_outputs` does that, as vLLM's
-        update_from_output frees (and calls the connector's request_finished) while it
-        builds the outputs. Taking them out of `running` at once is AsyncScheduler's
-        "don't schedule an extra step when max_tokens is reached" (vllm/v1/core/sched/
-        scheduler.py, num_output_placeholders check). Returns (sampled pairs, stopped).
-        """
-        sampled: list[tuple[Request, int]] = []
-        stopped: list[Request] = []
-        max_model_len = self.max_model_len
-        for entry in out.scheduled:
-            request = entry[0]
-            if request.status > _PREEMPTED or request.num_computed_tokens < request.num_tokens:
-                continue
-            token = next_token()
-            # Request.append_output_token_id, inlined (hot path).
-            request.all_token_ids.append(token)
-            num_tokens = request.num_tokens = request.num_tokens + 1
-            num_output = request.num_output_tokens = request.num_output_tokens + 1
-            if num_tokens >= request._next_hash_at:
-                request.update_block_hashes()
-            sampled.append((request, token))
-            # vllm/v1/core/sched/utils.py check_stop
-            if not request.ignore_eos and token == request.eos_token_id:
-                request.status = RequestStatus.FINISHED_STOPPED
-            elif num_output >= request.max_tokens or num_tokens >= max_model_len:
-                request.status = RequestStatus.FINISHED_LENGTH_CAPPED
-            else:
-                continue
-            stopped.append(request)
-        if stopped:
-            stopped_set = set(stopped)
-            self.running = [r for r in self.running if r not in stopped_set]
-        return sampled, stopped
-
-    def emit_outputs(self, sampled: list[tuple[Request, int]], stopped: list[Request], now: float,
-                     itl: list[float], on_first_token: Callable[[Request, float], None]
-                     ) -> list[tuple[Request, dict[str, Any] | None]]:
-        """Report sampled tokens at `now` and free the stopped requests.
-
-        Token times are stamped `now` (when the output leaves the engine core): inter-token
-        latencies go to `itl`, a request's first token to `on_first_token(request, now)`.
-        Returns the finished (request, kv_transfer_params) pairs.
-        """
-        for request, _ in sampled:
-            last = request.last_token_time
-            if last is None:
-                on_first_token(request, now)
-            else:
-                itl.append(now - last)
-            request.last_token_time = now
-        return [(request, self.free_request(request)) for request in stopped]
 
     def free_request(self, request: Request, delay_free_blocks: bool = False) -> dict[str, Any] | None:
         """_free_request: connector.request_finished decides whether blocks outlive the request."""

@@ -1,0 +1,70 @@
+"""The fidelity harness over saved REAL vLLM runs (labkit/data/fidelity/): layouts with their
+GPU counts, several real files in one table, the out-of-sample bench table."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from labkit.bench import fidelity
+
+DATA = Path(fidelity.__file__).resolve().parents[1] / "data" / "fidelity"
+H200 = DATA / "real-h200-2026-11-21.json"
+NIXL = DATA / "real-h200x2-nixl-2026-11-21.json"
+
+
+def test_layouts_carry_their_gpus_and_pass_as_knobs():
+    assert {n: lay.num_gpus for n, lay in fidelity.LAYOUTS.items()} == {
+        "colocated": 1, "pd-example": 1, "pd-nixl": 2}
+
+    def knobs(**kw):  # what Lab(..., **LAYOUTS[name]) receives
+        return kw
+
+    assert knobs(**fidelity.LAYOUTS["pd-nixl"]) == {"connector": "nixl", "num_gpu_blocks": 16384}
+    assert "num_gpus" not in dict(fidelity.LAYOUTS["colocated"])
+
+
+def test_two_real_files_one_table_with_medians_per_file(tmp_path, capsys):
+    assert fidelity.main(["--costs", "labkit/data/costs/h200.json", "--out", str(tmp_path),
+                          "--real", str(H200), "--real", str(NIXL)]) == 0
+    doc = json.loads((tmp_path / "fidelity.json").read_text())
+    cases = [row["case"] for row in doc["table"]]
+    assert cases == [f"{H200.stem}: {c}" for c in json.loads(H200.read_text())["real"]] + [
+        f"{NIXL.stem}: pd-nixl/prefill-heavy", f"{NIXL.stem}: pd-nixl/decode-heavy"]
+    assert doc["gpu_type"] == "h200"  # from the costs file
+    # The 2-GPU NIXL pair ran on the simulator with both engines' counters, all equal to
+    # vLLM's (tokens by source, prefix-cache queries/hits, preemptions, generated tokens).
+    for row in doc["table"][-2:]:
+        assert {k.split(".")[0] for k in row["counts"]} == {"prefill", "decode"}
+        assert all(a == b for a, b in row["counts"].values()), row["counts"]
+    text = (tmp_path / "fidelity.md").read_text()
+    assert "(6 cases)" in text and f"{H200.stem}: " in text and f"{NIXL.stem}: " in text
+    assert text in capsys.readouterr().out
+    one = [r for r in doc["table"] if r["case"].startswith(NIXL.stem)]
+    assert f"{fidelity.median_abs_error(one):.1%} (2 cases)" in text
+
+
+def test_a_single_real_file_is_written_back_readable(tmp_path):
+    assert fidelity.main(["--costs", "labkit/data/costs/h200.json", "--out", str(tmp_path),
+                          "--real", str(NIXL)]) == 0
+    doc = json.loads((tmp_path / "fidelity.json").read_text())
+    assert set(doc["real"]) == set(doc["sim"]) == {"pd-nixl/prefill-heavy", "pd-nixl/decode-heavy"}
+    assert fidelity.main(["--costs", "labkit/data/costs/h200.json", "--out", str(tmp_path / "again"),
+                          "--real", str(tmp_path / "fidelity.json")]) == 0
+
+
+def test_bench_table_matches_variants_and_reports_errors():
+    from labkit.bench.compare import Variant, run_cluster
+    from labkit.bench.workloads import rate_sweep
+
+    real = json.loads((DATA / "bench-8b-h100-1gpu-2026-11-21.json").read_text())
+    (wl,) = rate_sweep("prefill-heavy", 40, [2.0, 4.0, 8.0, 12.0])[:1]  # the bench's first rate
+    got = [run_cluster(Variant(n, k), wl, model="llama-3.1-8b", gpu_type="h100", num_gpus=1)
+           for n, k in (("PD 1P+1D", {}), ("colocated x1", {"colocated": True}))]
+    sim = {"results": [{"variant": f"{r.variant} @ 2/s", "summary": r.summary} for r in got]}
+    lines = fidelity.bench_table(real, sim).splitlines()
+    assert [ln.split(" | ")[0] for ln in lines[2:]] == ["| PD 1P+1D @ 2/s", "| colocated x1 @ 2/s"]
+    r0 = real["results"][0]["summary"]["ttft"]["p50"]
+    s0 = got[0].summary["ttft"]["p50"]
+    assert f"{r0 * 1e3:.1f} / {s0 * 1e3:.1f} ({(s0 - r0) / r0:+.0%})" in lines[2]
+    # ExampleConnector's whole-block rule gives decode exactly vLLM's external KV tokens.
+    assert got[0].engine_side["kv_transfer_tokens"] == real["results"][0]["engine_side"]["kv_transfer_tokens"]
