@@ -35,9 +35,11 @@ _ORIGIN = {"vllm": "a real vLLM run", "sim": "a SIMULATED run"}
 def title_of(header: dict[str, Any]) -> str:
     """'REPLAY of a real vLLM run on NVIDIA H200, recorded 2026-11-21'."""
     kind = str(header.get("kind", "sim"))
-    gpus = header.get("hardware", {}).get("gpus") or [
-        g.get("name", "GPU") for g in header.get("source", {}).get("gpus", [])
-    ]
+    # The GPUs the run used (the source's), not every GPU of the machine it ran on: a pair
+    # recorded under CUDA_VISIBLE_DEVICES=2,3 of a 4-GPU host used two.
+    gpus = [g.get("name", "GPU") for g in header.get("source", {}).get("gpus", [])] or list(
+        header.get("hardware", {}).get("gpus") or []
+    )
     where = ""
     if gpus:
         uniq = sorted(set(gpus))

@@ -416,3 +416,12 @@ def test_cli_record_then_replay(tmp_path: Path, capsys: pytest.CaptureFixture[st
     text = capsys.readouterr().out
     assert "REPLAY of a SIMULATED run" in text and "requests" in text
     assert np.isfinite(rec.duration) and rec.duration <= 5.0
+
+
+def test_replay_title_counts_the_gpus_the_run_used_not_the_host() -> None:
+    """real-h200x2-nixl-chunk256 ran on GPUs 2,3 of a 4-GPU host (CUDA_VISIBLE_DEVICES)."""
+    import labkit
+
+    rp = labkit.replay("real-h200x2-nixl-chunk256", speed=None)
+    assert len(rp.header["hardware"]["gpus"]) == 4 and len(rp.header["source"]["gpus"]) == 2
+    assert "NVIDIA H200 ×2" in rp.describe()["title"]

@@ -16,8 +16,10 @@ KIND_LABELS = {
     "sim": "SIMULATED",
     "planned": "PLANNED (vLLM's arithmetic; nothing runs)",
     "vllm": "REAL vLLM",
+    "replay": "REPLAY of a recorded run",
 }
-KIND_COLORS = {"measured": "#2b8a3e", "sim": "#e67700", "planned": "#1864ab", "vllm": "#c92a2a"}
+KIND_COLORS = {"measured": "#2b8a3e", "sim": "#e67700", "planned": "#1864ab", "vllm": "#c92a2a",
+               "replay": "#5f3dc4"}
 
 
 def kind_label(kind: str) -> str:
