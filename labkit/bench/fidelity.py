@@ -14,9 +14,13 @@ preemptions, generation tokens), compared exactly.
 
     python -m labkit.bench.fidelity --costs labkit/data/costs/h200.json --out DIR
     python -m labkit.bench.fidelity --costs ... --real A.json --real B.json   # re-run the sim side
+    python -m labkit.bench.fidelity --costs ... --bench bench-8b-h200x2.json     # a bench sweep
 
 Given saved real runs, the simulated side runs every case they hold (layout / workload), and
-one table prints with the median error over all cases and per file.
+one table prints with the median error over all cases and per file. A file's model is its
+"model" key, else a labkit.models preset named in its file name, else lab-1b (`--model`
+overrides). `--bench` re-runs a real `labkit.bench --json` sweep on the simulator (the
+command its title records) and prints `bench_table`.
 """
 from __future__ import annotations
 
@@ -175,12 +179,29 @@ def measure_lab(lab: Any, layout: str, wls: list[Workload], progress: Any = prin
         key = f"{layout}/{wl.name}"
         out[key] = {"timing": timing(res.records), "counts": counts,
                     "records": [asdict(r) for r in res.records]}
+        if not colocated:
+            out[key]["phases"] = proxy_phases(lab.url, len(wl))
         progress(f"real {key}: {out[key]['timing']}")
     return out
 
 
-def run_sim(layout: str, wls: list[Workload], costs: dict[str, Any], gpu_type: str = "h200"
-            ) -> dict[str, Any]:
+PHASE_EVENTS = ("arrival", "prefill_start", "prefill_end", "kv_transfer_start", "first_token",
+                "finish")
+
+
+def proxy_phases(url: str, n: int) -> list[dict[str, Any]]:
+    """The PD proxy's own times for its last `n` requests (GET /timeline/requests): when each
+    reached the proxy, went to prefill, came back, went to decode and gave its first token.
+    They split a PD TTFT into prefill side, proxy and decode side (seconds, proxy clock)."""
+    import httpx
+
+    reqs = httpx.get(f"{url}/timeline/requests", params={"limit": n}, timeout=10).json()["requests"]
+    return [{"prompt_tokens": r.get("prompt_tokens"),
+             **{e: r.get(f"{e}_ts") for e in PHASE_EVENTS}} for r in reqs]
+
+
+def run_sim(layout: str, wls: list[Workload], costs: dict[str, Any], gpu_type: str = "h200",
+            model: str = "lab-1b") -> dict[str, Any]:
     """The same layout and workloads on SimCluster with the costs file's constants."""
     from labkit.bench.compare import Variant, _engine_kwargs, _plan
     from labkit.engines.sim.cluster import SimCluster
@@ -189,15 +210,15 @@ def run_sim(layout: str, wls: list[Workload], costs: dict[str, Any], gpu_type: s
     params = CostParams(**{k: v for k, v in costs.items() if k in CostParams.__dataclass_fields__})
     hop = float(costs.get("calibration", {}).get("api_latency_s", 0.0))
     lay = LAYOUTS[layout]
-    plan = _plan("lab-1b", Variant(layout, dict(lay)), lay.num_gpus, gpu_type, simulated=True)
+    plan = _plan(model, Variant(layout, dict(lay)), lay.num_gpus, gpu_type, simulated=True)
     out: dict[str, Any] = {}
     for wl in wls:
         if plan.connector is None:
             kw = {**_engine_kwargs(plan.engines[0]), "cost_params": params}
-            cluster = SimCluster("lab-1b", gpu_type, num_prefill=1, num_decode=0, prefill_kwargs=kw,
+            cluster = SimCluster(model, gpu_type, num_prefill=1, num_decode=0, prefill_kwargs=kw,
                                  router_latency_s=hop, seed=wl.seed)
         else:
-            cluster = SimCluster("lab-1b", gpu_type, num_prefill=1, num_decode=1,
+            cluster = SimCluster(model, gpu_type, num_prefill=1, num_decode=1,
                                  connector=plan.connector, link=plan.link, router_latency_s=hop,
                                  prefill_kwargs={**_engine_kwargs(plan.engine("prefill")),
                                                  "cost_params": params},
@@ -237,8 +258,8 @@ def split_case(key: str) -> tuple[str, str]:
     return layout, workload
 
 
-def sim_for(real: dict[str, Any], costs: dict[str, Any], gpu_type: str, n: int = 40
-            ) -> dict[str, Any]:
+def sim_for(real: dict[str, Any], costs: dict[str, Any], gpu_type: str, n: int = 40,
+            model: str = "lab-1b") -> dict[str, Any]:
     """The simulated side of every case (layout / workload) a real run holds."""
     by_name = {wl.name: wl for wl in workloads(n)}
     wanted: dict[str, list[str]] = {}
@@ -250,8 +271,40 @@ def sim_for(real: dict[str, Any], costs: dict[str, Any], gpu_type: str, n: int =
         wanted.setdefault(layout, []).append(wl)
     sim: dict[str, Any] = {}
     for layout, names in wanted.items():
-        sim.update(run_sim(layout, [by_name[w] for w in names], costs, gpu_type))
+        sim.update(run_sim(layout, [by_name[w] for w in names], costs, gpu_type, model))
     return sim
+
+
+def file_model(path: str | Path, doc: dict[str, Any]) -> str:
+    """The model a saved real run used: its "model" key, else the longest labkit.models
+    preset its file name contains, else lab-1b."""
+    from labkit.models import PRESETS
+
+    if doc.get("model"):
+        return str(doc["model"])
+    named = [m for m in PRESETS if m in Path(path).name]
+    return max(named, key=len) if named else "lab-1b"
+
+
+def sim_bench(real: dict[str, Any], gpu_type: str) -> dict[str, Any]:
+    """The simulator's run of the `labkit.bench` command a real sweep's title records
+    ("labkit bench --compare C: MODEL, WORKLOAD xN (...), rates R1,R2/s, seed S"), on the
+    same number of GPUs; in-process (`--engine cluster`), costs from labkit/data/costs."""
+    import re
+
+    from labkit.bench.compare import compare
+    from labkit.bench.workloads import rate_sweep
+
+    m = re.match(r"labkit bench --compare (\S+): (\S+), (\S+) x(\d+) .*rates ([\d.,]+)/s, seed (\d+)",
+                 real["title"])
+    if m is None:
+        raise ValueError(f"not a rate sweep title: {real['title']!r}")
+    cmp_, model, wl, n, rates, seed = m.groups()
+    num_gpus = max(r["num_gpus"] for r in real["results"])
+    wls = rate_sweep(wl, int(n), [float(r) for r in rates.split(",")], seed=int(seed))
+    results = compare(cmp_, wls, engine="cluster", mode="sim", model=model, gpu_type=gpu_type,
+                      seed=int(seed), num_gpus=num_gpus)
+    return {"results": [{"variant": r.variant, "summary": r.summary} for r in results]}
 
 
 def _summary(tables: dict[str, list[dict[str, Any]]]) -> str:
@@ -294,21 +347,34 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layouts", default="colocated,pd-example",
                     help="layouts to run for real when no --real is given")
     ap.add_argument("--requests", type=int, default=40)
+    ap.add_argument("--model", help="the model of every --real file (default: per file, file_model)")
+    ap.add_argument("--bench", action="append", default=[],
+                    help="a real `labkit.bench --json` rate sweep: print real vs simulated rows")
     a = ap.parse_args(argv)
     costs = json.loads(Path(a.costs).read_text())
     gpu_type = a.gpu_type or costs.get("gpu", "h200")
     out = Path(a.out)
+    if a.bench:
+        for path in a.bench:
+            real = json.loads(Path(path).read_text())
+            sim = sim_bench(real, gpu_type)
+            print(f"{Path(path).stem} (simulated {gpu_type})\n{bench_table(real, sim)}\n")
+        return 0
     reals: dict[str, dict[str, Any]] = {}
+    models: dict[str, str] = {}
     if a.real:
         for path in a.real:
-            reals[Path(path).stem] = json.loads(Path(path).read_text())["real"]
+            doc = json.loads(Path(path).read_text())
+            reals[Path(path).stem] = doc["real"]
+            models[Path(path).stem] = a.model or file_model(path, doc)
     else:
         wls = workloads(a.requests)
         real: dict[str, Any] = {}
         for lay in a.layouts.split(","):
             real.update(run_real(lay, wls, run_dir=out / f"run-{lay}"))
         reals["real"] = real
-    sims = {name: sim_for(real, costs, gpu_type, a.requests) for name, real in reals.items()}
+    sims = {name: sim_for(real, costs, gpu_type, a.requests, models.get(name, a.model or "lab-1b"))
+            for name, real in reals.items()}
     tables = {name: rows(real, sims[name]) for name, real in reals.items()}
     if len(tables) > 1:  # case names say which file they come from
         for name, t in tables.items():
