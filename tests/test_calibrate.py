@@ -91,9 +91,11 @@ def test_committed_h200_costs_are_calibrated_and_consistent():
     assert params.calibrated
     raw = json.loads(H200_JSON.read_text())
     cal = raw["calibration"]
-    cm = CostModel(MODEL, GPU, params=params)
+    models = {p.get("model", "lab-1b") for p in cal["probes"]}
+    assert models == {"lab-1b", "llama-3.1-8b"} and params.per_layer_overhead_s > 0
     for p in cal["probes"]:
         pr = Probe(**p)
+        cm = CostModel(get_model(pr.model or "lab-1b"), GPU, params=params)
         t = sum(cm.step_time(*s) for s in probe_steps(pr, cal["max_num_batched_tokens"]))
         t += cal["api_latency_s"] if pr.kind == "prefill" else 0.0
         assert t == pytest.approx(pr.predicted_s, rel=1e-3)
@@ -156,3 +158,42 @@ def test_sim_side_counts_match_the_workload(tmp_path):
                           "--requests", "12", "--out", str(tmp_path)]) == 0
     table = json.loads((tmp_path / "fidelity.json").read_text())["table"]
     assert all(row["ttft_p50"][2] == 0 and row["tpot_p90"][2] == 0 for row in table)
+
+
+def test_fit_over_two_models_separates_per_step_and_per_layer_launch_cost():
+    """Probes of a 16- and a 32-layer model generated with a + b * layers: the joint fit
+    recovers a and b (one model alone cannot: its fit puts b's share into a)."""
+    truth = replace(CostParams(gpu="h200"), matmul_efficiency=0.85, attention_efficiency=0.3,
+                    memory_efficiency=0.9, step_overhead_s=0.0015, per_layer_overhead_s=2.2e-4,
+                    per_request_overhead_s=1e-5)
+    big = get_model("llama-3.1-8b")
+    probes = (synthetic_probes(truth, MODEL, GPU, 8192, 0.0045, name="lab-1b")
+              + synthetic_probes(truth, big, GPU, 8192, 0.0045, name="llama-3.1-8b"))
+    f = fit(probes, MODEL, GPU, 8192, base=CostParams(gpu="h200"),
+            models={"lab-1b": MODEL, "llama-3.1-8b": big})
+    assert f.params.step_overhead_s == pytest.approx(0.0015, rel=0.05)
+    assert f.params.per_layer_overhead_s == pytest.approx(2.2e-4, rel=0.03)
+    assert f.params.matmul_efficiency == pytest.approx(0.85, rel=0.03)
+    assert set(f.rms_by_model) == {"lab-1b", "llama-3.1-8b"} and f.rms_rel_error < 0.01
+    alone = fit(probes[:12], MODEL, GPU, 8192, base=CostParams(gpu="h200"))
+    assert alone.params.per_layer_overhead_s == 0.0
+    assert alone.params.step_overhead_s == pytest.approx(0.0015 + 16 * 2.2e-4, rel=0.05)
+
+
+def test_refit_from_stored_probe_files_writes_per_layer_cost(tmp_path):
+    """`--probes` refits from stored probe sets without a GPU; the output records its sources
+    and the error per model, and the cost model adds the per-layer launch cost per layer."""
+    out = tmp_path / "h200.json"
+    src = "labkit/data/calibration/h200-llama-3.1-8b-2026-11-21.json"
+    root = COSTS_DIR.parents[2]
+    assert main(["--gpu-type", "h200", "--out", str(out), "--probes", str(H200_JSON),
+                 "--probes", f"{root / src}=llama-3.1-8b"]) == 0
+    raw = json.loads(out.read_text())
+    cal = raw["calibration"]
+    assert set(cal["rms_rel_error_by_model"]) == {"lab-1b", "llama-3.1-8b"}
+    assert len(cal["probe_files"]) == 2 and raw["per_layer_overhead_s"] > 0
+    assert len(cal["probes"]) == 24  # the shipped file's own probes are not counted twice
+    params = CostParams(**{k: v for k, v in raw.items() if k in CostParams.__dataclass_fields__})
+    small = CostModel(MODEL, GPU, params=params).step_parts(1, 1, 64.0, 64.0)[0]
+    large = CostModel(get_model("llama-3.1-8b"), GPU, params=params).step_parts(1, 1, 64.0, 64.0)[0]
+    assert large - small == pytest.approx(16 * params.per_layer_overhead_s)

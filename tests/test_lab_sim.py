@@ -88,3 +88,52 @@ def test_lab_validates_before_starting(tmp_path):
         Lab(mode="sim", model="llama-3.1-8b", tp=3, run_dir=tmp_path)
     assert "tp" in str(exc.value).lower()
     assert not (tmp_path / "prefill.log").exists()
+
+
+def _steps_of_concurrent_prompts(tmp_path, name: str, **options) -> tuple[float, float, float]:
+    """Three 300-token prompts at once to a paced simulated ExampleConnector prefill engine
+    with a 512-token budget: (steps that ran, tokens they ran, steps of at most 256 tokens)
+    from its /metrics (vllm:iteration_tokens_total)."""
+    import threading
+
+    import httpx
+
+    from labkit.engines.sim.process import SimEngineProcess
+
+    eng = SimEngineProcess(name, role="prefill", connector="example", run_dir=tmp_path / name,
+                           log_path=tmp_path / f"{name}.log", model="lab-1b", gpu_type="h200",
+                           max_num_batched_tokens=512, max_model_len=512, speed=0.05, **options)
+    try:
+        eng.start()
+        eng.wait_ready(timeout=30)
+        prompts = [[1000 * (i + 1) + t for t in range(300)] for i in range(3)]
+        threads = [threading.Thread(target=httpx.post, args=(f"{eng.base_url}/v1/completions",),
+                                    kwargs={"json": {"model": "lab-1b", "prompt": p, "max_tokens": 1},
+                                            "timeout": 30}) for p in prompts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        m = scrape(eng.base_url)
+        return (m.sum("vllm:iteration_tokens_total_count"), m.sum("vllm:iteration_tokens_total_sum"),
+                m.sum("vllm:iteration_tokens_total_bucket", le="256.0"))
+    finally:
+        eng.stop()
+
+
+def test_example_prefill_gets_chunked_prefill_off_and_never_splits_a_prompt(tmp_path):
+    """The plan turns chunked prefill off on an ExampleConnector prefill engine; the simulated
+    process gets vLLM's --no-enable-chunked-prefill and its scheduler then runs each prompt
+    whole: three 300-token prompts meeting a 512-token budget run as 3 steps of 300 tokens,
+    where the same engine with the flag on splits one (a step of 512, then the rest)."""
+    lab = Lab(mode="sim", model="lab-1b", num_gpu_blocks=600, connector="example",
+              run_dir=tmp_path / "run", speed=0)
+    with lab:
+        assert "--no-enable-chunked-prefill" in lab.engines["prefill"].command()
+        assert "--no-enable-chunked-prefill" not in lab.engines["decode"].command()
+    off = _steps_of_concurrent_prompts(tmp_path, "off", enable_chunked_prefill=False)
+    on = _steps_of_concurrent_prompts(tmp_path, "on")
+    assert off == (3, 900, 0)  # every step one whole prompt (300 tokens)
+    # The control: the same load meets a partly used budget, so with the flag on a prompt is
+    # split and a step of its rest (<= 212 tokens) runs.
+    assert on[1] == 900 and on[2] >= 1

@@ -190,3 +190,40 @@ def test_in_process_transport():
     t.store("k", 16)
     assert t.contains("k")
 
+
+
+def _step_scheduling_pulled(async_scheduling: bool, busy: bool) -> tuple[int | None, int, float]:
+    """A NIXL decode engine pulls a 640-token prompt, running another request or idle:
+    (the step whose poll first saw the read done, the step that scheduled the request, that
+    step's start minus the read's end)."""
+    p, d, _ = pair("nixl", async_scheduling=async_scheduling)
+    tokens = prompt(640)
+    p.add_request("r", tokens, 1, kv_transfer_params=dict(NIXL_PREFILL_PARAMS))
+    (res,) = run_until_done(p, "r")
+    t = res.end
+    if busy:
+        d.add_request("busy", prompt(64, 5000), 400)
+        for _ in range(3):
+            t = d.step(now=t).end
+    d.add_request("r", tokens, 4, kv_transfer_params=res.outputs[0].kv_transfer_params)
+    seen = None
+    while True:
+        r = d.step(now=t)
+        req = d.get_request("r")
+        if any(x[0].request_id == "r" and x[1] for x in r.scheduler_output.scheduled):
+            return seen, r.step, r.start - req.kv_recv_end
+        if seen is None and req.kv_recv_end is not None and req.kv_recv_end <= r.start + r.launch_s:
+            seen = r.step
+        t = r.end if busy else max(r.end, d.next_event_time() or r.end)
+
+
+@pytest.mark.parametrize("async_scheduling,lag", [(True, 2), (False, 1)])
+def test_nixl_decode_schedules_a_pulled_request_at_vllms_step_boundary(async_scheduling, lag):
+    """vLLM polls get_finished once per step (after the forward); the scheduler promotes a
+    WAITING_FOR_REMOTE_KVS request in the schedule after that step's output: K+2 with the
+    async batch queue, K+1 in sync mode. An idle engine spins empty steps, so it schedules
+    the request as soon as its read lands."""
+    seen, scheduled, _ = _step_scheduling_pulled(async_scheduling, busy=True)
+    assert seen is not None and scheduled == seen + lag
+    seen, _, after = _step_scheduling_pulled(async_scheduling, busy=False)
+    assert seen is None and after == pytest.approx(0.0, abs=1e-9)  # at the read's end

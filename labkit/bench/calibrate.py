@@ -8,13 +8,21 @@ Probes go through the engine's OpenAI endpoint (labkit.bench.loadgen):
 
 The cost model (labkit/engines/sim/cost_model.py) predicts each probe as
     sum over steps [max(mm / matmul_eff + attn / attention_eff, mem / memory_eff)
-                    + step_overhead_s + per_request_overhead_s * reqs] + api_latency_s * prefill
+                    + step_overhead_s + per_layer_overhead_s * layers
+                    + per_request_overhead_s * reqs] + api_latency_s * prefill
 For fixed efficiencies the rest is linear, so the fit searches the three efficiencies on a
 log grid (refined around the best) and solves the linear part by non-negative least squares
-on relative errors. The result is written as labkit/data/costs/<gpu>.json with
-"calibrated": true and the probe table.
+on relative errors. The per-step and per-layer launch costs separate only with probes of
+models of different depths (with --enforce-eager vLLM launches every layer's kernels each
+step): `fit(..., models={name: shape})` fits one set of constants to all of them; with one
+model the per-layer part stays 0 and its share sits in step_overhead_s. The result is
+written as labkit/data/costs/<gpu>.json with "calibrated": true and the probe table.
 
     python -m labkit.bench.calibrate --gpu-type h200 --out labkit/data/costs/h200.json
+    # refit from stored probe sets (no GPU), one file per model (FILE=MODEL overrides its model):
+    python -m labkit.bench.calibrate --gpu-type h200 --out labkit/data/costs/h200.json \
+        --probes labkit/data/costs/h200.json \
+        --probes labkit/data/calibration/h200-llama-3.1-8b-2026-11-21.json=llama-3.1-8b
 """
 from __future__ import annotations
 
@@ -23,7 +31,8 @@ import datetime as _dt
 import itertools
 import json
 import math
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +45,7 @@ PREFILL_LENS = (128, 512, 1024, 2048, 4096, 8000)
 DECODE_SHAPES = ((1, 64, 64), (8, 64, 64), (32, 64, 64), (64, 64, 64), (128, 64, 64),
                  (64, 2048, 32))
 EFFS = ("matmul_efficiency", "attention_efficiency", "memory_efficiency")
-LINEAR = ("step_overhead_s", "per_request_overhead_s", "api_latency_s")
+LINEAR = ("step_overhead_s", "per_request_overhead_s", "api_latency_s", "per_layer_overhead_s")
 
 
 @dataclass
@@ -49,6 +58,7 @@ class Probe:
     output_len: int = 1
     measured_s: float = math.nan
     predicted_s: float = math.nan
+    model: str = ""  # the labkit.models preset probed ("": the fit's `model` argument)
 
 
 def probe_steps(p: Probe, chunk: int) -> list[tuple[int, int, float, float]]:
@@ -72,22 +82,34 @@ def _unit_model(model: Any, gpu: Any, base: CostParams) -> CostModel:
     return CostModel(model, gpu, params=unit)
 
 
-def features(probes: list[Probe], model: Any, gpu: Any, chunk: int, base: CostParams
+def _shape(p: Probe, model: Any, models: Mapping[str, Any] | None) -> Any:
+    """The model shape a probe ran (its `model` in `models`, else the fit's `model`)."""
+    return (models or {}).get(p.model, model) if p.model else model
+
+
+def features(probes: list[Probe], model: Any, gpu: Any, chunk: int, base: CostParams,
+             models: Mapping[str, Any] | None = None, chunks: Mapping[str, int] | None = None
              ) -> tuple[np.ndarray, np.ndarray]:
     """Per probe and step: (matmul s, attention s, memory s) at efficiency 1 -> array
-    [probe, step, 3] (steps padded with zeros), and the linear design [probe, 3]:
-    (steps, requests over steps, 1 if the probe's time includes the API latency)."""
-    cm = _unit_model(model, gpu, base)
-    per = [probe_steps(p, chunk) for p in probes]
+    [probe, step, 3] (steps padded with zeros), and the linear design [probe, 4] (LINEAR's
+    order): (steps, requests over steps, 1 if the probe's time includes the API latency,
+    steps x layers). The last column is zero unless the probes span models of different
+    depths (with one depth it is a multiple of the first and cannot be told apart)."""
+    shapes = [_shape(p, model, models) for p in probes]
+    cms = {id(m): _unit_model(m, gpu, base) for m in shapes}
+    per = [probe_steps(p, (chunks or {}).get(p.model, chunk)) for p in probes]
     width = max(len(s) for s in per)
     parts = np.zeros((len(probes), width, 3))
-    design = np.zeros((len(probes), 3))
-    for i, (p, steps) in enumerate(zip(probes, per, strict=True)):
+    design = np.zeros((len(probes), 4))
+    depths = {m.num_layers for m in shapes}
+    for i, (p, steps, m) in enumerate(zip(probes, per, shapes, strict=True)):
+        cm = cms[id(m)]
         for j, (n, r, ctx, pairs) in enumerate(steps):
             mm = cm.step_cost(n, r, 0.0, 0.0).compute_s
             full = cm.step_cost(n, r, ctx, pairs)
             parts[i, j] = (mm, full.compute_s - mm, full.memory_s)
-        design[i] = (len(steps), sum(s[1] for s in steps), 1.0 if p.kind == "prefill" else 0.0)
+        design[i] = (len(steps), sum(s[1] for s in steps), 1.0 if p.kind == "prefill" else 0.0,
+                     len(steps) * m.num_layers if len(depths) > 1 else 0.0)
     return parts, design
 
 
@@ -130,13 +152,21 @@ class Fit:
     api_latency_s: float
     rms_rel_error: float
     probes: list[Probe]
+    rms_by_model: dict[str, float] = field(default_factory=dict)
 
 
 def fit(probes: list[Probe], model: Any, gpu: Any, chunk: int, base: CostParams | None = None,
-        ridge: float = 1e-6, bounds: tuple[float, float] = (0.01, 1.0)) -> Fit:
-    """Least-squares fit of the efficiencies and overheads to measured probes."""
+        ridge: float = 1e-6, bounds: tuple[float, float] = (0.01, 1.0), *,
+        models: Mapping[str, Any] | None = None, chunks: Mapping[str, int] | None = None) -> Fit:
+    """Least-squares fit of the efficiencies and overheads to measured probes.
+
+    `models`: name -> model shape for probes of several models (each `Probe.model` names
+    its own; probes without one ran `model`), fitted together: one set of efficiencies,
+    per-step, per-layer and per-request overheads and one API latency. `chunks`: a model's
+    max_num_batched_tokens where it is not `chunk`.
+    """
     base = base or load_cost_params(gpu.key)
-    parts, design = features(probes, model, gpu, chunk, base)
+    parts, design = features(probes, model, gpu, chunk, base, models, chunks)
     y = np.array([p.measured_s for p in probes], dtype=float)
     prior = np.array([getattr(base, k) for k in EFFS])
     lo, hi = np.log(bounds[0]), np.log(bounds[1])
@@ -154,17 +184,23 @@ def fit(probes: list[Probe], model: Any, gpu: Any, chunk: int, base: CostParams 
     out = [replace(p, predicted_s=float(q)) for p, q in zip(probes, pred, strict=True)]
     params = replace(base, calibrated=True,
                      **{k: float(v) for k, v in zip(EFFS, effs, strict=True)},
-                     step_overhead_s=float(best_coef[0]), per_request_overhead_s=float(best_coef[1]))
-    rms = float(np.sqrt(np.mean(((pred - y) / y) ** 2)))
-    return Fit(params, float(best_coef[2]), rms, out)
+                     step_overhead_s=float(best_coef[0]), per_request_overhead_s=float(best_coef[1]),
+                     per_layer_overhead_s=float(best_coef[3]))
+    rel = (pred - y) / y
+    rms = float(np.sqrt(np.mean(rel ** 2)))
+    names = [p.model or getattr(model, "name", "") for p in probes]
+    by_model = {n: float(np.sqrt(np.mean([r ** 2 for r, m in zip(rel, names, strict=True) if m == n])))
+                for n in dict.fromkeys(names)}
+    return Fit(params, float(best_coef[2]), rms, out, by_model)
 
 
-def synthetic_probes(params: CostParams, model: Any, gpu: Any, chunk: int, api_latency_s: float
-                     ) -> list[Probe]:
-    """Probes whose 'measured' times are the cost model's own predictions (for tests)."""
+def synthetic_probes(params: CostParams, model: Any, gpu: Any, chunk: int, api_latency_s: float,
+                     name: str = "") -> list[Probe]:
+    """Probes whose 'measured' times are the cost model's own predictions (for tests);
+    `name` goes into each probe's `model`."""
     cm = CostModel(model, gpu, params=params)
-    probes = [Probe("prefill", n) for n in PREFILL_LENS] + [
-        Probe("decode", p, b, o) for b, p, o in DECODE_SHAPES]
+    probes = [Probe("prefill", n, model=name) for n in PREFILL_LENS] + [
+        Probe("decode", p, b, o, model=name) for b, p, o in DECODE_SHAPES]
     for p in probes:
         t = sum(cm.step_time(*s) for s in probe_steps(p, chunk))
         p.measured_s = t + (api_latency_s if p.kind == "prefill" else 0.0)
@@ -199,27 +235,78 @@ def measure(url: str, vocab_size: int = 32000, reps: int = 3, progress: Any = pr
 
 
 def cost_json(f: Fit, gpu_key: str, *, device: str, vllm_version: str, chunk: int,
-              base_raw: dict[str, Any] | None = None, model: str = "lab-1b") -> dict[str, Any]:
-    """The costs file: the old file's other fields (memory, comm) + the fitted constants."""
+              base_raw: dict[str, Any] | None = None, model: str = "lab-1b",
+              probe_files: list[str] | None = None) -> dict[str, Any]:
+    """The costs file: the old file's other fields (memory, comm) + the fitted constants.
+
+    `model`: the model probed ("a + b" names for a fit over several); `probe_files`: the
+    stored probe sets a refit read (recorded under "calibration")."""
     raw = dict(base_raw or {})
     p = f.params
+    cal: dict[str, Any] = {
+        "device": device, "vllm_version": vllm_version,
+        "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d"),
+        "model": model, "max_num_batched_tokens": chunk,
+        "api_latency_s": round(f.api_latency_s, 7), "rms_rel_error": round(f.rms_rel_error, 4),
+    }
+    if probe_files:
+        cal["probe_files"] = list(probe_files)
+    if len(f.rms_by_model) > 1:
+        cal["rms_rel_error_by_model"] = {k: round(v, 4) for k, v in f.rms_by_model.items()}
+    cal["probes"] = [{k: (round(v, 7) if isinstance(v, float) else v)
+                      for k, v in asdict(pr).items() if k != "model" or v} for pr in f.probes]
     raw.update({
         "gpu": gpu_key, "calibrated": True,
         "note": f"fitted by labkit.bench.calibrate to vLLM {vllm_version} on {device} "
                 f"(--enforce-eager, {model}, dummy weights); comm/PP constants not calibrated",
         **{k: round(getattr(p, k), 6) for k in EFFS},
         "step_overhead_s": round(p.step_overhead_s, 7),
+        "per_layer_overhead_s": round(p.per_layer_overhead_s, 9),
         "per_request_overhead_s": round(p.per_request_overhead_s, 9),
-        "calibration": {
-            "device": device, "vllm_version": vllm_version,
-            "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d"),
-            "model": "lab-1b", "max_num_batched_tokens": chunk,
-            "api_latency_s": round(f.api_latency_s, 7), "rms_rel_error": round(f.rms_rel_error, 4),
-            "probes": [{k: (round(v, 7) if isinstance(v, float) else v)
-                        for k, v in asdict(pr).items()} for pr in f.probes],
-        },
+        "calibration": cal,
     })
-    return raw
+    first = ["gpu", "calibrated", "note", *EFFS, "comm_efficiency", "step_overhead_s",
+             "per_layer_overhead_s", "per_request_overhead_s"]
+    rest = {k: v for k, v in raw.items() if k not in first and k != "calibration"}
+    return {**{k: raw[k] for k in first if k in raw}, **rest, "calibration": cal}
+
+
+def refit(sources: list[tuple[str | Path, str | None]], gpu_type: str,
+          base_raw: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One constant set fitted to stored probe sets (no GPU): each source is a costs file
+    `calibrate` wrote (its "calibration": probes, model, chunk, device) and the model it
+    probed (None: the file's own "calibration.model"). Returns the new costs JSON on top of
+    `base_raw` (default: labkit/data/costs/<gpu>.json)."""
+    from labkit import hardware
+    from labkit.models import get_model
+
+    gpu = hardware.GPU_TYPES[gpu_type]
+    if base_raw is None:
+        path = COSTS_DIR / f"{gpu.key}.json"
+        base_raw = json.loads(path.read_text()) if path.exists() else {}
+    base = CostParams(**{k: v for k, v in base_raw.items() if k in CostParams.__dataclass_fields__})
+    probes: list[Probe] = []
+    models: dict[str, Any] = {}
+    chunks: dict[str, int] = {}
+    cals = []
+    seen: set[tuple[Any, ...]] = set()
+    for src, name in sources:
+        cal = json.loads(Path(src).read_text())["calibration"]
+        for p in cal["probes"]:  # a probe's own model (a refit file) wins over the file's
+            pr = Probe(**{**p, "model": p.get("model") or name or cal["model"]})
+            key = (pr.model, pr.kind, pr.prompt_len, pr.batch, pr.output_len)
+            if key not in seen:  # a probe set given twice (a refit file + its source) counts once
+                seen.add(key)
+                probes.append(pr)
+                models.setdefault(pr.model, get_model(pr.model))
+                chunks.setdefault(pr.model, int(cal.get("max_num_batched_tokens", 8192)))
+        cals.append(cal)
+    first = next(iter(models))
+    f = fit(probes, models[first], gpu, chunks[first], base, models=models, chunks=chunks)
+    return cost_json(f, gpu.key, device=cals[0].get("device", "unknown"),
+                     vllm_version=cals[0].get("vllm_version", "unknown"), chunk=chunks[first],
+                     base_raw=base_raw, model=" + ".join(models),
+                     probe_files=[str(s) for s, _ in sources])
 
 
 def calibrate(lab_or_url: Any, gpu_type: str, out_path: str | Path, *, reps: int = 3,
@@ -237,9 +324,10 @@ def calibrate(lab_or_url: Any, gpu_type: str, out_path: str | Path, *, reps: int
     f = fit(probes, model, gpu, chunk)
     path = COSTS_DIR / f"{gpu.key}.json"
     base_raw = json.loads(path.read_text()) if path.exists() else {}
+    for p in probes:
+        p.model = model.name
     out = cost_json(f, gpu.key, device=_device_name(), vllm_version=_vllm_version(), chunk=chunk,
-                    model=model.name,
-                    base_raw=base_raw)
+                    model=model.name, base_raw=base_raw)
     Path(out_path).write_text(json.dumps(out, indent=2) + "\n")
     return out
 
@@ -264,9 +352,11 @@ def format_probes(f: Fit | list[Probe]) -> str:
     """A Markdown table: probe, measured, predicted, relative error."""
     probes = f.probes if isinstance(f, Fit) else f
     lines = ["| probe | measured | fitted model | error |", "| --- | --- | --- | --- |"]
+    several = len({p.model for p in probes}) > 1
     for p in probes:
         name = (f"prefill {p.prompt_len} tok (TTFT)" if p.kind == "prefill"
                 else f"decode B={p.batch}, ctx {p.prompt_len}+{p.output_len} (ITL)")
+        name = f"{p.model}: {name}" if several else name
         err = (p.predicted_s - p.measured_s) / p.measured_s
         lines.append(f"| {name} | {p.measured_s * 1e3:.2f} ms | {p.predicted_s * 1e3:.2f} ms | {err:+.1%} |")
     return "\n".join(lines)
@@ -278,8 +368,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--url", help="an already running engine (default: start a colocated Lab)")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--probes", action="append", default=[], metavar="FILE[=MODEL]",
+                    help="refit from stored probe sets (costs files with 'calibration.probes'; "
+                         "repeat per model) instead of measuring")
     a = ap.parse_args(argv)
-    if a.url:
+    if a.probes:
+        sources = [(f, m or None) for f, _, m in (x.partition("=") for x in a.probes)]
+        out = refit(sources, a.gpu_type)
+        Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
+    elif a.url:
         out = calibrate(a.url, a.gpu_type, a.out, reps=a.reps)
     else:
         from labkit.lab import Lab
@@ -288,8 +385,10 @@ def main(argv: list[str] | None = None) -> int:
             out = calibrate(lab, a.gpu_type, a.out, reps=a.reps)
     c = out["calibration"]
     print(format_probes([Probe(**p) for p in c["probes"]]))
-    print({k: out[k] for k in (*EFFS, "step_overhead_s", "per_request_overhead_s")},
-          "api_latency_s", c["api_latency_s"], "rms", c["rms_rel_error"])
+    print({k: out[k] for k in (*EFFS, "step_overhead_s", "per_layer_overhead_s",
+                               "per_request_overhead_s")},
+          "api_latency_s", c["api_latency_s"], "rms", c["rms_rel_error"],
+          c.get("rms_rel_error_by_model", ""))
     return 0
 
 

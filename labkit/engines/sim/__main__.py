@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching",
                    action="store_false")
     p.add_argument("--enable-prefix-caching", dest="enable_prefix_caching", action="store_true")
+    # vLLM's BooleanOptionalAction pair (vllm/engine/arg_utils.py); off: a prompt is never
+    # split over steps, it waits for a step with room (v1/core/sched/scheduler.py).
+    p.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--kv-events-endpoint", help="ZMQ PUB address to bind, e.g. tcp://127.0.0.1:5557")
     p.add_argument("--kv-events-topic", default="kv")
     p.add_argument("--observer-endpoint", help="ZMQ address of the lab's observer SUB (connect)")
@@ -102,6 +105,7 @@ def log_startup(runner: EngineRunner) -> None:
         f"Initializing a V1 LLM engine (v0.26.0-sim) with config: model='{a.model}', "
         f"tensor_parallel_size={a.tp}, pipeline_parallel_size={a.pp}, "
         f"kv_cache_dtype={a.kv_cache_dtype}, enable_prefix_caching={a.enable_prefix_caching}, "
+        f"enable_chunked_prefill={a.enable_chunked_prefill}, "
         f"max_seq_len={e.max_model_len}, enforce_eager=True (SIMULATED)",
         "Loading model from scratch... (SIMULATED: weights are not allocated)",
         f"Model loading took {weights:.2f} GiB and 0.000000 seconds (SIMULATED)",

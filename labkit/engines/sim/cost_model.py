@@ -8,7 +8,8 @@ Per pipeline stage (each GPU of a TP group does 1/tp of it):
     stage   = max(compute, memory) + TP all-reduce (2 per layer, ring over NVLink or PCIe)
 
     step    = sum of stages (one batch crosses every stage; V1's PP micro-batch overlap is
-              not modelled) + PP sends between stages + overhead (per step + per request)
+              not modelled) + PP sends between stages
+              + overhead (per step + per layer * layers + per request)
 
 A step has two parts that the engine treats differently (`step_parts`): the LAUNCH part
 (the overhead: the engine-core thread preparing inputs and launching kernels, CPU time) and
@@ -47,6 +48,10 @@ class CostParams:
     comm_efficiency: float = 0.7
     step_overhead_s: float = 0.002
     per_request_overhead_s: float = 1.5e-5
+    # With --enforce-eager vLLM launches each layer's kernels from Python, so a step's launch
+    # time grows with the layers: step_overhead_s + per_layer_overhead_s * num_layers (0: a
+    # costs file fitted to one model, whose layers' share sits in step_overhead_s).
+    per_layer_overhead_s: float = 0.0
     allreduce_latency_s: float = 1.2e-5
     pp_send_latency_s: float = 2e-5
     memory: dict[str, Any] = field(default_factory=dict)
@@ -145,7 +150,10 @@ class CostModel:
             ))
         self._pp_send_tok = (pp - 1) * model.hidden_size * act_bytes / link_bw if pp > 1 else 0.0
         self._pp_send_fixed = (pp - 1) * p.pp_send_latency_s
-        self._overhead, self._per_req = p.step_overhead_s, p.per_request_overhead_s
+        # The launch part of a step: per step + per layer (every stage's layers: one batch
+        # crosses all of them, as the stages' times add up above) + per request (step_cost).
+        self._overhead = p.step_overhead_s + p.per_layer_overhead_s * model.num_layers
+        self._per_req = p.per_request_overhead_s
 
     def step_cost(self, num_tokens: int, num_reqs: int, sum_context: float, attn_pairs: float) -> StepCost:
         """Time of one step.

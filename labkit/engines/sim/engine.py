@@ -177,6 +177,8 @@ class SimEngine:
         self.async_scheduling = async_scheduling
         self._inbox = RequestInbox(async_scheduling)
         self._late = LateOutputs()  # a launch-bound step's tokens, out when the next launch ends
+        # (step whose schedule sees it, finished_sending, finished_recving) per connector poll
+        self._kv_polled: list[tuple[int, set[str], set[str]]] = []
         # None: the GPU is this engine's alone; else a SharedGPU's reserve(engine, start,
         # launch_s, gpu_s) -> when the step's GPU part ends (labkit/engines/sim/shared_gpu.py).
         self.gpu_share: Any = None
@@ -246,6 +248,30 @@ class SimEngine:
         """When a pending async KV load lands (an idle engine should step again then)."""
         return self.connector.next_event_time() if self.connector is not None else None
 
+    def _apply_kv_finished(self, start: float, idle: bool) -> None:
+        """Hand the connector's finished transfers to the scheduler as vLLM's engine core does.
+
+        The worker polls `get_finished` once per step (kv_connector_model_runner_mixin.py,
+        after the forward); the scheduler sees the result in `update_from_output` of that
+        step and promotes a WAITING_FOR_REMOTE_KVS request in the NEXT schedule call
+        (`_update_waiting_for_remote_kv`). With async scheduling (step_with_batch_queue,
+        v1/engine/core.py) step K's output is processed after K+1 was scheduled, so a load
+        polled done in step K joins K+2 (sync: K+1). An engine with nothing running loops
+        empty steps (kv_connector_no_forward) that poll at once: it sees a load land when
+        it lands and schedules it in the next (immediate) step.
+        """
+        connector, sched = self.connector, self.scheduler
+        due = [x for x in self._kv_polled if idle or x[0] <= self.step_count + 1]
+        if idle:
+            sending, recving = connector.get_finished(start)  # type: ignore[union-attr]
+            if sending or recving:
+                due.append((0, sending, recving))
+        if not due:
+            return
+        self._kv_polled = [x for x in self._kv_polled if x not in due]
+        for _, sending, recving in due:
+            sched.update_from_kv_xfer_finished(sending, recving)
+
     # -- one iteration --------------------------------------------------------------------
     def step(self, now: float | None = None) -> StepResult:
         """Run one engine iteration starting at `now` (default: the clock, which is then
@@ -260,9 +286,7 @@ class SimEngine:
             self._inbox.admit(start, bool(sched.running or sched.waiting or sched.skipped_waiting),
                               sched.add_request)
         if connector is not None:
-            sending, recving = connector.get_finished(start)
-            if sending or recving:
-                sched.update_from_kv_xfer_finished(sending, recving)
+            self._apply_kv_finished(start, idle=not sched.running)
         so = sched.schedule()
         self.step_count += 1
         sync = connector.start_step(so.kv_connector_metadata, start) if connector is not None else 0.0
@@ -298,10 +322,11 @@ class SimEngine:
             self._late.hold(sampled, stopped)  # a next step runs: it decides when these leave
         elif sampled or stopped:
             self._emit(sampled, stopped, end, emitted, finished)
-        if connector is not None:
-            sending, recving = connector.get_finished(end)
+        if connector is not None:  # the worker polls once per step, after the forward's launch
+            sending, recving = connector.get_finished(start + launch)
             if sending or recving:
-                sched.update_from_kv_xfer_finished(sending, recving)
+                self._kv_polled.append((self.step_count + (2 if self.async_scheduling else 1),
+                                        sending, recving))
         self._inbox.step_ran(start, end, total, lookahead=not bound)
         self.busy_until = end
         if standalone:

@@ -44,6 +44,9 @@ def options_from_plan(config: EngineConfig | None, plan: Plan, key: Any) -> dict
         "max_num_batched_tokens": ep.max_num_batched_tokens, "max_num_seqs": c.max_num_seqs,
         "gpu_memory_utilization": ep.gpu_memory_utilization, "max_model_len": ep.max_model_len,
         "gpu_type": plan.gpu_type.key, "enable_prefix_caching": c.enable_prefix_caching,
+        # The plan turns it off on an ExampleConnector prefill engine (labkit/config.py);
+        # vLLM gets --no-enable-chunked-prefill then (labkit/vllm_args.py), so does the sim.
+        "enable_chunked_prefill": c.enable_chunked_prefill,
         "observer_name": ep.name,
     }
     if c.num_gpu_blocks_override is not None:
@@ -105,6 +108,8 @@ class SimEngineProcess(LogFollowingEngine):
                 args += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
         if self.options.get("enable_prefix_caching") is False:
             args.append("--no-enable-prefix-caching")
+        if self.options.get("enable_chunked_prefill") is False:
+            args.append("--no-enable-chunked-prefill")
         if self.kv_events_endpoint:
             args += ["--kv-events-endpoint", self.kv_events_endpoint]
         if self.observer_endpoint:
@@ -132,6 +137,7 @@ def _options_from_config(c: EngineConfig) -> dict[str, Any]:
     opts = {k: getattr(c, k) for k in ("model", "role", "tp", "pp", "kv_cache_dtype",
                                        "block_size", "max_num_batched_tokens", "max_num_seqs",
                                        "gpu_memory_utilization", "max_model_len",
-                                       "num_gpu_blocks_override", "enable_prefix_caching")
+                                       "num_gpu_blocks_override", "enable_prefix_caching",
+                                       "enable_chunked_prefill")
             if getattr(c, k, None) is not None}
     return opts

@@ -59,6 +59,7 @@ class SimServerArgs:
     num_gpu_blocks: int | None = None  # the planner's pool size (labkit.config EnginePlan)
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True  # vLLM's --[no-]enable-chunked-prefill
     kv_events_endpoint: str | None = None
     kv_events_topic: str = "kv"
     observer_endpoint: str | None = None
@@ -116,7 +117,8 @@ class EngineRunner:
             max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
             num_gpu_blocks=args.num_gpu_blocks_override or args.num_gpu_blocks,
             gpu_memory_utilization=args.gpu_memory_utilization,
-            enable_prefix_caching=args.enable_prefix_caching, engine_id=self.engine_id,
+            enable_prefix_caching=args.enable_prefix_caching,
+            enable_chunked_prefill=args.enable_chunked_prefill, engine_id=self.engine_id,
             clock=self.clock, seed=args.seed, enable_kv_cache_events=bool(args.kv_events_endpoint),
             record_observer_events=bool(args.observer_endpoint), eos_token_id=2,
             side_channel_port=args.port, **engine_kw)
