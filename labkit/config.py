@@ -11,209 +11,31 @@ The simulator reads the same Plan, so the two engine kinds agree on every number
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal
+from dataclasses import replace
+from typing import Literal
 
-from labkit.hardware import GPU_TYPES, GiB, GPUType, Hardware, nixl_available, vllm_available
-from labkit.models import ModelShape, _pad_vocab, get_model, normalize_kv_dtype
-
-Role = Literal["prefill", "decode", "both"]
-MAX_TP = 64
-SHARED_GPU_MAX_UTIL = 0.9  # the pair's fractions on one GPU: CUDA contexts live outside them
-# Estimates of memory vLLM does not report ahead (labelled as such in every view):
-CUDA_CONTEXT_BYTES = GiB // 2  # per process, taken before vLLM's budget is measured
-NON_TORCH_BYTES = int(0.22 * GiB)  # vLLM's "non-torch memory", one engine alone (H200)
-NON_TORCH_DIST_BYTES = GiB // 2  # extra with TP*PP > 1: NCCL and custom all-reduce buffers
-CUDAGRAPH_BYTES = GiB // 2  # without --enforce-eager (VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS)
-
-
-class ConfigError(ValueError):
-    """A configuration vLLM would refuse (or get wrong): what is wrong and what to do."""
-
-    def __init__(self, problem: str, fix: str) -> None:
-        self.problem, self.fix = problem, fix
-        super().__init__(f"{problem} — {fix}")
-
-
-@dataclass
-class EngineConfig:
-    """One `vllm serve` engine: the knobs a learner turns (None = the planner picks)."""
-
-    model: str = "lab-1b"
-    role: Role = "both"
-    tp: int = 1
-    pp: int = 1
-    kv_cache_dtype: str = "auto"
-    block_size: int = 16
-    max_num_batched_tokens: int | None = None  # the chunk size; None = vLLM's serve default
-    max_num_seqs: int = 256
-    gpu_memory_utilization: float | None = None
-    max_model_len: int | None = None
-    enable_prefix_caching: bool = True
-    enable_chunked_prefill: bool = True
-    kv_offloading_size_gb: float | None = None
-    enforce_eager: bool = True
-    load_format: Literal["dummy", "auto"] = "dummy"  # dummy: random weights, no download
-    num_gpu_blocks_override: int | None = None
-    extra_args: list[str] = field(default_factory=list)
-
-    @property
-    def world_size(self) -> int:
-        return self.tp * self.pp
-
-
-@dataclass
-class PDConfig:
-    """A prefill engine and a decode engine (or one colocated engine, for comparisons)."""
-
-    prefill: EngineConfig = field(default_factory=lambda: EngineConfig(role="prefill"))
-    decode: EngineConfig = field(default_factory=lambda: EngineConfig(role="decode"))
-    connector: Literal["auto", "example", "nixl"] = "auto"
-    num_gpus: int | None = None  # None = detected (2 simulated GPUs where there is none)
-    gpu_type: str | None = None  # a GPU_TYPES key; differing from the machine = simulated
-    colocated: bool = False  # one engine (the prefill config) doing both phases, no PD
-
-
-@dataclass(frozen=True)
-class RankPlacement:
-    pp_rank: int
-    tp_rank: int
-    gpu: int
-
-
-@dataclass
-class MemoryLine:
-    """One engine's share of one GPU, in bytes (overhead = non-torch + CUDA graphs + context)."""
-
-    engine: str
-    weights: int
-    kv: int
-    activation: int
-    overhead: int
-    budget: int  # ceil(total * gpu_memory_utilization): vLLM's requested_memory
-
-
-@dataclass
-class GPUPlan:
-    index: int
-    total: int
-    lines: list[MemoryLine]
-    free: int
-
-
-@dataclass
-class EnginePlan:
-    """One engine with every None resolved, its ranks and its KV capacity."""
-
-    name: str  # "prefill" | "decode" | "colocated"
-    role: Role
-    config: EngineConfig  # resolved copy
-    ranks: list[RankPlacement]
-    gpu_memory_utilization: float
-    max_num_batched_tokens: int
-    max_model_len: int
-    kv_cache_dtype: str
-    kv_bytes_per_token: int  # per GPU, largest PP stage
-    page_bytes: int  # one block on one GPU, all its layers
-    weight_bytes: list[int]  # per PP stage
-    activation_bytes: int
-    overhead_bytes: int  # non-torch + CUDA graphs, inside the budget
-    kv_cache_bytes: int  # what vLLM would log as "Available KV cache memory" (smallest rank)
-    num_blocks: int  # vLLM's num_gpu_blocks; block 0 is its null block, so num_blocks-1 usable
-    num_tokens: int  # num_blocks * block_size: vLLM's "GPU KV cache size: N tokens"
-    source: EngineConfig | None = field(default=None, repr=False, compare=False)
-
-    @property
-    def gpus(self) -> list[int]:
-        return sorted({r.gpu for r in self.ranks})
-
-    @property
-    def max_concurrency(self) -> float:
-        return self.num_tokens / self.max_model_len
-
-
-@dataclass
-class Plan:
-    kind: Literal["vllm", "sim"]
-    gpu_type: GPUType
-    num_gpus: int
-    connector: str | None  # "example" | "nixl" | None (colocated)
-    link: str  # a hardware.LINKS key the KV travels over
-    model: ModelShape
-    engines: list[EnginePlan]
-    gpus: list[GPUPlan]
-    notes: list[str] = field(default_factory=list)
-
-    def engine(self, key: int | str | EngineConfig | EnginePlan) -> EnginePlan:
-        """An engine by index, name ("prefill"), role, or the EngineConfig it came from."""
-        if isinstance(key, EnginePlan):
-            return key
-        if isinstance(key, int):
-            return self.engines[key]
-        for e in self.engines:
-            if isinstance(key, str) and key in (e.name, e.role):
-                return e
-        if isinstance(key, EngineConfig):
-            for e in self.engines:
-                if e.source is key:
-                    return e
-            for e in self.engines:
-                if e.role == key.role:
-                    return e
-        raise KeyError(f"no engine {key!r} in this plan ({[e.name for e in self.engines]})")
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able form (for `labkit plan --json` and the views)."""
-        d = asdict(self)
-        d["gpu_type"] = self.gpu_type.key
-        d["model"] = self.model.name
-        for e, ed in zip(self.engines, d["engines"], strict=True):
-            ed.pop("source", None)
-            ed["gpus"], ed["max_concurrency"] = e.gpus, round(e.max_concurrency, 2)
-        return d
-
-
-def valid_tp_sizes(model: ModelShape, limit: int = MAX_TP) -> list[int]:
-    """TP sizes vLLM can shard `model` over: heads, KV heads, MLP and padded vocab divide."""
-    kv, out = model.num_kv_heads, []
-    for tp in range(1, limit + 1):
-        if (
-            model.num_heads % tp == 0
-            and (kv % tp == 0 or tp % kv == 0)
-            and model.intermediate_size % tp == 0
-            and _pad_vocab(model.vocab_size) % tp == 0
-        ):
-            out.append(tp)
-    return out
-
-
-def default_max_num_batched_tokens(
-    gpu: GPUType, max_model_len: int, max_num_seqs: int, chunked: bool
-) -> int:
-    """vLLM's serve default (engine/arg_utils.py get_batch_defaults and
-    _set_default_max_num_seqs_and_batched_tokens_args): 8192 on GPUs of >= 70 GiB but
-    A100, else 2048; without chunked prefill at least max_model_len; at most
-    max_num_seqs * max_model_len."""
-    big = gpu.memory_bytes >= 70 * GiB and "a100" not in gpu.name.lower()
-    chunk = 8192 if big else 2048
-    if not chunked:
-        chunk = max(max_model_len, chunk)
-    return min(max_num_seqs * max_model_len, chunk)
-
-
-def activation_bytes(model: ModelShape, num_tokens: int, max_num_seqs: int, tp: int = 1) -> int:
-    """Estimate of vLLM's "peak activation" from its profile run (num_tokens = the chunk).
-
-    The MLP of one layer peaks at residual + hidden + gate_up + act = (4h + 3i/tp) per
-    token (lab-1b, 8192 tokens: 0.383 GiB; real vLLM logged 0.38 GiB); the sampler's dummy
-    run holds max_num_seqs rows of fp32 logits and probabilities (~8.5 B per vocab entry:
-    qwen2.5-0.5b, 256 seqs: real vLLM logged 0.31 GiB). The larger one wins.
-    """
-    b = model.dtype_bytes
-    forward = num_tokens * (4 * model.hidden_size + 3 * model.intermediate_size // tp) * b
-    sampler = int(max_num_seqs * model.vocab_size * 8.5)
-    return int(max(forward, sampler))
+from labkit.hardware import GPU_TYPES, GPUType, Hardware, nixl_available, vllm_available
+from labkit.memory_plan import (
+    MAX_TP,
+    _gpu_lines,
+    _pick_utilization,
+    _plan_engine,
+    activation_bytes,
+    default_max_num_batched_tokens,
+    valid_tp_sizes,
+)
+from labkit.models import ModelShape, get_model, normalize_kv_dtype
+from labkit.plan_types import (
+    ConfigError,
+    EngineConfig,
+    EnginePlan,
+    GPUPlan,
+    MemoryLine,
+    PDConfig,
+    Plan,
+    RankPlacement,
+    Role,
+)
 
 
 def _check_engine(name: str, e: EngineConfig) -> ModelShape:
@@ -337,10 +159,6 @@ def _machine(cfg: PDConfig, hw: Hardware) -> tuple[GPUType, int, bool, list[str]
     return hw.gpu_type, n or hw.num_gpus, False, []
 
 
-def _gib(b: float) -> str:
-    return f"{b / GiB:.2f} GiB"
-
-
 def _pick_connector(cfg: PDConfig, kind: str, shared: bool, engines: list[EngineConfig]) -> str:
     if cfg.connector not in ("auto", "example", "nixl"):
         raise ConfigError(
@@ -412,165 +230,6 @@ def _example_prefill(
     )
     return replace(e, enable_chunked_prefill=False, max_num_batched_tokens=chunk,
                    max_model_len=capped)
-
-
-def _pick_utilization(
-    names: list[str], engines: list[EngineConfig], shared: bool, notes: list[str]
-) -> list[float]:
-    utils = [e.gpu_memory_utilization for e in engines]
-    if not shared:
-        picked = [0.9 if u is None else u for u in utils]
-    else:
-        given = [u for u in utils if u is not None]
-        default = 0.4 if not given else round(min(0.4, 0.85 - given[0]), 2)
-        picked = [default if u is None else u for u in utils]
-        if sum(picked) > SHARED_GPU_MAX_UTIL + 1e-9 or min(picked) <= 0:
-            raise ConfigError(
-                f"gpu_memory_utilization on the shared GPU adds up to {sum(picked):.2f} "
-                f"(prefill {picked[0]}, decode {picked[1]}): each fraction is of the whole GPU and "
-                f"each process also holds a CUDA context outside it",
-                f"make them add up to <= {SHARED_GPU_MAX_UTIL}, e.g. 0.4 and 0.4",
-            )
-    for name, u, p in zip(names, utils, picked, strict=True):
-        if u is None:
-            notes.append(
-                f"{name}: gpu_memory_utilization {p} picked"
-                + (" (two engines share GPU 0)" if shared else "")
-            )
-    return picked
-
-
-def _plan_engine(
-    name: str,
-    role: Role,
-    e: EngineConfig,
-    model: ModelShape,
-    gpu: GPUType,
-    util: float,
-    first_gpu: int,
-    notes: list[str],
-) -> EnginePlan:
-    """Resolve one engine and count its memory the way vLLM's gpu_worker does:
-    available KV = ceil(total * util) - weights - peak activation - non-torch
-    (v1/worker/gpu_worker.py determine_available_memory), blocks = available // page
-    (v1/core/kv_cache_utils.py get_num_blocks), the smallest worker wins."""
-    kvd = normalize_kv_dtype(e.kv_cache_dtype)
-    ranks = [
-        RankPlacement(p, t, first_gpu + p * e.tp + t) for p in range(e.pp) for t in range(e.tp)
-    ]
-    model_len = e.max_model_len or model.max_position_embeddings
-    chunk = e.max_num_batched_tokens or default_max_num_batched_tokens(
-        gpu, model_len, e.max_num_seqs, e.enable_chunked_prefill
-    )
-    act = activation_bytes(model, chunk, e.max_num_seqs, e.tp)
-    overhead = (
-        NON_TORCH_BYTES
-        + (NON_TORCH_DIST_BYTES if e.world_size > 1 else 0)
-        + (0 if e.enforce_eager else CUDAGRAPH_BYTES)
-    )
-    budget = math.ceil(gpu.memory_bytes * util)
-    weights = model.weight_bytes(e.tp, e.pp)
-    layers = model.layers_per_stage(e.pp)
-    tok_bytes = model.kv_bytes_per_token(kvd, e.tp) // model.num_layers  # one layer, one token
-    avail = [budget - w - act - overhead for w in weights]
-    pages = [e.block_size * tok_bytes * n for n in layers]
-    worst = min(range(e.pp), key=lambda s: avail[s] // pages[s])
-    if avail[worst] < pages[worst]:
-        need = (weights[worst] + act + overhead + pages[worst]) / gpu.memory_bytes
-        fits = [
-            t
-            for t in valid_tp_sizes(model)
-            if t > e.tp and budget - model.weight_bytes(t, e.pp)[0] - act - overhead > pages[0]
-        ]
-        more = (
-            f"use tp={fits[0]} ({fits[0] * e.pp} GPUs per engine)"
-            if fits
-            else "use a larger pp or a smaller model"
-        )
-        raise ConfigError(
-            f"{name}: {model.name} needs {_gib(weights[worst])} weights + {_gib(act)} activations "
-            f"+ {_gib(overhead)} overhead per GPU, more than its {_gib(budget)} share "
-            f"(gpu_memory_utilization {util} of {_gib(gpu.memory_bytes)})",
-            (
-                f"raise gpu_memory_utilization to >= {math.ceil(need * 100) / 100}, or "
-                if need <= 0.9
-                else ""
-            )
-            + f"{more}"
-            + (", or a smaller max_num_batched_tokens" if act > weights[worst] else ""),
-        )
-    num_blocks = min(a // p for a, p in zip(avail, pages, strict=True))
-    if e.num_gpu_blocks_override is not None:
-        if e.num_gpu_blocks_override > num_blocks:
-            raise ConfigError(
-                f"{name}: num_gpu_blocks_override={e.num_gpu_blocks_override} needs "
-                f"more than the {num_blocks} blocks that fit",
-                f"use num_gpu_blocks_override <= {num_blocks}, or raise gpu_memory_utilization",
-            )
-        num_blocks = e.num_gpu_blocks_override
-    num_tokens = num_blocks * e.block_size
-    if e.max_model_len is None and e.enable_chunked_prefill:
-        # 90 % of the planned capacity: the plan's activation/overhead figures are estimates,
-        # and vLLM refuses to start when one max-length request does not fit the real pool
-        # (an 8B pair sharing an H100: 15.59 GiB needed, 15.57 GiB there).
-        fit = int(num_tokens * 0.9) // e.block_size * e.block_size
-        model_len = min(model.max_position_embeddings, fit)
-        why = (
-            "the KV capacity"
-            if model_len < model.max_position_embeddings
-            else f"{model.name}'s max_position_embeddings"
-        )
-        notes.append(f"{name}: max_model_len {model_len} picked ({why})")
-    elif -(-model_len // e.block_size) > num_blocks:
-        raise ConfigError(
-            f"{name}: max_model_len={model_len} needs {-(-model_len // e.block_size)} KV blocks, "
-            f"the engine has {num_blocks} ({num_tokens} tokens)",
-            f"use max_model_len <= {num_tokens}, raise gpu_memory_utilization, or use fp8 KV / more tp",
-        )
-    if chunk < e.block_size:
-        raise ConfigError(
-            f"{name}: max_num_batched_tokens={chunk} is smaller than block_size={e.block_size}",
-            f"use a chunk of at least {e.block_size} tokens (a multiple of block_size)",
-        )
-    if chunk < e.max_num_seqs:
-        raise ConfigError(
-            f"{name}: max_num_batched_tokens={chunk} < max_num_seqs={e.max_num_seqs} "
-            "(vLLM refuses: config/scheduler.py verify_max_model_len)",
-            f"set max_num_seqs <= {chunk}, or a larger chunk",
-        )
-    if not e.enable_chunked_prefill and chunk < model_len:
-        raise ConfigError(
-            f"{name}: without chunked prefill a prompt must fit one step, but "
-            f"max_num_batched_tokens={chunk} < max_model_len={model_len}",
-            f"enable chunked prefill, or set max_model_len <= {chunk}",
-        )
-    resolved = replace(
-        e,
-        role=role,
-        max_num_batched_tokens=chunk,
-        max_model_len=model_len,
-        gpu_memory_utilization=util,
-        extra_args=list(e.extra_args),
-    )
-    return EnginePlan(
-        name,
-        role,
-        resolved,
-        ranks,
-        util,
-        chunk,
-        model_len,
-        kvd,
-        max(layers) * tok_bytes,
-        max(pages),
-        weights,
-        act,
-        overhead,
-        min(avail),
-        num_blocks,
-        num_tokens,
-        source=e,
-    )
 
 
 def validate(cfg: PDConfig, hardware: Hardware | None = None) -> Plan:
@@ -656,36 +315,6 @@ def validate(cfg: PDConfig, hardware: Hardware | None = None) -> Plan:
     return Plan(kind, gpu, num_gpus, connector, link, models[0], plans, gpus, notes)
 
 
-def _gpu_lines(
-    plans: list[EnginePlan], model: ModelShape, gpu: GPUType, num_gpus: int
-) -> list[GPUPlan]:
-    """Each GPU's memory: one line per engine rank on it, and what is left free."""
-    out = [GPUPlan(i, gpu.memory_bytes, [], gpu.memory_bytes) for i in range(num_gpus)]
-    for ep in plans:
-        layers = model.layers_per_stage(ep.config.pp)
-        tok_layer = ep.kv_bytes_per_token // max(layers)
-        for r in ep.ranks:
-            kv = ep.num_blocks * ep.config.block_size * tok_layer * layers[r.pp_rank]
-            line = MemoryLine(
-                ep.name,
-                ep.weight_bytes[r.pp_rank],
-                kv,
-                ep.activation_bytes,
-                ep.overhead_bytes + CUDA_CONTEXT_BYTES,
-                math.ceil(gpu.memory_bytes * ep.gpu_memory_utilization),
-            )
-            g = out[r.gpu]
-            g.lines.append(line)
-            g.free -= line.weights + line.kv + line.activation + line.overhead
-    for g in out:
-        if g.free < 0:
-            raise ConfigError(
-                f"GPU {g.index} is over-committed by {_gib(-g.free)}",
-                "lower gpu_memory_utilization of the engines on it",
-            )
-    return out
-
-
 # The plan -> `vllm serve` arguments live in labkit/vllm_args.py; imported here so
 # `labkit.config.vllm_args` and friends keep working.
 from labkit.vllm_args import (  # noqa: E402
@@ -702,7 +331,7 @@ from labkit.vllm_args import (  # noqa: E402
 
 __all__ = [
     "ConfigError", "EngineConfig", "PDConfig", "Plan", "EnginePlan", "GPUPlan", "MemoryLine",
-    "RankPlacement", "validate", "valid_tp_sizes", "default_max_num_batched_tokens",
+    "RankPlacement", "Role", "validate", "valid_tp_sizes", "default_max_num_batched_tokens",
     "activation_bytes", "OBSERVER_CLASS", "OBSERVER_MODULE", "env_for", "kv_role",
     "kv_transfer_config", "observer_children", "serve_command", "shared_storage_path",
     "vllm_args",

@@ -12,9 +12,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from labkit.config import EngineConfig, EnginePlan, Plan, Role
 from labkit.engines.base import free_port
 from labkit.hardware import GiB, engine_gpu_env
+from labkit.plan_types import EngineConfig, EnginePlan, Plan, Role
 
 # ---- from the plan to `vllm serve` ------------------------------------------------------------
 _CONNECTOR_CLASS = {"example": "ExampleConnector", "nixl": "NixlConnector"}

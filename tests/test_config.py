@@ -12,6 +12,7 @@ import pytest
 from labfixtures import FIXTURES
 
 import labkit.config as config
+import labkit.memory_plan as memory_plan
 from labkit.config import (
     ConfigError,
     EngineConfig,
@@ -257,7 +258,7 @@ def test_kv_capacity_follows_vllm_formula_against_fixture(monkeypatch):
     ):
         log = (FIXTURES / "logs" / f"{name}.log").read_text()
         assert f"{non_torch} GiB for non-torch" in log and f"{tokens:,} tokens" in log
-        monkeypatch.setattr(config, "NON_TORCH_BYTES", int(non_torch * GiB))
+        monkeypatch.setattr(memory_plan, "NON_TORCH_BYTES", int(non_torch * GiB))
         plan = validate(pd(num_gpus=1, gpu_memory_utilization=0.25, max_model_len=4096), NO_GPU)
         e = plan.engines[0]
         assert abs(e.num_tokens - tokens) <= 16 * 12  # the log rounds GiB to 0.01

@@ -68,3 +68,57 @@ def test_bench_table_matches_variants_and_reports_errors():
     assert f"{r0 * 1e3:.1f} / {s0 * 1e3:.1f} ({(s0 - r0) / r0:+.0%})" in lines[2]
     # ExampleConnector's whole-block rule gives decode exactly vLLM's external KV tokens.
     assert got[0].engine_side["kv_transfer_tokens"] == real["results"][0]["engine_side"]["kv_transfer_tokens"]
+
+
+LEASE = DATA / "real-h200x4-lease-2026-11-21.json"
+COLOC_8B = DATA / "real-h200x4-llama-3.1-8b-colocated-2026-11-21.json"
+COSTS_H200X4 = Path(fidelity.__file__).resolve().parents[1] / "data" / "calibration" / \
+    "h200x4-costs-2026-11-21.json"
+
+
+def test_phase_spans_are_medians_of_the_proxy_events_and_skip_missing_ones():
+    def req(arrival, ps, pe, ks, ft):
+        return {"arrival": arrival, "prefill_start": ps, "prefill_end": pe,
+                "kv_transfer_start": ks, "first_token": ft, "finish": ft + 1}
+
+    phases = [req(0.0, 0.001, 0.021, 0.022, 0.060), req(1.0, 1.0, 1.030, 1.031, 1.100),
+              req(2.0, 2.0, 2.010, 2.010, 2.040),
+              {**req(3.0, 3.0, 3.5, 3.5, 3.9), "first_token": None}]  # never answered
+    got = fidelity.phase_spans(phases)
+    assert abs(got["prefill_side"] - 0.025) < 1e-9  # 20, 30, 10 and 500 ms (it did prefill)
+    assert abs(got["decode_side"] - 0.038) < 1e-9  # 38, 69, 30 ms; the unanswered one left out
+    assert abs(got["proxy_ttft"] - 0.060) < 1e-9
+    assert all(v != v for v in fidelity.phase_spans([]).values())  # nan without requests
+
+
+def test_pd_cases_get_a_phase_table_from_the_simulated_proxy_events(tmp_path, capsys):
+    costs = json.loads(COSTS_H200X4.read_text())
+    hop = costs["calibration"]["api_latency_s"]
+    assert fidelity.main(["--costs", str(COSTS_H200X4), "--out", str(tmp_path),
+                          "--real", str(LEASE)]) == 0
+    doc = json.loads((tmp_path / "fidelity.json").read_text())
+    out = capsys.readouterr().out
+    pd_cases = [k for k in doc["real"] if not k.startswith("colocated")]
+    assert pd_cases and all("phases" not in doc["sim"][k] for k in doc["real"] if k not in pd_cases)
+    rows = out.split("PD phases")[1].strip().splitlines()[3:]
+    assert [r.split(" | ")[0] for r in rows] == [f"| {k}" for k in pd_cases]
+    for key, row in zip(pd_cases, rows, strict=True):
+        sim = doc["sim"][key]
+        real = fidelity.phase_spans(doc["real"][key]["phases"])
+        assert row.split(" | ")[1].startswith(f"{real['prefill_side'] * 1e3:.1f} / ")
+        assert len(sim["phases"]) == len(doc["real"][key]["records"])
+        for p in sim["phases"]:  # decode is called when prefill answers; the hop sits inside
+            assert p["kv_transfer_start"] == p["prefill_end"] and p["prefill_start"] == p["arrival"]
+            assert p["prefill_end"] - p["prefill_start"] > hop
+            assert p["first_token"] - p["kv_transfer_start"] > hop
+        spans = fidelity.phase_spans(sim["phases"])
+        # The simulated client sees the router's first token: the same TTFT median.
+        assert abs(spans["proxy_ttft"] - sim["timing"]["ttft_p50"]) < 1e-12
+        assert f"{spans['decode_side'] * 1e3:.1f} ms" in row.split(" | ")[2]
+
+
+def test_no_phase_table_without_pd_phases(tmp_path, capsys):
+    assert fidelity.main(["--costs", str(COSTS_H200X4), "--out", str(tmp_path),
+                          "--real", str(COLOC_8B)]) == 0
+    assert "PD phases" not in capsys.readouterr().out
+    assert fidelity.phase_table({"a/b": {"timing": {}}}, {"a/b": {"phases": [{}]}}) == ""

@@ -10,7 +10,9 @@ GPU as the plan says (their GPU work is serialized there).
 
 Table per layout and workload: TTFT and TPOT median and p90, real vs sim, relative error; and
 the engine counters both sides report (prompt tokens by source, prefix-cache queries/hits,
-preemptions, generation tokens), compared exactly.
+preemptions, generation tokens), compared exactly. PD cases whose real run kept the proxy's
+per-request times ("phases") also get `phase_table`: prefill side, decode side and proxy
+TTFT medians, real vs simulated (SimCluster's records in the proxy's terms, `sim_phases`).
 
     python -m labkit.bench.fidelity --costs labkit/data/costs/h200.json --out DIR
     python -m labkit.bench.fidelity --costs ... --real A.json --real B.json   # re-run the sim side
@@ -200,6 +202,43 @@ def proxy_phases(url: str, n: int) -> list[dict[str, Any]]:
              **{e: r.get(f"{e}_ts") for e in PHASE_EVENTS}} for r in reqs]
 
 
+PHASE_SPANS = {"prefill_side": ("prefill_start", "prefill_end"),  # proxy -> prefill -> back
+               "decode_side": ("kv_transfer_start", "first_token"),  # proxy -> decode -> token
+               "proxy_ttft": ("arrival", "first_token")}
+
+
+def phase_spans(phases: list[dict[str, Any]]) -> dict[str, float]:
+    """Medians (seconds) over a PD case's requests of PHASE_SPANS (end - start of the proxy's
+    events); requests missing an event are left out of that span."""
+    return {name: float(np.median(xs)) if (xs := [p[b] - p[a] for p in phases
+                                                  if p.get(a) is not None and p.get(b) is not None])
+            else math.nan for name, (a, b) in PHASE_SPANS.items()}
+
+
+def phase_table(real: dict[str, Any], sim: dict[str, Any]) -> str:
+    """Markdown, one row per case whose real and simulated runs both have phases (PD):
+    median prefill side, decode side and proxy TTFT, real / sim in ms with the error;
+    "" when no case has them."""
+    head = ["| case | prefill side real / sim (err) | decode side | proxy TTFT |",
+            "| --- | --- | --- | --- |"]
+    for key, r in real.items():
+        if r.get("phases") and sim.get(key, {}).get("phases"):
+            a, b = phase_spans(r["phases"]), phase_spans(sim[key]["phases"])
+            head.append(f"| {key} | " + " | ".join(
+                f"{a[k] * 1e3:.1f} / {b[k] * 1e3:.1f} ms ({rel_error(b[k], a[k]):+.0%})"
+                for k in PHASE_SPANS) + " |")
+    return "\n".join(head) if len(head) > 2 else ""
+
+
+def sim_phases(records: list[Any]) -> list[dict[str, Any]]:
+    """SimCluster records in the proxy's terms (PHASE_EVENTS): its router forwards at arrival,
+    has prefill's answer when the prefill engine emits it and calls decode at once; each
+    call's API time (the router hop, paid before the engine sees it) is inside its side."""
+    return [{"prompt_tokens": r.prompt_len, "arrival": r.arrival, "prefill_start": r.arrival,
+             "prefill_end": r.prefill_end, "kv_transfer_start": r.prefill_end,
+             "first_token": r.first_token, "finish": r.finish} for r in records]
+
+
 def run_sim(layout: str, wls: list[Workload], costs: dict[str, Any], gpu_type: str = "h200",
             model: str = "lab-1b") -> dict[str, Any]:
     """The same layout and workloads on SimCluster with the costs file's constants."""
@@ -249,6 +288,8 @@ def run_sim(layout: str, wls: list[Workload], costs: dict[str, Any], gpu_type: s
                 "prefix_hits": float(h), "preemptions": float(e.num_preemptions),
                 "generation_tokens": float(e.stats.generation_tokens)}
         out[f"{layout}/{wl.name}"] = {"timing": timing(results), "counts": counts}
+        if plan.connector is not None:
+            out[f"{layout}/{wl.name}"]["phases"] = sim_phases(recs)
     return out
 
 
@@ -382,6 +423,10 @@ def main(argv: list[str] | None = None) -> int:
                 row["case"] = f"{name}: {row['case']}"
     table = [row for t in tables.values() for row in t]
     text = format_table(table) + "\n\n" + _summary(tables) + "\n"
+    for name, real in reals.items():
+        phases = phase_table(real, sims[name])
+        if phases:
+            text += f"\nPD phases, medians ({name}):\n{phases}\n"
     print(text)
     out.mkdir(parents=True, exist_ok=True)
     (out / "fidelity.md").write_text(text)
