@@ -97,6 +97,11 @@ ACHIEVED: dict[tuple[str, str], LinkSpec] = {
     # (vLLM's KV Transfer metrics on an H100, 2026-11-21: 108.6 MB per transfer, 245 MB/s).
     ("nixl", "same-gpu"): LinkSpec("same-gpu", "one GPU, NixlConnector as measured (H100)",
                                    0.245e9, 1e-3),
+    # ExampleConnector's save: per layer, .cpu() then one safetensors file. Fitted to the 255
+    # per-layer save timings the observer recorded inside real vLLM (H200, shipped recordings
+    # real-h200-1gpu-example / -fp8): 0.41 ms per file + 2.0 GB/s. (Loads: LINKS["same-gpu"].)
+    ("example-save", "same-gpu"): LinkSpec("same-gpu", "ExampleConnector save, as measured (H200)",
+                                           2.0e9, 4.1e-4),
 }
 
 

@@ -80,8 +80,12 @@ class InProcessTransport(KVTransport):
 
     def __init__(self, default_link: LinkSpec, storage_link: LinkSpec | None = None,
                  links: dict[tuple[str, str], LinkSpec] | None = None) -> None:
+        from labkit.hardware import achieved_link
+
         self.default_link = default_link
         self.storage_link = storage_link or default_link
+        # Writes to the storage (ExampleConnector's saves) as measured where they were.
+        self.storage_write_link = achieved_link("example-save", self.storage_link)
         self.links = dict(links or {})
         self._stored: dict[str, int] = {}
         self._read_done: dict[str, list[tuple[float, str]]] = {}
@@ -97,7 +101,9 @@ class InProcessTransport(KVTransport):
         found = self.links.get((src_engine_id, dst_engine_id))
         if found is not None:
             return found
-        return self.storage_link if STORAGE in (src_engine_id, dst_engine_id) else self.default_link
+        if dst_engine_id == STORAGE:
+            return self.storage_write_link
+        return self.storage_link if src_engine_id == STORAGE else self.default_link
 
     def notify_read_done(self, remote_engine_id: str, remote_request_id: str, at: float) -> None:
         self._read_done.setdefault(remote_engine_id, []).append((at, remote_request_id))
