@@ -25,6 +25,7 @@ from typing import Any
 
 from labkit.config import ConfigError, EngineConfig, PDConfig, Plan, validate
 from labkit.engines.base import EngineHandle, free_port
+from labkit.hardware import GiB
 
 Progress = Callable[[str, float], None]
 MODES = ("auto", "sim", "vllm")
@@ -309,12 +310,12 @@ class Lab:
             taps = []
             for ep in self.plan.engines:
                 eng = self.engines[ep.name]
+                weights, kv, blocks = _engine_reported(eng, ep)
                 taps.append(EngineTap(
                     name=ep.name, role=ep.role, kind=self.kind, base_url=eng.base_url,
-                    gpus=ep.gpus, num_blocks=ep.num_blocks, block_size=ep.config.block_size,
+                    gpus=ep.gpus, num_blocks=blocks, block_size=ep.config.block_size,
                     model=self.plan.model.name, kv_events_endpoint=eng.kv_events_endpoint,
-                    pids=eng.group_pids(), weights_bytes=max(ep.weight_bytes),
-                    kv_bytes=ep.kv_cache_bytes))
+                    pids=eng.group_pids(), weights_bytes=weights, kv_bytes=kv))
             gpus = [{"index": g.index, "name": self.plan.gpu_type.name, "total_bytes": g.total}
                     for g in self.plan.gpus]
             self._telemetry = LiveTelemetry(
@@ -325,6 +326,25 @@ class Lab:
     def __repr__(self) -> str:
         state = "running" if self.is_running() else "stopped"
         return f"<Lab {state}: {self.describe()}>"
+
+
+def _engine_reported(eng: Any, ep: Any) -> tuple[int, int, int]:
+    """(weights bytes per GPU, KV bytes per GPU, KV blocks) as the engine's own start-up log
+    said them ("Model loading took X GiB", "Available KV cache memory: X GiB", "GPU KV cache
+    size: N tokens"; vLLM prints GiB to 2 decimals), the plan's figure where it said nothing.
+    The views then show what the engine made, not what labkit planned (a TP=2 engine on an
+    H200: 255,300 blocks, planned 253,995)."""
+    st = getattr(eng, "startup", None)
+    weights = max(ep.weight_bytes)
+    kv, blocks = ep.kv_cache_bytes, ep.num_blocks
+    if st is not None:
+        if st.weights_gib:
+            weights = int(st.weights_gib * GiB)
+        if st.kv_cache_gib:
+            kv = int(st.kv_cache_gib * GiB)
+        if st.kv_cache_tokens:
+            blocks = int(st.kv_cache_tokens) // ep.config.block_size
+    return weights, kv, blocks
 
 
 def _progress(progress: Progress | bool, title: str) -> Progress:

@@ -2,7 +2,7 @@
 
 The facts asserted come from the recordings themselves (the raw observer events, the engines'
 own logs) or from vLLM's arithmetic: lab-1b keeps 65,536 KV bytes per token (16 layers x
-8 KV heads x 128 x 2 x 2 bytes), TP=2 halves it per GPU; the TP=2 engines got 253,995 blocks.
+8 KV heads x 128 x 2 x 2 bytes), TP=2 halves it per GPU; the TP=2 engines got 255,300 blocks (planned 253,995).
 """
 
 from __future__ import annotations
@@ -122,7 +122,11 @@ def test_tp2_keeps_kv_on_four_gpus(tp2: Replay) -> None:
     assert [(rows[g]["engine"], rows[g]["rank"]) for g in range(4)] == [
         ("prefill", 0), ("prefill", 1), ("decode", 0), ("decode", 1)
     ]  # fmt: skip
-    assert {r["engine_blocks"] for r in table} == {253_995}
+    # the engines' own pools (observer snapshots): 255,300 blocks; labkit's plan said 253,995
+    assert {r["engine_blocks"] for r in table} == {255_300}
+    assert {r["planned_blocks"] for r in table} == {253_995}
+    # KV on each GPU = the pool x one block's bytes there (vLLM's log said 124.66 GiB)
+    assert all(r["kv_GiB"] == pytest.approx(124.66, abs=0.01) for r in table)
 
 
 def test_tp2_halves_weights_and_kv_per_token_per_gpu(tp2: Replay, chunk256: Replay) -> None:
@@ -136,7 +140,7 @@ def test_tp2_halves_weights_and_kv_per_token_per_gpu(tp2: Replay, chunk256: Repl
         assert replays.kv_bytes_per_token(chunk256, engine) == lab1b.kv_bytes_per_token("auto")
     # same KV memory per GPU, half the bytes per token: about twice the blocks per engine
     blocks = {r["engine_blocks"] for r in replays.gpu_memory(chunk256)}
-    assert 253_995 / blocks.pop() == pytest.approx(2.0, rel=0.01)
+    assert 255_300 / blocks.pop() == pytest.approx(2.0, rel=0.01)
 
 
 def test_check_kv_bytes_per_token(tp2: Replay) -> None:

@@ -138,3 +138,22 @@ def test_stop_kills_the_whole_process_group(tmp_path):
     assert VLLMEngine("y", ["m", "--port", "8123"]).port == 8123
     eng.stop(timeout=5)
     assert pids_in_group(eng.pgid) == []
+
+
+def test_lab_telemetry_takes_the_engines_own_figures_from_its_log():
+    """The views show what the engine made (its start-up log), the plan only where the log
+    said nothing: fixture log: 1.65 GiB weights, 11.55 GiB KV, 189,168 tokens."""
+    from types import SimpleNamespace
+
+    from labkit.config import validate
+    from labkit.hardware import simulated
+    from labkit.lab import _engine_reported, build_config
+    from labkit.telemetry.vllm_log import StartupState, parse_log
+
+    ep = validate(build_config("lab-1b", num_gpus=2, gpu_type="h100"), simulated(0)).engine("prefill")
+    state = parse_log(FIXTURES / "logs" / "nixl-prefill.log")
+    weights, kv, blocks = _engine_reported(SimpleNamespace(startup=state), ep)
+    assert (weights, kv, blocks) == (int(1.65 * 2**30), int(11.55 * 2**30), 189_168 // 16)
+    assert blocks != ep.num_blocks  # the plan (other GPU memory, other fraction) differs
+    plan = _engine_reported(SimpleNamespace(startup=StartupState()), ep)
+    assert plan == (max(ep.weight_bytes), ep.kv_cache_bytes, ep.num_blocks)

@@ -27,6 +27,7 @@ from labkit.replay import replay as open_replay
 from labkit.teach.exercises import Verdict, _close, _verdict, simulated_chunk_steps
 from labkit.teach.live import Trace
 from labkit.teach.result import Result
+from labkit.telemetry.observer_schema import PoolSnapshot
 
 GiB = 1 << 30
 ReplayLike = Replay | str | Path
@@ -52,8 +53,30 @@ def _timeline(rp: Replay) -> list[dict[str, Any]]:
 
 
 def _engines(rp: Replay) -> dict[str, dict[str, Any]]:
-    """name -> the recorded engine description (role, gpus, num_blocks, block_size)."""
-    return {e["name"]: e for e in rp.header.get("source", {}).get("engines", [])}
+    """name -> the recorded engine description (role, gpus, num_blocks, block_size), with
+    num_blocks as the engine itself reported it (its pool snapshots) where the recording has
+    them: the header's figure is the planner's (e.g. 253,995 where vLLM made 255,300)."""
+    engines = {e["name"]: dict(e) for e in rp.header.get("source", {}).get("engines", [])}
+    pages = {e["name"]: e.get("page_bytes")
+             for e in rp.header.get("lab", {}).get("plan", {}).get("engines", [])}
+    for name, n in _pool_sizes(rp).items():
+        if name in engines:
+            engines[name]["planned_blocks"] = engines[name].get("num_blocks")
+            engines[name]["num_blocks"] = n
+            if pages.get(name):  # one block on one GPU, all its layers: exact arithmetic
+                engines[name]["kv_pool_bytes"] = n * int(pages[name])
+    return engines
+
+
+def _pool_sizes(rp: Replay) -> dict[str, int]:
+    """engine -> its KV pool's size (blocks) from the observer's PoolSnapshot events."""
+    out: dict[str, int] = {}
+    for _, delta in rp.recording.frames:
+        for batch in delta.observer:
+            for ev in batch.events:
+                if isinstance(ev, PoolSnapshot):
+                    out[batch.engine_id] = int(ev.num_blocks)
+    return out
 
 
 def _prompt_tokens(rp: Replay) -> dict[str, int]:
@@ -293,10 +316,13 @@ def gpu_memory(replay: ReplayLike) -> Result:
                     "engine": eng,
                     "rank": gpus.index(gpu) if gpu in gpus else "-",
                     "weights_GiB": cats.get("weights", 0) / GiB,
-                    "kv_GiB": cats.get("KV cache", 0) / GiB,
+                    # the engine's pool (its blocks x page bytes) where the recording has
+                    # its pool snapshots; else the recorded figure
+                    "kv_GiB": e.get("kv_pool_bytes", cats.get("KV cache", 0)) / GiB,
                     "engine_other_GiB": cats.get("engine other", 0) / GiB,
                     "gpu_free_GiB": parts[""].get("free", 0) / GiB,
                     "engine_blocks": int(e.get("num_blocks", 0)),
+                    "planned_blocks": int(e.get("planned_blocks") or e.get("num_blocks", 0)),
                     "block_size": int(e.get("block_size", 16)),
                 }
             )
@@ -304,8 +330,10 @@ def gpu_memory(replay: ReplayLike) -> Result:
         f"memory per GPU: {_title(rp)}",
         "replay",
         rows,
-        note="weights and KV: each worker's vLLM log; engine_other: the rest of its process "
-        "(NVML): activations, CUDA context; engine_blocks: the whole engine's KV blocks",
+        note="KV: the engine's own pool (its blocks x page bytes); weights: as recorded; "
+        "engine_other: the rest of its process "
+        "(NVML): activations, CUDA context; engine_blocks: the whole engine's KV blocks as vLLM "
+        "made them (planned_blocks: labkit's plan)",
     )
 
 
@@ -315,7 +343,7 @@ def kv_bytes_per_token(replay: ReplayLike, engine: str) -> int:
     page bytes (vllm/v1/core/kv_cache_utils.py), so this rounds to the exact figure."""
     rp = _open(replay)
     e = _engines(rp)[engine]
-    kv = next(
+    kv = e.get("kv_pool_bytes") or next(
         (m.kv_bytes for _, d in rp.recording.frames for m in d.engine_memory if m.engine == engine),
         None,
     )

@@ -2,6 +2,7 @@
 opened in headless Chromium (what docs/img/dashboard-real-h200x2-replay.png shows):
 
     python tests/e2e/screenshot_replay.py docs/img/dashboard-real-h200x2-replay.png
+    python tests/e2e/screenshot_replay.py docs/img/dashboard-real-h200x4-tp2-replay.png real-h200x4-nixl-tp2
 """
 
 from __future__ import annotations
@@ -29,14 +30,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def main(out: str) -> None:
+def main(out: str, recording: str = "real-h200x2-nixl") -> None:
     sys.path.insert(0, str(HERE.parents[1]))
     from labkit.cli_lab import voila_args
 
     port = free_port()
     voila = subprocess.Popen([*voila_args(NOTEBOOK, port), "--no-browser"], cwd=HERE,
                              stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                             start_new_session=True)
+                             start_new_session=True, env={**os.environ, "LABKIT_REPLAY": recording})
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -61,4 +62,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:3])
