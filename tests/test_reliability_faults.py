@@ -21,19 +21,12 @@ import pytest
 
 import labkit
 from labkit import faults
+from labkit.pd.upstream import NIXL_PREFILL_PARAMS
 
 READ_TIMEOUT = 2.0  # the proxy's bound on a silent engine (Lab(read_timeout=...))
 KV_LOAD_TIMEOUT = 3.0  # the decode engine's bound on a silent prefill (Lab(kv_load_timeout=...))
 ERROR_WITHIN = 2.0  # what the issue asks: a clear error within 2 s of the fault
 PROMPT = "the quick brown fox jumps over the lazy dog " * 3  # 77 tokens: 5 blocks
-NIXL_PREFILL = {
-    "do_remote_decode": True,
-    "do_remote_prefill": False,
-    "remote_engine_id": None,
-    "remote_block_ids": None,
-    "remote_host": None,
-    "remote_port": None,
-}
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +199,7 @@ def _prefill_params(lab) -> dict:
             "model": "lab-1b",
             "prompt": PROMPT,
             "max_tokens": 1,
-            "kv_transfer_params": dict(NIXL_PREFILL),
+            "kv_transfer_params": dict(NIXL_PREFILL_PARAMS),  # what the proxy sends
         },
     )
     r.raise_for_status()

@@ -166,20 +166,16 @@ def _scrape_all(lab: Any) -> dict[str, Any]:
     return {name: scrape(e.base_url) for name, e in lab.engines.items()}
 
 
-def run_http(variant: Variant, workload: Workload | Sequence[Workload], *, mode: str = "sim",
+def run_http(variant: Variant, workloads: Sequence[Workload], *, mode: str = "sim",
              model: str = "lab-1b", gpu_type: str = "h100", num_gpus: int = 2,
              slo: SLO = DEFAULT_SLO, speed: float = 1.0, max_duration_s: float | None = None,
              run_dir: str | Path | None = None,
-             progress: Progress | None = None) -> BenchResult | list[BenchResult]:
-    """Start a Lab for `variant`, replay `workload` through its OpenAI endpoint, stop it.
-
-    Given a sequence of workloads (a rate sweep), the Lab starts once and serves them one
-    after the other (each to completion); one BenchResult per workload, in order.
-    """
+             progress: Progress | None = None) -> list[BenchResult]:
+    """Start a Lab for `variant`, replay each workload through its OpenAI endpoint (one after
+    the other, each to completion: a rate sweep starts the Lab once), stop it; one
+    BenchResult per workload, in order."""
     from labkit.lab import Lab, build_config
 
-    many = not isinstance(workload, Workload)
-    wls = list(workload) if many else [workload]
     gpu = gpu_type if mode == "sim" else None
     cfg = build_config(model, num_gpus=num_gpus, gpu_type=gpu, **variant.knobs)
     lab = Lab(cfg, mode=mode, run_dir=run_dir, speed=speed, observe=False)
@@ -187,26 +183,25 @@ def run_http(variant: Variant, workload: Workload | Sequence[Workload], *, mode:
     say(f"{variant.name}: {lab.describe()}")
     runs = []
     with lab:
-        for wl in wls:
+        for wl in workloads:
             before = _scrape_all(lab)
             load = run_load(lab.url, wl, model=lab.plan.model.name,
                             vocab_size=lab.plan.model.vocab_size, max_duration_s=max_duration_s,
                             time_scale=speed if lab.kind == "sim" else 1.0)
             runs.append((wl, load, engine_delta(before, _scrape_all(lab))))
-            if many:
+            if len(workloads) > 1:
                 say(f"{variant.name}: {_rate_label(wl)} done")
     plan = lab.plan
     used = len({g for ep in plan.engines for g in ep.gpus})
     device = (f"{plan.num_gpus}x {plan.gpu_type.name}" if lab.kind == "sim"
               else _real_device_name(plan))
-    out = [BenchResult(f"{variant.name} @ {_rate_label(wl)}" if many else variant.name,
-                       lab.kind, device, "http", wl.name, used, summarize(load.records, slo),
-                       delta, {"knobs": variant.knobs, "connector": plan.connector,
-                               "link": plan.link, "model": plan.model.name,
-                               "url_kind": "proxy" if lab.plan.connector else "engine",
-                               "speed": speed, "rate": wl.params.get("rate")}, load.records)
-           for wl, load, delta in runs]
-    return out if many else out[0]
+    return [BenchResult(variant.name, lab.kind, device, "http", wl.name, used,
+                        summarize(load.records, slo), delta,
+                        {"knobs": variant.knobs, "connector": plan.connector, "link": plan.link,
+                         "model": plan.model.name,
+                         "url_kind": "proxy" if lab.plan.connector else "engine",
+                         "speed": speed}, load.records)
+            for wl, load, delta in runs]
 
 
 def _rate_label(wl: Workload) -> str:
@@ -255,16 +250,15 @@ def compare(compare: str, workload: Workload | Sequence[Workload], *, engine: st
         if engine == "cluster":
             rs = [run_cluster(v, wl, model=model, gpu_type=gpu_type, num_gpus=num_gpus,
                               slo=slo, seed=seed) for wl in wls]
-            if many:
-                for r, wl in zip(rs, wls, strict=True):
-                    r.variant = f"{v.name} @ {_rate_label(wl)}"
-                    r.config["rate"] = wl.params.get("rate")
         else:
             sub = Path(run_dir) / v.name.replace(" ", "_") if run_dir else None
-            got = run_http(v, wls if many else wls[0], mode=mode, model=model,
-                           gpu_type=gpu_type, num_gpus=num_gpus, slo=slo, speed=speed,
-                           max_duration_s=max_duration_s, run_dir=sub, progress=progress)
-            rs = got if isinstance(got, list) else [got]
+            rs = run_http(v, wls, mode=mode, model=model, gpu_type=gpu_type, num_gpus=num_gpus,
+                          slo=slo, speed=speed, max_duration_s=max_duration_s, run_dir=sub,
+                          progress=progress)
+        if many:
+            for r, wl in zip(rs, wls, strict=True):
+                r.variant = f"{v.name} @ {_rate_label(wl)}"
+                r.config["rate"] = wl.params.get("rate")
         per_variant.append(rs)
     # rate by rate: the variants of one rate side by side
     return [rs[i] for i in range(len(wls)) for rs in per_variant]
