@@ -80,8 +80,6 @@ class InProcessTransport(KVTransport):
 
     def __init__(self, default_link: LinkSpec, storage_link: LinkSpec | None = None,
                  links: dict[tuple[str, str], LinkSpec] | None = None) -> None:
-        from labkit.hardware import achieved_link
-
         self.default_link = default_link
         self.storage_link = storage_link or default_link
         # Writes to the storage (ExampleConnector's saves) as measured where they were.
