@@ -14,7 +14,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from labkit.config import (
+from labkit.hardware import GPU_TYPES, GiB
+from labkit.plan import (
     ConfigError,
     EngineConfig,
     PDConfig,
@@ -23,7 +24,6 @@ from labkit.config import (
     serve_command,
     validate,
 )
-from labkit.hardware import GPU_TYPES, GiB
 
 EXIT_CONFIG_ERROR = 2
 DEFAULT_PORTS = (8100, 8200)  # prefill, decode (as in the fixtures)
@@ -176,7 +176,8 @@ def format_plan(plan: Plan, commands: list[dict]) -> str:
 
 
 def cmd_plan(a: argparse.Namespace) -> int:
-    from labkit.hardware import detect, simulated
+    from labkit.hardware import simulated
+    from labkit.plan import detect
 
     try:
         hardware = simulated(0) if a.sim else detect()  # a bad CUDA_VISIBLE_DEVICES raises here

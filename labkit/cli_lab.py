@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from labkit.cli import EXIT_CONFIG_ERROR, add_config_flags, config_from_args
-from labkit.config import ConfigError
+from labkit.plan import ConfigError
 
 
 def _add_mode_flags(p: argparse.ArgumentParser) -> None:

@@ -1,31 +1,14 @@
-"""The GPUs the lab runs on: a datasheet table, link peaks, and NVML detection.
+"""The GPUs the lab runs on, as facts: a datasheet table, link peaks, the machine type.
 
-`detect()` asks NVML (nvidia-ml-py, imported inside the function, never at import time);
-with no driver or no GPU it returns a simulated machine and says so. `simulated()` builds
-the cluster the simulator runs on where there is no GPU.
-
-The lab honours the parent's CUDA_VISIBLE_DEVICES: `detect()` keeps the GPUs it names, in
-its order, so plan GPU k (a *logical* GPU, 0..n-1) is the k-th entry; `engine_gpu_env()`
-turns logical GPUs back into the parent's entries for an engine's environment.
+`simulated()` builds the cluster the simulator runs on where there is no GPU. Which GPUs this
+process really sees (NVML, CUDA_VISIBLE_DEVICES) is the planner's `labkit.plan.devices.detect()`.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
-
-from labkit.visible_devices import (  # noqa: F401  (re-exported: the lab's one place for it)
-    _NO_GPU,
-    VISIBLE_ENV,
-    cuda_visible_devices,
-    engine_gpu_env,
-    resolve_visible,
-    visible_entries,
-)
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -178,7 +161,7 @@ def simulated(num_gpus: int = 2, gpu_type: str = "h100") -> Hardware:
     return Hardware(gpus, True, t, note=f"simulated: {num_gpus} x {t.name}")
 
 
-def _unknown_type(info: GPUInfo) -> GPUType:
+def unknown_gpu_type(info: GPUInfo) -> GPUType:
     """A GPUType for a GPU outside the table: NVML's memory, peaks of the nearest kind."""
     cc = info.compute_capability
     near = GPU_TYPES["h100" if cc >= (9, 0) else "l4" if cc >= (8, 9) else "a100"]
@@ -190,108 +173,6 @@ def _unknown_type(info: GPUInfo) -> GPUType:
         compute_capability=cc,
         fp8_flops=near.fp8_flops if cc >= (8, 9) else None,
     )
-
-
-def detect() -> Hardware:
-    """The GPUs this process may use, through NVML; a simulated machine with no GPU when NVML
-    fails or CUDA_VISIBLE_DEVICES hides every GPU.
-
-    Raises:
-        ConfigError: CUDA_VISIBLE_DEVICES has an entry that names no GPU (before anything
-            starts; CUDA itself would silently drop it and every entry after it).
-    """
-    raw = os.environ.get(VISIBLE_ENV)
-    if raw is not None and raw.strip() in _NO_GPU:
-        return replace(simulated(0), note=f"no GPU: {VISIBLE_ENV}={raw!r} hides every GPU")
-    try:
-        import pynvml
-    except ImportError:
-        return replace(simulated(0), note="no GPU: nvidia-ml-py is not installed")
-    try:
-        pynvml.nvmlInit()
-    except Exception as exc:  # NVMLError_LibraryNotFound, DriverNotLoaded, ...
-        return replace(simulated(0), note=f"no GPU: NVML unavailable ({exc})")
-    try:
-        entries = visible_entries()
-        try:
-            every = [_gpu_info(pynvml, i) for i in range(pynvml.nvmlDeviceGetCount())]
-            mig = _mig_devices(pynvml, every) if _wants_mig(entries) else {}
-        except Exception as exc:
-            return replace(simulated(0), note=f"no GPU: NVML query failed ({exc})")
-        physical = resolve_visible(entries, [g.uuid for g in every], _mig_parents(mig))
-        named = entries or [""] * len(physical)
-        gpus = [replace(mig.get(named[k]) or every[p], index=k, physical=p)
-                for k, p in enumerate(physical)]
-    finally:
-        try:
-            pynvml.nvmlShutdown()
-        except Exception:
-            pass
-    if not gpus:
-        return replace(simulated(0), note="no GPU found by NVML")
-    first = gpus[0]
-    kind = first.gpu_type or _unknown_type(first)
-    note = f"{len(gpus)} x {first.name}"
-    if entries is not None:
-        note += (f" ({VISIBLE_ENV}={raw}: physical GPU(s) "
-                 f"{', '.join(str(g.physical) for g in gpus)} of {len(every)})")
-    return Hardware(gpus, False, kind, note=note)
-
-
-def _gpu_info(nv: Any, i: int) -> GPUInfo:
-    """NVML GPU `i` (index and physical both i; detect() renumbers the visible ones)."""
-    h = nv.nvmlDeviceGetHandleByIndex(i)
-    name = _text(nv.nvmlDeviceGetName(h))
-    mem = nv.nvmlDeviceGetMemoryInfo(h)
-    cc = tuple(nv.nvmlDeviceGetCudaComputeCapability(h))
-    return GPUInfo(i, name, _text(nv.nvmlDeviceGetUUID(h)), int(mem.total), int(mem.used),
-                   (int(cc[0]), int(cc[1])), gpu_type_for(name), physical=i)
-
-
-def _text(value: str | bytes) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def _wants_mig(entries: Sequence[str] | None) -> bool:
-    return any(e.startswith("MIG-") and not e.startswith("MIG-GPU-") for e in entries or ())
-
-
-def _mig_devices(nv: Any, gpus: Sequence[GPUInfo]) -> dict[str, GPUInfo]:
-    """MIG instance UUID -> the instance (its own memory, its GPU's physical index; no
-    datasheet type: a slice has a share of the peaks), for GPUs in MIG mode."""
-    out: dict[str, GPUInfo] = {}
-    for g in gpus:
-        h = nv.nvmlDeviceGetHandleByIndex(g.physical)
-        try:
-            slots = int(nv.nvmlDeviceGetMaxMigDeviceCount(h))
-        except Exception:  # no MIG support on this GPU
-            continue
-        for j in range(slots):
-            try:
-                mh = nv.nvmlDeviceGetMigDeviceHandleByIndex(h, j)
-            except Exception:  # an empty slot
-                continue
-            uuid, mem = _text(nv.nvmlDeviceGetUUID(mh)), nv.nvmlDeviceGetMemoryInfo(mh)
-            out[uuid] = replace(g, name=f"{g.name} (MIG)", uuid=uuid, gpu_type=None,
-                                memory_total=int(mem.total), memory_used=int(mem.used))
-    return out
-
-
-def _mig_parents(mig: Mapping[str, GPUInfo]) -> dict[str, int]:
-    return {u: g.physical for u, g in mig.items() if g.physical is not None}
-
-
-def visible_physical(nv: Any, environ: Mapping[str, str] | None = None) -> list[int]:
-    """NVML indices of the GPUs CUDA_VISIBLE_DEVICES lets this process use, in its order
-    (position k = logical GPU k). `nv` is pynvml, initialised; raises as resolve_visible."""
-    entries = visible_entries(environ)
-    count = int(nv.nvmlDeviceGetCount())
-    if entries is None:
-        return list(range(count))
-    uuids = [_text(nv.nvmlDeviceGetUUID(nv.nvmlDeviceGetHandleByIndex(i))) for i in range(count)]
-    mig = _mig_devices(nv, [_gpu_info(nv, i) for i in range(count)]) if _wants_mig(entries) \
-        else {}
-    return resolve_visible(entries, uuids, _mig_parents(mig))
 
 
 def vllm_available() -> bool:

@@ -23,9 +23,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from labkit.config import ConfigError, EngineConfig, PDConfig, Plan, validate
-from labkit.engines.base import EngineHandle, free_port
+from labkit.engines.base import EngineHandle
 from labkit.hardware import GiB
+from labkit.plan import ConfigError, EngineConfig, PDConfig, Plan, validate
+from labkit.plan.ports import free_port
 
 Progress = Callable[[str, float], None]
 MODES = ("auto", "sim", "vllm")
@@ -125,6 +126,7 @@ class Lab:
     # ------------------------------------------------------------------ planning
     def _plan(self) -> Plan:
         from labkit import hardware
+        from labkit.plan import detect
 
         if self.mode == "sim":
             hw = hardware.simulated(self.config.num_gpus or 2, self.config.gpu_type or "h100")
@@ -132,7 +134,7 @@ class Lab:
             return replace(plan, kind="sim")
         plan = validate(self.config)
         if self.mode == "vllm" and plan.kind != "vllm":
-            why = ("no NVIDIA GPU was found" if not hardware.detect().gpus
+            why = ("no NVIDIA GPU was found" if not detect().gpus
                    else "vLLM is not importable")
             raise ConfigError(f"mode='vllm' asked for real engines, but {why}",
                               "install labkit[gpu] on a GPU machine, or use mode='auto'/'sim'")
@@ -198,8 +200,8 @@ class Lab:
         kv_ep = kv_ep or f"tcp://127.0.0.1:{free_port()}"
         log = self.run_dir / f"{name}.log"
         if self.kind == "vllm":
-            from labkit.config import env_for, vllm_args
             from labkit.engines.vllm import VLLMEngine
+            from labkit.plan import env_for, vllm_args
 
             # vLLM's publisher binds "tcp://*:PORT"; we ask for loopback only.
             args = vllm_args(None, self.plan, name, model_dir, port,
@@ -247,7 +249,7 @@ class Lab:
             return
         import shutil
 
-        from labkit.config import shared_storage_path
+        from labkit.plan import shared_storage_path
 
         path = Path(shared_storage_path(self.run_dir))
         if path.name.startswith("labkit-") and path.is_dir():

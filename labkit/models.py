@@ -64,7 +64,7 @@ def _normalize_model_dtype(dtype: str) -> str:
     return key
 
 
-def _pad_vocab(vocab_size: int) -> int:
+def pad_vocab(vocab_size: int) -> int:
     return -(-vocab_size // _VOCAB_PADDING) * _VOCAB_PADDING
 
 
@@ -136,7 +136,7 @@ class ModelShape:
         on the last when tied), lm_head and the final norm on the last; vocab rows are
         padded to a multiple of 64 and split over TP.
         """
-        vocab_rows = _pad_vocab(self.vocab_size) // tp
+        vocab_rows = pad_vocab(self.vocab_size) // tp
         emb = vocab_rows * self.hidden_size
         out = []
         for stage, layers in enumerate(self.layers_per_stage(pp)):

@@ -349,7 +349,7 @@ def register_record(sub: argparse._SubParsersAction) -> None:
 def record_main(args: argparse.Namespace) -> int:
     """`labkit record --duration S --out PATH [lab options]`: prints the recording's summary."""
     from labkit.bench.record_session import record_demo_session
-    from labkit.config import ConfigError
+    from labkit.plan import ConfigError
 
     knobs = {
         "model": args.model,

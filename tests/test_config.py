@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 from labfixtures import FIXTURES
 
-import labkit.config as config
-import labkit.memory_plan as memory_plan
-from labkit.config import (
+import labkit.plan.memory as memory_plan
+import labkit.plan.planner as config
+from labkit.hardware import GPU_TYPES, GiB, GPUInfo, Hardware, simulated
+from labkit.plan import (
     ConfigError,
     EngineConfig,
     PDConfig,
@@ -22,7 +23,6 @@ from labkit.config import (
     validate,
     vllm_args,
 )
-from labkit.hardware import GPU_TYPES, GiB, GPUInfo, Hardware, simulated
 
 ARG_UTILS = Path("/tmp/vllmsrc/vllm/engine/arg_utils.py")
 CLI_ARGS = Path("/tmp/vllmsrc/vllm/entrypoints/openai/cli_args.py")

@@ -13,11 +13,11 @@ from labkit.hardware import (
     LINKS,
     GiB,
     Hardware,
-    detect,
     gpu_type_for,
     simulated,
     vllm_available,
 )
+from labkit.plan import detect
 
 
 def test_datasheet_numbers():

@@ -84,7 +84,7 @@ def test_live_telemetry_from_a_simulated_pair(tmp_path):
 
 
 def test_lab_validates_before_starting(tmp_path):
-    with pytest.raises(labkit.config.ConfigError) as exc:
+    with pytest.raises(labkit.plan.ConfigError) as exc:
         Lab(mode="sim", model="llama-3.1-8b", tp=3, run_dir=tmp_path)
     assert "tp" in str(exc.value).lower()
     assert not (tmp_path / "prefill.log").exists()

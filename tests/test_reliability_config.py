@@ -17,9 +17,9 @@ import pytest
 import labkit
 from labkit import faults
 from labkit.cli import main as cli_main
-from labkit.config import ConfigError, EngineConfig, PDConfig
 from labkit.engines.base import EngineStartError
 from labkit.engines.sim.process import SimEngineProcess
+from labkit.plan import ConfigError, EngineConfig, PDConfig
 
 # name -> (Lab keywords, words the message must hold: the problem and the fix)
 LAB_CASES: dict[str, tuple[dict, list[str]]] = {

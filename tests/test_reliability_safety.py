@@ -15,10 +15,10 @@ import pytest
 
 import labkit
 from labkit import faults
-from labkit.config import ConfigError
 from labkit.engines.base import EngineStartError
 from labkit.engines.sim.process import SimEngineProcess
 from labkit.engines.sim.transport import check_storage_path
+from labkit.plan import ConfigError
 
 
 @pytest.fixture(scope="module")

@@ -225,7 +225,7 @@ def test_apply_restarts_the_lab_and_keeps_the_previous_run(tmp_path, monkeypatch
     old_widget, old_groups = dash.dashboard.widget, [e.pgid for e in lab.engines.values()]
     try:
         cfg = labkit.lab.build_config("lab-tiny", chunk=64, num_gpu_blocks=64, max_num_seqs=16)
-        plan = labkit.config.validate(cfg, labkit.hardware.simulated(2, "h100"))
+        plan = labkit.plan.validate(cfg, labkit.hardware.simulated(2, "h100"))
         dash.apply(LabSettings(cfg, plan, WorkloadSettings(rate=20.0, prompt_len=100,
                                                            output_len=4, shared_prefix=0.0)))
         assert dash.lab is not lab and dash.lab.is_running()

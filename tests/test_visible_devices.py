@@ -10,10 +10,10 @@ from dataclasses import replace
 
 import pytest
 
-import labkit.config as config
-from labkit.config import ConfigError, EngineConfig, PDConfig, env_for, validate
+import labkit.plan.planner as config
 from labkit.engines.base import EngineHandle
-from labkit.hardware import (
+from labkit.plan import ConfigError, EngineConfig, PDConfig, env_for, validate
+from labkit.plan.devices import (
     cuda_visible_devices,
     detect,
     engine_gpu_env,

@@ -1,7 +1,7 @@
-"""The control panel hands on_apply only configs that labkit.config.validate accepts."""
+"""The control panel hands on_apply only configs that labkit.plan.validate accepts."""
 from __future__ import annotations
 
-from labkit.config import EngineConfig, PDConfig
+from labkit.plan import EngineConfig, PDConfig
 from labkit.viz.controls import ControlPanel, LabSettings, StartupProgress, WorkloadSettings
 
 

@@ -145,9 +145,9 @@ def test_lab_telemetry_takes_the_engines_own_figures_from_its_log():
     said nothing: fixture log: 1.65 GiB weights, 11.55 GiB KV, 189,168 tokens."""
     from types import SimpleNamespace
 
-    from labkit.config import validate
     from labkit.hardware import simulated
     from labkit.lab import _engine_reported, build_config
+    from labkit.plan import validate
     from labkit.telemetry.vllm_log import StartupState, parse_log
 
     ep = validate(build_config("lab-1b", num_gpus=2, gpu_type="h100"), simulated(0)).engine("prefill")

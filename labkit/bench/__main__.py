@@ -56,7 +56,7 @@ def run(a: argparse.Namespace) -> int:
     from labkit.bench.compare import compare
     from labkit.bench.report import SLO, format_table, write_json
     from labkit.bench.workloads import make, rate_sweep
-    from labkit.config import ConfigError
+    from labkit.plan import ConfigError
 
     kw = {"prompt_len": a.prompt_len, "output_len": a.output_len} if a.workload == "fixed" else {}
     burst = None

@@ -333,9 +333,9 @@ def calibrate(lab_or_url: Any, gpu_type: str, out_path: str | Path, *, reps: int
 
 
 def _device_name() -> str:
-    from labkit import hardware
+    from labkit.plan import detect
 
-    hw = hardware.detect()
+    hw = detect()
     return hw.gpus[0].name if hw.gpus else "unknown"
 
 

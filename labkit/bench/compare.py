@@ -8,7 +8,7 @@ Two engines run the same variants:
 - "cluster": the same variants in-process on `SimCluster` (simulated clock, no HTTP):
   seconds for thousands of requests, for the notebooks and for large sweeps.
 
-Both build every engine from the planner's `Plan` (labkit.config.validate), so pool sizes,
+Both build every engine from the planner's `Plan` (labkit.plan.validate), so pool sizes,
 chunk sizes and links are the numbers `labkit plan` prints. Every result says whether it is
 REAL vLLM (and on which device) or SIMULATED.
 """
@@ -78,8 +78,8 @@ def variants(compare: str, engine: str = "cluster") -> tuple[int, list[Variant]]
 
 def _plan(model: str, variant: Variant, num_gpus: int, gpu_type: str, simulated: bool) -> Any:
     from labkit import hardware
-    from labkit.config import validate
     from labkit.lab import build_config
+    from labkit.plan import validate
 
     cfg = build_config(model, num_gpus=num_gpus, gpu_type=gpu_type if simulated else None,
                        **variant.knobs)
@@ -210,9 +210,9 @@ def _rate_label(wl: Workload) -> str:
 
 
 def _real_device_name(plan: Any) -> str:
-    from labkit import hardware
+    from labkit.plan import detect
 
-    hw = hardware.detect()
+    hw = detect()
     name = hw.gpus[0].name if hw.gpus else plan.gpu_type.name
     return f"{len(hw.gpus)}x {name}"
 

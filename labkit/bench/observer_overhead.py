@@ -29,10 +29,10 @@ VARIANTS = ("plain", "observed")
 
 def _engine(name: str, plan: Any, model_dir: str, run_dir: Path, gpu: int,
             observer_endpoint: str | None) -> Any:
-    from labkit.config import env_for, vllm_args
-    from labkit.engines.base import free_port
     from labkit.engines.vllm import VLLMEngine
-    from labkit.hardware import engine_gpu_env
+    from labkit.plan import env_for, vllm_args
+    from labkit.plan.devices import engine_gpu_env
+    from labkit.plan.ports import free_port
 
     port = free_port()
     extra = {"run_dir": str(run_dir), "served_model_name": plan.model.name,
@@ -63,11 +63,11 @@ def run(gpu: int = 0, model: str = "lab-1b", requests: int = 64, prompt: int = 5
     """Start both engines, run the workload `rounds` times on each (alternating), stop them."""
     from labkit.bench.loadgen import run_load
     from labkit.bench.workloads import fixed
-    from labkit.config import validate
-    from labkit.engines.base import free_port
-    from labkit.hardware import cuda_visible_devices
     from labkit.lab import build_config
     from labkit.models import write_model_dir
+    from labkit.plan import validate
+    from labkit.plan.devices import cuda_visible_devices
+    from labkit.plan.ports import free_port
     from labkit.telemetry.subscriber import ObserverSubscriber
 
     plan = validate(build_config(model, colocated=True, num_gpus=1, gpu_memory_utilization=util))

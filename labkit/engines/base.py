@@ -10,7 +10,6 @@ from __future__ import annotations
 import atexit
 import os
 import signal
-import socket
 import subprocess
 import time
 import weakref
@@ -20,30 +19,13 @@ from typing import Any, Literal
 
 import httpx
 
-from labkit.hardware import engine_gpu_env
+from labkit.plan.devices import engine_gpu_env
+from labkit.plan.ports import free_port, port_is_free  # noqa: F401  (engines pick ports too)
 
 EngineKind = Literal["vllm", "sim"]
 ProgressCallback = Callable[[str, dict[str, Any]], None]
 
 _LIVE: weakref.WeakSet[EngineHandle] = weakref.WeakSet()
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port that was free a moment ago: bind to port 0, read it, release it."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def port_is_free(host: str, port: int) -> bool:
-    """Whether a server could listen on (host, port) now (SO_REUSEADDR, as uvicorn binds)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-        return True
 
 
 def _set_pdeathsig() -> None:  # pragma: no cover - runs in the child before exec
@@ -126,7 +108,7 @@ class EngineHandle:
 
     def environment(self) -> dict[str, str]:
         """The parent's environment + `env`; with `gpus` (logical plan GPUs), a real engine
-        gets the parent's CUDA_VISIBLE_DEVICES entries for them (hardware.engine_gpu_env)."""
+        gets the parent's CUDA_VISIBLE_DEVICES entries for them (labkit.plan.devices.engine_gpu_env)."""
         env = dict(os.environ)
         env.update(self.extra_env)
         if self.gpus and self.kind == "vllm":

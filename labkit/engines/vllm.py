@@ -2,7 +2,7 @@
 
 vLLM 0.26 is started as `python -m vllm.entrypoints.cli.main serve MODEL ...` with the
 interpreter that runs the lab (the `vllm` console script may be absent when vLLM is only on
-PYTHONPATH). The argument list after `serve` comes from `labkit.config` (`vllm_args`).
+PYTHONPATH). The argument list after `serve` comes from `labkit.plan` (`vllm_args`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class VLLMEngine(LogFollowingEngine):
         kwargs.setdefault("kind", "vllm")
         super().__init__(name, **kwargs)
         self.serve_args = [str(a) for a in serve_args]
-        if "--port" in self.serve_args:  # labkit.config.vllm_args names the port itself
+        if "--port" in self.serve_args:  # labkit.plan.vllm_args names the port itself
             self.port = int(self.serve_args[self.serve_args.index("--port") + 1])
         self.python = python or sys.executable
 

@@ -1,7 +1,7 @@
 """Checkers for the notebooks' exercises: a learner's answer against labkit's own numbers.
 
 Each `check_*` computes the right answer with the functions the lab itself runs on
-(labkit.models' KV arithmetic, labkit.config's planner, the simulator's block pool,
+(labkit.models' KV arithmetic, labkit.plan's planner, the simulator's block pool,
 scheduler and connectors), prints a friendly verdict and returns True / False.
 `answer=None` means "not answered yet": the notebook still runs top to bottom.
 `reveal=True` also prints the expected value. Each returns a `Verdict` (truthy when right)

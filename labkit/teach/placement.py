@@ -1,6 +1,6 @@
 """Where weights and KV go: planner tables for TP/PP choices and the 4-GPU article check.
 
-Everything here is labkit.config.validate() on a simulated machine of the GPU type you
+Everything here is labkit.plan.validate() on a simulated machine of the GPU type you
 name: vLLM's own placement and memory arithmetic (weights exact, KV exact, activations
 and CUDA context estimated); no process starts, so it runs the same on a laptop.
 """
@@ -28,8 +28,8 @@ def simulated_plan(
     machine of `num_gpus` x `gpu_type`. `knobs` go to labkit.lab.build_config
     (kv_cache_dtype, gpu_memory_utilization, kv_offloading_size_gb, chunk, connector, ...)."""
     from labkit import hardware
-    from labkit.config import validate
     from labkit.lab import build_config
+    from labkit.plan import validate
 
     cfg = build_config(model, tp=tp, pp=pp, num_gpus=num_gpus, gpu_type=gpu_type,
                        colocated=colocated, **knobs)
@@ -55,7 +55,7 @@ def placement_table(
 ) -> Result:
     """One row per (tp, pp): the GPUs used, weights and KV per GPU, KV capacity in tokens,
     or the planner's error (what vLLM would refuse, and why)."""
-    from labkit.config import ConfigError
+    from labkit.plan import ConfigError
 
     rows = []
     for tp, pp in layouts:
@@ -178,7 +178,7 @@ def engine_command(plan: Any, engine: int | str = 0) -> str:
     """The `vllm serve` line (and CUDA_VISIBLE_DEVICES) the lab would run for one engine."""
     import shlex
 
-    from labkit.config import env_for, serve_command
+    from labkit.plan import env_for, serve_command
 
     env = env_for(engine, plan)
     cmd = serve_command(None, plan, engine, "<model dir>", 8000)

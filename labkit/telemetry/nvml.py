@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
-from labkit.hardware import visible_physical
+from labkit.plan.devices import visible_physical
 
 _NVML: ModuleType | None = None
 _NVML_LOCK = threading.Lock()

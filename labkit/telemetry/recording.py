@@ -199,7 +199,7 @@ def _hardware(kind: str, describe: dict[str, Any]) -> dict[str, Any]:
         try:
             drv = pynvml.nvmlSystemGetDriverVersion()
             out["driver"] = drv.decode() if isinstance(drv, bytes) else drv
-            from labkit.hardware import visible_physical
+            from labkit.plan.devices import visible_physical
 
             phys = visible_physical(pynvml)  # the GPUs this run could use (CUDA_VISIBLE_DEVICES)
             names = [pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(i)) for i in phys]

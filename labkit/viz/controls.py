@@ -1,8 +1,8 @@
 """The learner's knobs: an ipywidgets panel whose Apply button hands a VALIDATED config to
 `on_apply`, and a start-up progress bar (stage name + fraction, one row per engine).
 
-Controls never touch an engine: they only build a `labkit.config` object and run
-`labkit.config.validate` on it; a `ConfigError` is shown in the panel and nothing is called.
+Controls never touch an engine: they only build a `labkit.plan` object and run
+`labkit.plan.validate` on it; a `ConfigError` is shown in the panel and nothing is called.
 """
 from __future__ import annotations
 
@@ -32,8 +32,8 @@ class WorkloadSettings:
 class LabSettings:
     """What Apply hands to `on_apply`: the validated engine config and the workload."""
 
-    config: Any  # labkit.config.PDConfig (or EngineConfig), validated
-    plan: Any  # what labkit.config.validate returned for it
+    config: Any  # labkit.plan.PDConfig (or EngineConfig), validated
+    plan: Any  # what labkit.plan.validate returned for it
     workload: WorkloadSettings
 
 
@@ -49,14 +49,14 @@ class ControlPanel:
 
     Args:
         on_apply: called with a `LabSettings` once validation passed; never on a ConfigError.
-        base: the running config (a labkit.config.PDConfig); its values fill the widgets and
-            the knobs are applied onto a copy of it. None: labkit.config's defaults.
+        base: the running config (a labkit.plan.PDConfig); its values fill the widgets and
+            the knobs are applied onto a copy of it. None: labkit.plan's defaults.
         models: model choices (labkit.models preset keys by default).
     """
 
     def __init__(self, on_apply: Callable[[LabSettings], None] | None = None, base: Any = None,
                  models: list[str] | None = None, hardware: Any = None) -> None:  # fmt: skip
-        from labkit.config import PDConfig
+        from labkit.plan import PDConfig
 
         self.on_apply = on_apply
         self.base = base if base is not None else PDConfig()
@@ -104,7 +104,7 @@ class ControlPanel:
         ])  # fmt: skip
 
     def engine_values(self) -> dict[str, Any]:
-        """The engine knobs, named like labkit.config.EngineConfig's fields."""
+        """The engine knobs, named like labkit.plan.EngineConfig's fields."""
         return {
             "model": str(self.model.value),
             "max_num_batched_tokens": int(self.max_num_batched_tokens.value) or None,
@@ -123,7 +123,7 @@ class ControlPanel:
 
     def apply(self) -> LabSettings | None:
         """Validate, then call on_apply; on ConfigError show it and call nothing."""
-        from labkit.config import ConfigError, validate
+        from labkit.plan import ConfigError, validate
 
         try:
             cfg = with_engine_values(self.base, self.engine_values(), self.target.value)
@@ -185,14 +185,14 @@ class StartupProgress:
 
 def engines_of(cfg: Any) -> list[Any]:
     """The EngineConfigs inside a PDConfig (prefill, decode), or [cfg] for an EngineConfig."""
-    from labkit.config import PDConfig
+    from labkit.plan import PDConfig
 
     return [cfg.prefill, cfg.decode] if isinstance(cfg, PDConfig) else [cfg]
 
 
 def with_engine_values(cfg: Any, values: dict[str, Any], target: str = "both") -> Any:
     """A copy of `cfg` with the knobs set on the targeted engine(s) ("both"|"prefill"|"decode")."""
-    from labkit.config import PDConfig
+    from labkit.plan import PDConfig
 
     if not isinstance(cfg, PDConfig):
         return dataclasses.replace(cfg, **values)

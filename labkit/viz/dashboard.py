@@ -48,8 +48,8 @@ class Dashboard:
     Args:
         source: anything with `poll() -> TelemetryDelta` and `describe() -> dict`.
         on_apply: called with a validated `LabSettings` when the learner presses Apply.
-        config: the running labkit.config.PDConfig (fills the controls); None: defaults.
-        hardware: passed to labkit.config.validate (None: detected / simulated).
+        config: the running labkit.plan.PDConfig (fills the controls); None: defaults.
+        hardware: passed to labkit.plan.validate (None: detected / simulated).
         interval: seconds between refreshes (0.25 = 4 Hz).
         max_cells: block-map cells per engine before blocks are grouped into super-cells.
     """

@@ -1,6 +1,6 @@
 """Helpers for the GPU tests: a model directory, vLLM argument lists, results under $OUT.
 
-`labkit.models.write_model_dir` and `labkit.config` are used when present; the small
+`labkit.models.write_model_dir` and `labkit.plan` are used when present; the small
 fallbacks here only keep the GPU proof runnable while those land.
 """
 

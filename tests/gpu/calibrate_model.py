@@ -17,10 +17,11 @@ from labkit import hardware
 from labkit.bench import fidelity
 from labkit.bench.calibrate import calibrate
 from labkit.lab import Lab
+from labkit.plan import detect
 
 if __name__ == "__main__":
     out, model = Path(sys.argv[1]), sys.argv[2]
-    gpu_key = hardware.gpu_type_for(hardware.detect().gpus[0].name).key
+    gpu_key = hardware.gpu_type_for(detect().gpus[0].name).key
     with Lab(mode="vllm", num_gpus=1, observe=False, model=model, colocated=True,
              num_gpu_blocks=16384, run_dir=tempfile.mkdtemp()) as lab:
         costs = calibrate(lab, gpu_key, out / f"{gpu_key}-{model}.json")

@@ -26,8 +26,9 @@ from typing import Any
 
 import httpx
 
-from labkit.engines.base import free_port, pids_in_group
+from labkit.engines.base import pids_in_group
 from labkit.engines.vllm import VLLMEngine
+from labkit.plan.ports import free_port
 from labkit.telemetry import nvml
 from labkit.telemetry.metrics import MetricsSnapshot
 from labkit.telemetry.subscriber import KVEventSubscriber, ObserverSubscriber

@@ -22,9 +22,10 @@ def test_calibrate_then_fidelity(tmp_path):
     from labkit.bench import fidelity
     from labkit.bench.calibrate import Probe, calibrate, format_probes
     from labkit.lab import Lab
+    from labkit.plan import detect
 
     out = out_dir()
-    gpu_key = hardware.gpu_type_for(hardware.detect().gpus[0].name).key
+    gpu_key = hardware.gpu_type_for(detect().gpus[0].name).key
     wls = fidelity.workloads(40)
     costs_path = out / f"{gpu_key}.json"
     with Lab(mode="vllm", num_gpus=1, observe=False, run_dir=tmp_path / "colocated",

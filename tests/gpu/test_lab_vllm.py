@@ -1,7 +1,7 @@
 """The PRODUCT path on real GPUs: `labkit.Lab(mode="vllm")` end to end.
 
 Everything goes through what a notebook uses: `Lab(...)` (the planner, `vllm_args`, the
-observer wiring of labkit.config), `lab.url` (the PD proxy), `lab.telemetry()` (observer
+observer wiring of labkit.plan), `lab.url` (the PD proxy), `lab.telemetry()` (observer
 events, proxy timeline, NVML, /metrics) and `lab.stop()`. Each test saves what it measured
 to $OUT/<name>.json before asserting, and a recording (labkit.telemetry.recording) where
 that module exists.
@@ -129,7 +129,7 @@ def test_one_gpu_lab_example_pair(tmp_path: Path) -> None:
     assert res["save_layers_prefill"]["count"] >= lab.plan.model.num_layers
     assert res["pids_left"] == []
     assert res["gpu_used_after_mib"][0] <= res["gpu_used_before_mib"][0] + 512
-    from labkit.config import shared_storage_path  # ExampleConnector's KV files went with it
+    from labkit.plan import shared_storage_path  # ExampleConnector's KV files went with it
 
     assert not Path(shared_storage_path(lab.run_dir)).exists()
 

@@ -141,7 +141,7 @@ class SimEngine:
 
     @classmethod
     def from_config(cls, cfg: Any, **overrides: Any) -> SimEngine:
-        """Build from a labkit.config.EngineConfig (or anything with those attribute names)."""
+        """Build from a labkit.plan.EngineConfig (or anything with those attribute names)."""
         kw: dict[str, Any] = {}
         for name in ("model", "tp", "pp", "kv_cache_dtype", "block_size", "max_num_batched_tokens",
                      "max_num_seqs", "max_model_len", "enable_prefix_caching",

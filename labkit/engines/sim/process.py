@@ -1,7 +1,7 @@
 """SimEngineProcess: a simulated engine as a subprocess, handled like a real `vllm serve`.
 
 The command is `sys.executable -m labkit.engines.sim ...` (an argument list, no shell),
-built from a labkit.config EngineConfig + Plan (the same numbers the planner shows: chunk
+built from a labkit.plan EngineConfig + Plan (the same numbers the planner shows: chunk
 size, TP/PP, KV dtype, pool size, connector, link) or from keyword arguments. The process
 logs vLLM-style start-up lines, so the same progress parser (telemetry.vllm_log) follows it.
 """
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from labkit.engines.base import LogFollowingEngine
 
 if TYPE_CHECKING:
-    from labkit.config import EngineConfig, EnginePlan, Plan
+    from labkit.plan import EngineConfig, EnginePlan, Plan
 
 SIM_MAIN = "labkit.engines.sim"
 
@@ -44,8 +44,8 @@ def options_from_plan(config: EngineConfig | None, plan: Plan, key: Any) -> dict
         "max_num_batched_tokens": ep.max_num_batched_tokens, "max_num_seqs": c.max_num_seqs,
         "gpu_memory_utilization": ep.gpu_memory_utilization, "max_model_len": ep.max_model_len,
         "gpu_type": plan.gpu_type.key, "enable_prefix_caching": c.enable_prefix_caching,
-        # The plan turns it off on an ExampleConnector prefill engine (labkit/config.py);
-        # vLLM gets --no-enable-chunked-prefill then (labkit/vllm_args.py), so does the sim.
+        # The plan turns it off on an ExampleConnector prefill engine (labkit/plan/planner.py);
+        # vLLM gets --no-enable-chunked-prefill then (labkit/plan/vllm_args.py), so does the sim.
         "enable_chunked_prefill": c.enable_chunked_prefill,
         "observer_name": ep.name,
     }

@@ -56,7 +56,7 @@ class SimServerArgs:
     max_num_seqs: int | None = None
     gpu_memory_utilization: float = 0.92
     num_gpu_blocks_override: int | None = None  # vLLM's flag (shows in cache_config_info)
-    num_gpu_blocks: int | None = None  # the planner's pool size (labkit.config EnginePlan)
+    num_gpu_blocks: int | None = None  # the planner's pool size (labkit.plan EnginePlan)
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True  # vLLM's --[no-]enable-chunked-prefill

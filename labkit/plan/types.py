@@ -1,6 +1,6 @@
 """The lab's configuration and plan types: what the learner sets (EngineConfig, PDConfig) and
-what `labkit.config.validate` makes of it (Plan, EnginePlan, GPUPlan, ...). Plain data; the
-checks live in labkit/config.py, the memory arithmetic in labkit/memory_plan.py."""
+what `labkit.plan.validate` makes of it (Plan, EnginePlan, GPUPlan, ...). Plain data; the
+checks live in labkit/plan/planner.py, the memory arithmetic in labkit/plan/memory.py."""
 
 from __future__ import annotations
 
@@ -11,14 +11,6 @@ from labkit.hardware import GPUType
 from labkit.models import ModelShape
 
 Role = Literal["prefill", "decode", "both"]
-
-
-class ConfigError(ValueError):
-    """A configuration vLLM would refuse (or get wrong): what is wrong and what to do."""
-
-    def __init__(self, problem: str, fix: str) -> None:
-        self.problem, self.fix = problem, fix
-        super().__init__(f"{problem} — {fix}")
 
 
 @dataclass

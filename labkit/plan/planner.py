@@ -15,26 +15,19 @@ from dataclasses import replace
 from typing import Literal
 
 from labkit.hardware import GPU_TYPES, GPUType, Hardware, nixl_available, vllm_available
-from labkit.memory_plan import (
+from labkit.models import ModelShape, get_model, normalize_kv_dtype
+from labkit.plan.errors import ConfigError
+from labkit.plan.memory import (
     MAX_TP,
-    _gpu_lines,
-    _pick_utilization,
-    _plan_engine,
-    activation_bytes,
-    default_max_num_batched_tokens,
+    gpu_lines,
+    pick_utilization,
+    plan_engine,
     valid_tp_sizes,
 )
-from labkit.models import ModelShape, get_model, normalize_kv_dtype
-from labkit.plan_types import (
-    ConfigError,
+from labkit.plan.types import (
     EngineConfig,
-    EnginePlan,
-    GPUPlan,
-    MemoryLine,
     PDConfig,
     Plan,
-    RankPlacement,
-    Role,
 )
 
 
@@ -211,7 +204,7 @@ def _example_prefill(
     """
     if not e.enable_chunked_prefill:
         return e
-    probe = _plan_engine("prefill", "prefill", e, model, gpu, util, 0, [])
+    probe = plan_engine("prefill", "prefill", e, model, gpu, util, 0, [])
     chunk, model_len = probe.max_num_batched_tokens, probe.max_model_len
     if e.max_model_len is not None and e.max_model_len > chunk:
         raise ConfigError(
@@ -238,7 +231,7 @@ def validate(cfg: PDConfig, hardware: Hardware | None = None) -> Plan:
     Raises ConfigError naming the problem and the fix. Pure arithmetic: no process starts.
     """
     if hardware is None:
-        from labkit.hardware import detect
+        from labkit.plan.devices import detect
 
         hardware = detect()
     if cfg.colocated:
@@ -289,14 +282,14 @@ def validate(cfg: PDConfig, hardware: Hardware | None = None) -> Plan:
             f"simulated cluster with num_gpus={sum(worlds)}",
         )
     connector = None if cfg.colocated else _pick_connector(cfg, kind, shared, engines)
-    utils = _pick_utilization([n for n, _, _ in named], engines, shared, notes)
+    utils = pick_utilization([n for n, _, _ in named], engines, shared, notes)
     plans, first = [], 0
     for (n, role, e), model, u in zip(named, models, utils, strict=True):
         if connector == "example" and role == "prefill":
             e = _example_prefill(e, model, gpu, u, notes)
-        plans.append(_plan_engine(n, role, e, model, gpu, u, 0 if shared else first, notes))
+        plans.append(plan_engine(n, role, e, model, gpu, u, 0 if shared else first, notes))
         first += e.world_size
-    gpus = _gpu_lines(plans, models[0], gpu, num_gpus)
+    gpus = gpu_lines(plans, models[0], gpu, num_gpus)
     if shared:
         notes.append(
             "two engines on one GPU: start them one after the other, or each counts "
@@ -313,26 +306,3 @@ def validate(cfg: PDConfig, hardware: Hardware | None = None) -> Plan:
         "follow vLLM's arithmetic exactly"
     )
     return Plan(kind, gpu, num_gpus, connector, link, models[0], plans, gpus, notes)
-
-
-# The plan -> `vllm serve` arguments live in labkit/vllm_args.py; imported here so
-# `labkit.config.vllm_args` and friends keep working.
-from labkit.vllm_args import (  # noqa: E402
-    OBSERVER_CLASS,
-    OBSERVER_MODULE,
-    env_for,
-    kv_role,
-    kv_transfer_config,
-    observer_children,
-    serve_command,
-    shared_storage_path,
-    vllm_args,
-)
-
-__all__ = [
-    "ConfigError", "EngineConfig", "PDConfig", "Plan", "EnginePlan", "GPUPlan", "MemoryLine",
-    "RankPlacement", "Role", "validate", "valid_tp_sizes", "default_max_num_batched_tokens",
-    "activation_bytes", "OBSERVER_CLASS", "OBSERVER_MODULE", "env_for", "kv_role",
-    "kv_transfer_config", "observer_children", "serve_command", "shared_storage_path",
-    "vllm_args",
-]

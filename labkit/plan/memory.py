@@ -1,6 +1,6 @@
 """Per-GPU memory the way vLLM 0.26 counts it: an engine's budget, weights, peak activation,
 non-torch overhead and what is left for KV blocks (`_plan_engine`), the memory fraction each
-engine of a shared GPU gets, and the per-GPU lines the plan shows. Used by labkit.config.validate.
+engine of a shared GPU gets, and the per-GPU lines the plan shows. Used by labkit.plan.validate.
 """
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import math
 from dataclasses import replace
 
 from labkit.hardware import GiB, GPUType
-from labkit.models import ModelShape, _pad_vocab, normalize_kv_dtype
-from labkit.plan_types import (
-    ConfigError,
+from labkit.models import ModelShape, normalize_kv_dtype, pad_vocab
+from labkit.plan.errors import ConfigError
+from labkit.plan.types import (
     EngineConfig,
     EnginePlan,
     GPUPlan,
@@ -37,7 +37,7 @@ def valid_tp_sizes(model: ModelShape, limit: int = MAX_TP) -> list[int]:
             model.num_heads % tp == 0
             and (kv % tp == 0 or tp % kv == 0)
             and model.intermediate_size % tp == 0
-            and _pad_vocab(model.vocab_size) % tp == 0
+            and pad_vocab(model.vocab_size) % tp == 0
         ):
             out.append(tp)
     return out
@@ -75,7 +75,7 @@ def _gib(b: float) -> str:
     return f"{b / GiB:.2f} GiB"
 
 
-def _pick_utilization(
+def pick_utilization(
     names: list[str], engines: list[EngineConfig], shared: bool, notes: list[str]
 ) -> list[float]:
     utils = [e.gpu_memory_utilization for e in engines]
@@ -101,7 +101,7 @@ def _pick_utilization(
     return picked
 
 
-def _plan_engine(
+def plan_engine(
     name: str,
     role: Role,
     e: EngineConfig,
@@ -234,7 +234,7 @@ def _plan_engine(
     )
 
 
-def _gpu_lines(
+def gpu_lines(
     plans: list[EnginePlan], model: ModelShape, gpu: GPUType, num_gpus: int
 ) -> list[GPUPlan]:
     """Each GPU's memory: one line per engine rank on it, and what is left free."""

@@ -3,7 +3,7 @@
 The KV-transfer JSON (ExampleConnector / NixlConnector, wrapped in vLLM's MultiConnector with
 labkit's observer connector and, when asked, the CPU offload tier), the KV-event config, and
 the per-engine environment (CUDA_VISIBLE_DEVICES, NIXL side channel). Re-exported by
-`labkit.config`.
+`labkit.plan`.
 """
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from labkit.engines.base import free_port
-from labkit.hardware import GiB, engine_gpu_env
-from labkit.plan_types import EngineConfig, EnginePlan, Plan, Role
+from labkit.hardware import GiB
+from labkit.plan.devices import engine_gpu_env
+from labkit.plan.ports import free_port
+from labkit.plan.types import EngineConfig, EnginePlan, Plan, Role
 
 # ---- from the plan to `vllm serve` ------------------------------------------------------------
 _CONNECTOR_CLASS = {"example": "ExampleConnector", "nixl": "NixlConnector"}
@@ -234,7 +235,7 @@ def env_for(
 
     On a real plan the plan's (logical) GPUs become the parent's CUDA_VISIBLE_DEVICES entries
     (logical 0 under CUDA_VISIBLE_DEVICES=2,3 is "2") and CUDA_DEVICE_ORDER=PCI_BUS_ID is set
-    (hardware.engine_gpu_env); a simulated plan's GPUs are no GPUs of this machine.
+    (labkit.plan.devices.engine_gpu_env); a simulated plan's GPUs are no GPUs of this machine.
     """
     ep = plan.engine(engine)
     order: list[int] = []
