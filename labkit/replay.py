@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from labkit.telemetry.recording import Recording, read_recording
-from labkit.viz.source import TelemetryDelta
+from labkit.telemetry.source import TelemetryDelta
 
 _HAS_RESET = any(f.name == "reset" for f in dataclasses.fields(TelemetryDelta))
 _ORIGIN = {"vllm": "a real vLLM run", "sim": "a SIMULATED run"}

@@ -18,8 +18,8 @@ from labfixtures import FIXTURES
 from labkit.replay import Replay, register_record, register_replay, replay, title_of
 from labkit.telemetry.metrics import MetricsSnapshot
 from labkit.telemetry.recording import Recorder, read_recording, record
+from labkit.telemetry.source import MetricsSample, SourceInfo, TelemetryDelta, TelemetrySource
 from labkit.viz.dashboard import Dashboard
-from labkit.viz.source import MetricsSample, SourceInfo, TelemetryDelta, TelemetrySource
 from labkit.viz.state import (
     BlockMapState,
     LatencyState,

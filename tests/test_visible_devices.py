@@ -21,8 +21,8 @@ from labkit.plan.devices import (
     visible_entries,
 )
 from labkit.telemetry import nvml
+from labkit.telemetry.source import SourceInfo
 from labkit.viz.memory import MemoryView
-from labkit.viz.source import SourceInfo
 from labkit.viz.state import MemoryState
 
 GIB = 1 << 30

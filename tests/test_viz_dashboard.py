@@ -8,8 +8,8 @@ import numpy as np
 
 from labkit.bench.viz_refresh import run
 from labkit.telemetry.observer_schema import ObserverBatch, RequestAllocated
+from labkit.telemetry.source import GpuSample, TelemetryDelta, TelemetrySource
 from labkit.viz.dashboard import Dashboard
-from labkit.viz.source import GpuSample, TelemetryDelta, TelemetrySource
 from labkit.viz.synthetic import SyntheticSource
 
 GiB = 2**30

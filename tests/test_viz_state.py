@@ -17,7 +17,7 @@ from labkit.telemetry.observer_schema import (
     decode_observer_batch,
     encode_observer_batch,
 )
-from labkit.viz.source import EngineMemory, GpuSample, MetricsSample
+from labkit.telemetry.source import EngineMemory, GpuSample, MetricsSample
 from labkit.viz.state import (
     BlockMapState,
     LatencyState,

@@ -16,11 +16,11 @@ from labkit.telemetry.observer_schema import (
     RequestFinished,
     StepScheduled,
 )
+from labkit.telemetry.source import EngineMemory, GpuSample, MetricsSample, SourceInfo
 from labkit.viz.blocks import MAX_CELLS, Z_REQ0, BlockMapView, block_grid
 from labkit.viz.latency import LatencyView
 from labkit.viz.memory import MemoryView
 from labkit.viz.schedule import ScheduleView
-from labkit.viz.source import EngineMemory, GpuSample, MetricsSample, SourceInfo
 from labkit.viz.state import BlockMapState, LatencyState, MemoryState, ScheduleState, TransferState
 from labkit.viz.streaming import StreamingView
 

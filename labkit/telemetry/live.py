@@ -5,7 +5,7 @@ here, the engines connect), KV events (ZMQ, one subscriber per engine), /metrics
 per engine), the proxy's timeline (HTTP, polled with a cursor) and GPU memory (NVML for real
 engines; the simulator's own figures, labelled "sim", for simulated ones) — keeps it in one
 `TelemetryStore` (what a recording saves) and hands the views what is new since the last
-`poll()` (labkit.viz.source.TelemetrySource).
+`poll()` (labkit.telemetry.source.TelemetrySource).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from typing import Any
 import httpx
 
 from labkit.telemetry.metrics import MetricsScraper, MetricsSnapshot
+from labkit.telemetry.source import EngineMemory, GpuSample, MetricsSample, TelemetryDelta
 from labkit.telemetry.store import TelemetryStore
 from labkit.telemetry.subscriber import KVEventSubscriber, ObserverSubscriber
-from labkit.viz.source import EngineMemory, GpuSample, MetricsSample, TelemetryDelta
 
 
 @dataclass

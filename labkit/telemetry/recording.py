@@ -31,7 +31,7 @@ from typing import Any, BinaryIO
 import msgspec
 
 from labkit.telemetry.observer_schema import decode_observer_batch, encode_observer_batch
-from labkit.viz.source import (
+from labkit.telemetry.source import (
     EngineMemory,
     GpuSample,
     MetricsSample,

@@ -7,11 +7,6 @@ from typing import Any
 
 _EXPORTS = {
     "Dashboard": "labkit.viz.dashboard",
-    "TelemetryDelta": "labkit.viz.source",
-    "TelemetrySource": "labkit.viz.source",
-    "GpuSample": "labkit.viz.source",
-    "EngineMemory": "labkit.viz.source",
-    "MetricsSample": "labkit.viz.source",
     "BlockMapView": "labkit.viz.blocks",
     "StreamingView": "labkit.viz.streaming",
     "MemoryView": "labkit.viz.memory",

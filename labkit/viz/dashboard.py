@@ -18,13 +18,13 @@ from typing import Any
 
 import ipywidgets as w
 
+from labkit.telemetry.source import SourceInfo, TelemetryDelta, TelemetrySource
 from labkit.viz.base import View
 from labkit.viz.blocks import BlockMapView
 from labkit.viz.controls import ControlPanel, StartupProgress
 from labkit.viz.latency import LatencyView
 from labkit.viz.memory import MemoryView
 from labkit.viz.schedule import ScheduleView
-from labkit.viz.source import SourceInfo, TelemetryDelta, TelemetrySource
 from labkit.viz.state import BlockMapState, LatencyState, MemoryState, ScheduleState, TransferState
 from labkit.viz.streaming import StreamingView
 from labkit.viz.style import KIND_COLORS, kind_label

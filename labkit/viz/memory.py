@@ -7,8 +7,8 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from labkit.telemetry.source import SourceInfo
 from labkit.viz.base import View
-from labkit.viz.source import SourceInfo
 from labkit.viz.state import MemoryState
 from labkit.viz.style import gib
 

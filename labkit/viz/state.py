@@ -15,8 +15,8 @@ from typing import Any
 
 from labkit.telemetry.metrics import MetricsSnapshot
 from labkit.telemetry.observer_schema import KVTransfer, LayerTiming, StepScheduled
+from labkit.telemetry.source import EngineMemory, GpuSample, MetricsSample
 from labkit.viz.blockstate import BlockMapState, EngineBlocks
-from labkit.viz.source import EngineMemory, GpuSample, MetricsSample
 
 __all__ = [
     "BlockMapState", "EngineBlocks", "TransferState", "RequestTimes", "MemoryState",

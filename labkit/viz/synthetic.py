@@ -25,7 +25,7 @@ from labkit.telemetry.observer_schema import (
     RequestFinished,
     StepScheduled,
 )
-from labkit.viz.source import EngineMemory, GpuSample, TelemetryDelta
+from labkit.telemetry.source import EngineMemory, GpuSample, TelemetryDelta
 
 GiB = 2**30
 KV_BYTES_PER_TOKEN = 65536  # lab-1b shape in bf16 (16 layers x 2 x 8 heads x 128 x 2 B)

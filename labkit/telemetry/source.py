@@ -1,4 +1,4 @@
-"""The one thing the views read: a telemetry source that is polled for what is new.
+"""The telemetry contract: the one thing the views read, a source polled for what is new.
 
 A source is anything with `poll() -> TelemetryDelta` and `describe() -> dict`; the dashboard
 never knows whether real vLLM, the simulator or a replayed recording stands behind it. Every
