@@ -6,7 +6,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["Lab", "replay", "__version__"]
+__all__ = ["Lab", "replay", "recordings", "__version__"]
 
 
 def __getattr__(name: str):
@@ -14,8 +14,8 @@ def __getattr__(name: str):
         from labkit.lab import Lab
 
         return Lab
-    if name == "replay":  # labkit.replay(path, speed=1.0): the module is callable
-        import importlib
+    if name in ("replay", "recordings"):  # labkit.replay(path, speed=1.0); labkit.recordings()
+        from labkit.telemetry import replay
 
-        return importlib.import_module("labkit.replay")
+        return getattr(replay, name)
     raise AttributeError(f"module 'labkit' has no attribute {name!r}")

@@ -64,7 +64,7 @@ if (_why := _missing()) is not None:
 
 from playwright.sync_api import Page, sync_playwright  # noqa: E402
 
-from labkit.cli_lab import voila_args  # noqa: E402
+from labkit.cli.lab import voila_args  # noqa: E402
 
 
 # ---------------------------------------------------------------- the notebook and the server

@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 from labfixtures import FIXTURES
 
-from labkit.replay import Replay, register_record, register_replay, replay, title_of
+from labkit.cli.replay import register_record, register_replay
 from labkit.telemetry.metrics import MetricsSnapshot
 from labkit.telemetry.recording import Recorder, read_recording, record
+from labkit.telemetry.replay import Replay, replay, title_of
 from labkit.telemetry.source import MetricsSample, SourceInfo, TelemetryDelta, TelemetrySource
 from labkit.viz.dashboard import Dashboard
 from labkit.viz.state import (
@@ -315,9 +316,10 @@ SHIPPED = sorted(Path(str(files("labkit") / "data" / "recordings")).glob("*.lkre
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
 def test_shipped_recording_loads_and_plays(path: Path) -> None:
-    import labkit.replay
+    import labkit
 
-    assert isinstance(labkit.replay(path), Replay)  # the module is callable, like the function
+    assert isinstance(labkit.replay(path), Replay)  # labkit.replay is the plain function
+    assert path.stem in labkit.recordings()
     rp = Replay(path, speed=None)
     assert path.stat().st_size < 5e6 and not rp.recording.truncated
     assert rp.header["kind"] in ("sim", "vllm") and rp.describe()["kind"] == "replay"

@@ -11,9 +11,9 @@ import pytest
 
 import labkit
 from labkit.models import get_model
-from labkit.replay import Replay
 from labkit.teach import replays
 from labkit.teach.exercises import simulated_chunk_steps
+from labkit.telemetry.replay import Replay
 
 CHUNK = 256
 

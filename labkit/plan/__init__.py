@@ -21,6 +21,7 @@ from __future__ import annotations
 from labkit.plan.devices import detect, engine_gpu_env
 from labkit.plan.errors import ConfigError
 from labkit.plan.memory import activation_bytes, default_max_num_batched_tokens, valid_tp_sizes
+from labkit.plan.planner import validate
 from labkit.plan.ports import free_port, port_is_free
 from labkit.plan.types import (
     EngineConfig,
@@ -32,7 +33,6 @@ from labkit.plan.types import (
     RankPlacement,
     Role,
 )
-from labkit.plan.planner import validate
 from labkit.plan.vllm_args import (
     OBSERVER_CLASS,
     OBSERVER_MODULE,

@@ -22,12 +22,12 @@ from typing import Any
 
 import msgspec
 
-from labkit.replay import Replay
-from labkit.replay import replay as open_replay
 from labkit.teach.exercises import Verdict, _close, _verdict, simulated_chunk_steps
 from labkit.teach.live import Trace
 from labkit.teach.result import Result
 from labkit.telemetry.observer_schema import PoolSnapshot
+from labkit.telemetry.replay import Replay
+from labkit.telemetry.replay import replay as open_replay
 
 GiB = 1 << 30
 ReplayLike = Replay | str | Path

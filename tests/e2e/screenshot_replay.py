@@ -32,7 +32,7 @@ def free_port() -> int:
 
 def main(out: str, recording: str = "real-h200x2-nixl") -> None:
     sys.path.insert(0, str(HERE.parents[1]))
-    from labkit.cli_lab import voila_args
+    from labkit.cli.lab import voila_args
 
     port = free_port()
     voila = subprocess.Popen([*voila_args(NOTEBOOK, port), "--no-browser"], cwd=HERE,

@@ -1,9 +1,5 @@
-"""`labkit ...` on the command line.
-
-Each subcommand is one `register_*` function (adds its parser, sets `func`) listed in
-COMMANDS, and one `cmd_*` function that takes the parsed args and returns an exit code.
-Adding a subcommand = writing those two and appending the first to COMMANDS.
-"""
+"""`labkit plan`, and the lab's config flags every subcommand that starts a lab shares
+(`add_config_flags` / `config_from_args`)."""
 
 from __future__ import annotations
 
@@ -11,7 +7,6 @@ import argparse
 import json
 import shlex
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 from labkit.hardware import GPU_TYPES, GiB
@@ -25,7 +20,7 @@ from labkit.plan import (
     validate,
 )
 
-EXIT_CONFIG_ERROR = 2
+EXIT_CONFIG_ERROR = 2  # a bad config or bad input: `error: ... / fix: ...` on stderr
 DEFAULT_PORTS = (8100, 8200)  # prefill, decode (as in the fixtures)
 NIXL_SIDE_CHANNEL_PORTS = (5600, 5610)
 
@@ -191,41 +186,3 @@ def cmd_plan(a: argparse.Namespace) -> int:
     else:
         print(format_plan(plan, commands))
     return 0
-
-
-# ---- the command table ----------------------------------------------------------------------
-def _lab_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
-    from labkit import cli_lab
-    from labkit.replay import register_record, register_replay
-
-    return [*cli_lab.COMMANDS, register_record, register_replay]
-
-
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [register_plan]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="labkit",
-        description="PD Lab: prefill/decode "
-        "separated vLLM engines (or the simulator), planned and watched",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    for register in [*COMMANDS, *_lab_commands()]:
-        register(sub)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `labkit` script; returns the exit code."""
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["calibrate"]:  # its own parser takes every flag (argparse REMAINDER cannot)
-        from labkit.bench.calibrate import main as calibrate_main
-
-        return int(calibrate_main(argv[1:]) or 0)
-    args = build_parser().parse_args(argv)
-    return int(args.func(args))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

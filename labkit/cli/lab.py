@@ -1,6 +1,6 @@
 """The `labkit` subcommands that start things: up, status, down, demo, dashboard.
 
-Registered into `labkit.cli` (see COMMANDS there). Every value reaches a subprocess as an
+Registered into `labkit.cli` (its COMMANDS table). Every value reaches a subprocess as an
 argument list; every server binds 127.0.0.1.
 """
 
@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from labkit.cli import EXIT_CONFIG_ERROR, add_config_flags, config_from_args
+from labkit.cli.plan import EXIT_CONFIG_ERROR, add_config_flags, config_from_args
 from labkit.plan import ConfigError
 
 
