@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-STATE_CHARS = {0: ".", 1: "c", 2: "#", 3: "S"}  # free, cached (evictable), in use, shared
+from labkit.vocab import BLOCK_STATE_CHARS
 
 
 def stream_completion(url: str, model: str, prompt: list[int], max_tokens: int
@@ -42,7 +42,7 @@ def block_strip(states: bytes, width: int = 64, rows: int = 4) -> list[str]:
     """The first width*rows physical blocks, one character each (vLLM hands blocks out from
     the head of its free queue, so a young engine's activity is at the low ids)."""
     cells = states[: width * rows]
-    chars = "".join(STATE_CHARS[b] for b in cells)
+    chars = "".join(BLOCK_STATE_CHARS[b] for b in cells)
     return [chars[r * width:(r + 1) * width] for r in range(rows) if chars[r * width:]]
 
 

@@ -10,8 +10,8 @@ import importlib.util
 import re
 from dataclasses import dataclass, field, replace
 
-GiB = 1 << 30
-MiB = 1 << 20
+from labkit.vocab import MiB
+
 # CUDA reports less than NVML's total (what the driver keeps): an H100 80GB HBM3 shows
 # 81,559 MiB in NVML and 79.18 GiB (81,080 MiB) to torch.cuda.mem_get_info, which is the
 # base vLLM multiplies --gpu-memory-utilization with (fixtures/vllm-0.26/logs).

@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from labkit.engines.base import EngineHandle
-from labkit.hardware import GiB
 from labkit.plan import ConfigError, EngineConfig, PDConfig, Plan, validate
 from labkit.plan.ports import free_port
+from labkit.vocab import GiB, run_root
 
 Progress = Callable[[str, float], None]
 MODES = ("auto", "sim", "vllm")
@@ -54,8 +54,7 @@ class ProxyProcess(EngineHandle):
 
 
 def default_run_dir() -> Path:
-    base = Path(os.environ.get("LABKIT_RUN_DIR") or Path.home() / ".cache" / "labkit" / "runs")
-    return base / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    return run_root() / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
 
 def build_config(model: str = "lab-1b", *, chunk: int | None = None, tp: int = 1, pp: int = 1,

@@ -23,12 +23,9 @@ from typing import Any
 import httpx
 
 from labkit.engines.base import pids_in_group
+from labkit.vocab import run_root
 
 STATE = "state.json"
-
-
-def runs_base() -> Path:
-    return Path(os.environ.get("LABKIT_RUN_DIR") or Path.home() / ".cache" / "labkit" / "runs")
 
 
 def lab_state(lab: Any) -> dict[str, Any]:
@@ -104,7 +101,7 @@ def up_detached(argv: list[str], run_dir: Path, timeout: float = 900.0) -> dict[
 def running_labs() -> list[dict[str, Any]]:
     """State of every lab whose supervisor is alive (stale state files are ignored)."""
     out = []
-    base = runs_base()
+    base = run_root()
     if not base.is_dir():
         return out
     for path in sorted(base.glob(f"*/{STATE}")):

@@ -13,7 +13,7 @@ from labfixtures import FIXTURES
 
 import labkit.plan.memory as memory_plan
 import labkit.plan.planner as config
-from labkit.hardware import GPU_TYPES, GiB, GPUInfo, Hardware, simulated
+from labkit.hardware import GPU_TYPES, GPUInfo, Hardware, simulated
 from labkit.plan import (
     ConfigError,
     EngineConfig,
@@ -23,6 +23,7 @@ from labkit.plan import (
     validate,
     vllm_args,
 )
+from labkit.vocab import GiB
 
 ARG_UTILS = Path("/tmp/vllmsrc/vllm/engine/arg_utils.py")
 CLI_ARGS = Path("/tmp/vllmsrc/vllm/entrypoints/openai/cli_args.py")

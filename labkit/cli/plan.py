@@ -9,7 +9,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from labkit.hardware import GPU_TYPES, GiB
+from labkit.hardware import GPU_TYPES
 from labkit.plan import (
     ConfigError,
     EngineConfig,
@@ -19,6 +19,7 @@ from labkit.plan import (
     serve_command,
     validate,
 )
+from labkit.vocab import GiB
 
 EXIT_CONFIG_ERROR = 2  # a bad config or bad input: `error: ... / fix: ...` on stderr
 DEFAULT_PORTS = (8100, 8200)  # prefill, decode (as in the fixtures)

@@ -21,6 +21,7 @@ import httpx
 
 from labkit.plan.devices import engine_gpu_env
 from labkit.plan.ports import free_port, port_is_free  # noqa: F401  (engines pick ports too)
+from labkit.vocab import run_root
 
 EngineKind = Literal["vllm", "sim"]
 ProgressCallback = Callable[[str, dict[str, Any]], None]
@@ -73,7 +74,7 @@ class EngineHandle:
         self.host = host
         self.port = port or free_port(host)
         self.gpus = list(gpus)
-        run_dir = Path(os.environ.get("LABKIT_RUN_DIR", Path.home() / ".cache/labkit/runs/now"))
+        run_dir = run_root() / "now"
         self.log_path = Path(log_path) if log_path else run_dir / f"{name}.log"
         self.kv_events_endpoint = kv_events_endpoint
         self.observer_endpoint = observer_endpoint

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from labkit.hardware import GiB, GPUType
+from labkit.hardware import GPUType
 from labkit.models import ModelShape, normalize_kv_dtype, pad_vocab
 from labkit.plan.errors import ConfigError
 from labkit.plan.types import (
@@ -19,6 +19,7 @@ from labkit.plan.types import (
     RankPlacement,
     Role,
 )
+from labkit.vocab import GiB
 
 MAX_TP = 64
 SHARED_GPU_MAX_UTIL = 0.9  # the pair's fractions on one GPU: CUDA contexts live outside them

@@ -12,10 +12,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from labkit.hardware import GiB
 from labkit.plan.devices import engine_gpu_env
 from labkit.plan.ports import free_port
 from labkit.plan.types import EngineConfig, EnginePlan, Plan, Role
+from labkit.vocab import GiB
 
 # ---- from the plan to `vllm serve` ------------------------------------------------------------
 _CONNECTOR_CLASS = {"example": "ExampleConnector", "nixl": "NixlConnector"}

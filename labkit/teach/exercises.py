@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-GiB = 1 << 30
+from labkit.vocab import GiB  # noqa: F401
 
 
 @dataclass(frozen=True)

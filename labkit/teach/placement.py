@@ -10,8 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from labkit.teach.result import Result
-
-GiB = 1 << 30
+from labkit.vocab import GiB  # noqa: F401
 
 
 def simulated_plan(

@@ -28,8 +28,8 @@ from labkit.teach.result import Result
 from labkit.telemetry.observer_schema import PoolSnapshot
 from labkit.telemetry.replay import Replay
 from labkit.telemetry.replay import replay as open_replay
+from labkit.vocab import GiB  # noqa: F401
 
-GiB = 1 << 30
 ReplayLike = Replay | str | Path
 
 

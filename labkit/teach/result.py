@@ -11,20 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-KIND_LABELS = {
-    "measured": "MEASURED on this machine",
-    "sim": "SIMULATED",
-    "planned": "PLANNED (vLLM's arithmetic; nothing runs)",
-    "vllm": "REAL vLLM",
-    "replay": "REPLAY of a recorded run",
-}
-KIND_COLORS = {"measured": "#2b8a3e", "sim": "#e67700", "planned": "#1864ab", "vllm": "#c92a2a",
-               "replay": "#5f3dc4"}
-
-
-def kind_label(kind: str) -> str:
-    """The banner text of a result kind ('sim' -> 'SIMULATED')."""
-    return KIND_LABELS.get(kind, kind.upper())
+from labkit.vocab import KIND_COLORS, kind_label
 
 
 def _fmt(v: Any) -> str:

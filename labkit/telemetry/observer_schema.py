@@ -26,11 +26,8 @@ logger = logging.getLogger(__name__)
 
 OBS_TOPIC = b"labkit-obs"
 
-# PoolSnapshot.block_state values, one byte per physical block.
-BLOCK_FREE = 0  # free, no hash
-BLOCK_CACHED = 1  # free but cached: evictable, has a hash
-BLOCK_IN_USE = 2  # ref count 1
-BLOCK_SHARED = 3  # ref count >= 2
+# PoolSnapshot.block_state values, one byte per physical block: labkit.vocab's BLOCK_*.
+from labkit.vocab import BLOCK_CACHED, BLOCK_FREE, BLOCK_IN_USE, BLOCK_SHARED  # noqa: E402,F401
 
 
 class StepScheduled(msgspec.Struct, tag=True):

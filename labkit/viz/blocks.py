@@ -24,6 +24,7 @@ from labkit.viz.style import (
     kind_label,
     request_color_index,
 )
+from labkit.vocab import BLOCK_STATE_NAMES
 
 MAX_CELLS = 4096
 
@@ -33,7 +34,6 @@ Z_REQ0 = 4
 _FINE_COLORS = [STATE_COLORS[0], STATE_COLORS[1], STATE_COLORS[3], STATE_COLORS[2], *REQUEST_COLORS]
 _COARSE_SCALE = [[0.0, STATE_COLORS[0]], [0.5, "#8ce99a"], [1.0, "#1b5e20"]]
 _HOVER = "%{text}<extra></extra>"
-_STATE_TEXT = ("free", "cached (evictable)", "in use", "shared")
 
 
 def _discrete_scale(colors: list[str]) -> list[list]:
@@ -92,7 +92,7 @@ def block_grid(eng: EngineBlocks, max_cells: int = MAX_CELLS) -> BlockGrid:
         names = [*eng.req_names, ""]
         tokens = eng.tokens_per_block() if eng.num_blocks else np.zeros(1, np.int64)
         text = [
-            f"block {b}<br>{_STATE_TEXT[s] if o < 0 else names[o]}"
+            f"block {b}<br>{BLOCK_STATE_NAMES[s] if o < 0 else names[o]}"
             f"{' (shared prefix)' if s == 3 else ''}<br>{t} tokens"
             for b, s, o, t in zip(range(n), state.tolist(), owner.tolist(), tokens.tolist(), strict=True)
         ]

@@ -20,7 +20,10 @@ from labkit.telemetry.observer_schema import (
     RequestFinished,
     StepScheduled,
 )
-from labkit.viz.style import CACHED, FREE, IN_USE, SHARED
+from labkit.vocab import BLOCK_CACHED as CACHED
+from labkit.vocab import BLOCK_FREE as FREE
+from labkit.vocab import BLOCK_IN_USE as IN_USE
+from labkit.vocab import BLOCK_SHARED as SHARED
 
 NULL_BLOCK = 0  # vLLM's null block (vllm/v1/core/block_pool.py): never handed to a request
 

@@ -6,12 +6,9 @@ import zlib
 from collections.abc import Iterable
 from typing import Any
 
-KIND_LABELS = {"sim": "SIMULATED", "vllm": "REAL vLLM", "replay": "REPLAY"}
-KIND_COLORS = {"sim": "#b45309", "vllm": "#047857", "replay": "#1d4ed8"}
+from labkit.vocab import KIND_COLORS, kind_label  # noqa: F401  (the views' one import of them)
 
-# Block states of PoolSnapshot.block_state (architecture contract 3).
-FREE, CACHED, IN_USE, SHARED = 0, 1, 2, 3
-STATE_NAMES = ("free", "cached (evictable)", "in use", "shared prefix")
+# Colours of the block states (labkit.vocab BLOCK_FREE, BLOCK_CACHED, BLOCK_IN_USE, BLOCK_SHARED).
 STATE_COLORS = ("#eeeeee", "#a5d8ff", "#2f9e44", "#7048e8")
 
 # Request colours (plotly's D3 set minus green/purple, which mean in-use/shared above).
@@ -19,11 +16,6 @@ REQUEST_COLORS = (
     "#1f77b4", "#ff7f0e", "#d62728", "#8c564b", "#e377c2",
     "#7f7f7f", "#bcbd22", "#17becf", "#f4a261", "#264653",
 )  # fmt: skip
-
-
-def kind_label(kind: str) -> str:
-    """'sim' -> 'SIMULATED', 'vllm' -> 'REAL vLLM', 'replay' -> 'REPLAY'."""
-    return KIND_LABELS.get(kind, kind.upper())
 
 
 def kinds_label(kinds: Iterable[str]) -> str:

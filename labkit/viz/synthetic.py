@@ -26,8 +26,8 @@ from labkit.telemetry.observer_schema import (
     StepScheduled,
 )
 from labkit.telemetry.source import EngineMemory, GpuSample, TelemetryDelta
+from labkit.vocab import GiB  # noqa: F401
 
-GiB = 2**30
 KV_BYTES_PER_TOKEN = 65536  # lab-1b shape in bf16 (16 layers x 2 x 8 heads x 128 x 2 B)
 NUM_LAYERS = 16
 LINK_BYTES_PER_S = 20e9

@@ -21,14 +21,15 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from labkit.engines.sim.request import Request
+from labkit.vocab import (  # one byte per block for the views
+    BLOCK_CACHED,
+    BLOCK_FREE,
+    BLOCK_IN_USE,
+    BLOCK_SHARED,
+)
 
 MEDIUM_GPU = "GPU"
 
-# One byte per physical block for the views (docs/architecture.md, PoolSnapshot.block_state).
-STATE_FREE = 0
-STATE_FREE_CACHED = 1
-STATE_USED = 2
-STATE_SHARED = 3
 
 
 @dataclass(slots=True)
@@ -280,7 +281,7 @@ class BlockPool:
             if block.block_hash is not None:
                 self._maybe_evict_cached_block(block)
             block.ref_cnt = 1
-            states[block.block_id] = STATE_USED
+            states[block.block_id] = BLOCK_IN_USE
             ret.append(block)
         queue.fake_free_list_head.next_free_block = curr
         curr.prev_free_block = queue.fake_free_list_head
@@ -305,7 +306,7 @@ class BlockPool:
             if block.ref_cnt == 0 and not block.is_null:
                 self.free_block_queue.remove(block)
             block.ref_cnt += 1
-            states[block.block_id] = STATE_USED if block.ref_cnt == 1 else STATE_SHARED
+            states[block.block_id] = BLOCK_IN_USE if block.ref_cnt == 1 else BLOCK_SHARED
 
     def free_blocks(self, ordered_blocks: Iterable[KVCacheBlock]) -> None:
         """ref_cnt - 1; blocks reaching 0 go back: unhashed to the head, hashed to the tail.
@@ -323,12 +324,12 @@ class BlockPool:
                     continue
                 if block.block_hash is None:
                     without_hash.append(block)
-                    states[block.block_id] = STATE_FREE
+                    states[block.block_id] = BLOCK_FREE
                 else:
                     with_hash.append(block)
-                    states[block.block_id] = STATE_FREE_CACHED
+                    states[block.block_id] = BLOCK_CACHED
             else:
-                states[block.block_id] = STATE_USED if rc == 1 else STATE_SHARED
+                states[block.block_id] = BLOCK_IN_USE if rc == 1 else BLOCK_SHARED
         self.free_block_queue.prepend_n(without_hash)
         self.free_block_queue.append_n(with_hash)
 
@@ -337,7 +338,7 @@ class BlockPool:
         for block_id in block_ids:
             block = self.blocks[block_id]
             if self._maybe_evict_cached_block(block) and block.ref_cnt == 0:
-                self._states[block_id] = STATE_FREE
+                self._states[block_id] = BLOCK_FREE
 
     def reset_prefix_cache(self) -> bool:
         """Forget every hash; only when nothing but the null block is in use."""

@@ -35,17 +35,12 @@ import httpx
 
 from labkit.engines.sim.connector import STORAGE, KVTransport
 from labkit.hardware import LINKS, LinkSpec
+from labkit.vocab import run_root
 
 logger = logging.getLogger(__name__)
 
 READ_ROUTE = "/labkit/kv/read"
 _KEY = re.compile(r"^[0-9a-f]{16,128}$")
-
-
-def run_root() -> Path:
-    """The folder every lab run lives under: $LABKIT_RUN_DIR, else ~/.cache/labkit/runs."""
-    env = os.environ.get("LABKIT_RUN_DIR")
-    return Path(env if env else Path.home() / ".cache" / "labkit" / "runs").expanduser().resolve()
 
 
 def check_storage_path(path: str | Path, root: str | Path | None = None) -> Path:
@@ -54,7 +49,7 @@ def check_storage_path(path: str | Path, root: str | Path | None = None) -> Path
     Raises:
         ValueError: the path (after resolving links and '..') is outside `root`.
     """
-    base = Path(root).expanduser().resolve() if root is not None else run_root()
+    base = Path(root).expanduser().resolve() if root is not None else run_root().resolve()
     resolved = Path(path).expanduser().resolve()
     if resolved != base and base not in resolved.parents:
         raise ValueError(f"KV storage path {resolved} is outside the run directory {base}; "
