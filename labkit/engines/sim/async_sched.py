@@ -35,8 +35,14 @@ An idle engine schedules a new request at once (the core loop wakes on its input
 The synchronous engine (EngineCore.step) has neither: batch fixed at the step's start,
 tokens out at its end.
 
-`RequestInbox` holds requests added to a SimEngine until the scheduler would have seen
-them; `LateOutputs` holds a step's sampled tokens until the next step says when they leave.
+The scheduler's state follows the same order (vllm/v1/core/sched/async_scheduler.py): the
+engine keeps step K's scheduler output and sampled tokens in flight and calls
+update_from_output(K) after schedule(K+1) (SimEngine.step), so schedule(K+1) sees K's
+tokens as placeholders, caches only blocks of tokens it knows, and a request preempted by
+schedule(K+1) gets its token of K appended but not cached. When nothing runs after K,
+schedule(K+1) is empty and K's output leaves at K's end.
+
+`RequestInbox` holds requests added to a SimEngine until the scheduler would have seen them.
 """
 from __future__ import annotations
 
@@ -107,48 +113,11 @@ class RequestInbox:
         return n
 
     def step_ran(self, start: float, end: float, num_tokens: int, lookahead: bool = True) -> None:
-        """Record a step; only GPU-bound steps that ran tokens schedule the next one early."""
-        if num_tokens:
-            self._last_busy = (start, end) if lookahead else None
+        """Record a step; only GPU-bound steps that ran tokens schedule the next one early
+        (after an empty step the next one is scheduled when the step before it is processed)."""
+        self._last_busy = (start, end) if num_tokens and lookahead else None
 
 
 def launch_bound(launch_s: float, gpu_s: float) -> bool:
     """True when launching the step takes longer than the GPU work it launches."""
     return launch_s > gpu_s
-
-
-class LateOutputs:
-    """A step's sampled tokens, waiting for the next step (its launch end or its start).
-
-    `hold` keeps them; `take` hands them over (once) to the step that emits them.
-    """
-
-    __slots__ = ("sampled", "stopped")
-
-    def __init__(self) -> None:
-        self.sampled: list[tuple[Request, int]] | None = None
-        self.stopped: list[Request] = []
-
-    def __bool__(self) -> bool:
-        return self.sampled is not None
-
-    def hold(self, sampled: list[tuple[Request, int]], stopped: list[Request]) -> None:
-        if self.sampled is not None:
-            raise RuntimeError("a step's outputs are already waiting to be emitted")
-        self.sampled, self.stopped = sampled, stopped
-
-    def drop(self, req_id: str) -> None:
-        """Forget the held token of a request being aborted (EngineCore runs
-        _process_aborts_queue before update_from_output, which skips finished requests)."""
-        if self.sampled is None:
-            return
-        # A request that already stopped stays: its output still leaves and frees it.
-        self.sampled = [e for e in self.sampled
-                        if e[0].request_id != req_id or e[0].is_finished()]
-        if not self.sampled and not self.stopped:
-            self.sampled = None
-
-    def take(self) -> tuple[list[tuple[Request, int]], list[Request]]:
-        sampled, stopped = self.sampled or [], self.stopped
-        self.sampled, self.stopped = None, []
-        return sampled, stopped

@@ -144,6 +144,9 @@ class SimKVConnector(ABC):
     """
 
     name = "base"
+    # kv_role "kv_both" (what the lab runs): a KV consumer, so with more than one batch in
+    # flight the scheduler defers block frees (Scheduler.defer_block_free).
+    is_kv_consumer = True
 
     def __init__(self, engine_id: str, block_size: int, kv_bytes_per_token: int,
                  transport: KVTransport, num_layers: int = 1) -> None:
@@ -414,13 +417,32 @@ class NixlConnector(SimKVConnector):
         )
 
 
-CONNECTORS: dict[str, type[SimKVConnector]] = {"example": ExampleConnector, "nixl": NixlConnector}
+class ObserverConnector(SimKVConnector):
+    """labkit's observer connector (labkit/pd/observer.py) alone: kv_both, moves no KV.
+
+    It changes nothing the scheduler computes except that a KV connector is present, which
+    (with async scheduling) turns on vLLM's deferred block frees: an engine recorded with the
+    observer is replayed with this connector.
+    """
+
+    name = "observer"
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        return 0, False
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        return None
+
+
+CONNECTORS: dict[str, type[SimKVConnector]] = {"example": ExampleConnector, "nixl": NixlConnector,
+                                               "observer": ObserverConnector}
 
 
 def make_connector(name: str, *, block_size: int, kv_bytes_per_token: int, transport: KVTransport,
                    engine_id: str | None = None, **kwargs: Any) -> SimKVConnector:
     """Build a connector by name ("example" | "nixl"; vLLM's class names are accepted too)."""
-    key = {"exampleconnector": "example", "nixlconnector": "nixl"}.get(name.lower(), name.lower())
+    key = {"exampleconnector": "example", "nixlconnector": "nixl",
+           "labkitobserverconnector": "observer"}.get(name.lower(), name.lower())
     if key not in CONNECTORS:
         raise ValueError(f"unknown simulated connector {name!r}; choose from {sorted(CONNECTORS)}")
     return CONNECTORS[key](engine_id or str(uuid.uuid4()), block_size, kv_bytes_per_token,

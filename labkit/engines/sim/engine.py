@@ -5,9 +5,11 @@ the requests the scheduler has seen by then join it, it schedules, the cost mode
 long the launch part (CPU: overhead, plus any synchronous connector load/save) and the GPU
 part take, every request whose tokens are all computed samples one pseudo-random token
 (vLLM's dummy weights produce noise too), and the step's outputs leave the engine (tokens
-out, finished requests freed). With async scheduling (vLLM 0.26's default) a GPU-bound step
-fixes the next step's batch at its start (lookahead) and a launch-bound one emits its tokens
-when the next step's launch ends: labkit/engines/sim/async_sched.py.
+out, finished requests freed). With async scheduling (vLLM 0.26's default) step K's output
+is processed (update_from_output) after step K+1 was scheduled, as vLLM's
+step_with_batch_queue does; a GPU-bound step fixes the next step's batch at its start
+(lookahead) and a launch-bound one emits its tokens when the next step's launch ends:
+labkit/engines/sim/async_sched.py.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import itertools
 import random
 from typing import Any
 
-from labkit.engines.sim.async_sched import LateOutputs, RequestInbox, launch_bound
+from labkit.engines.sim.async_sched import RequestInbox, launch_bound
 from labkit.engines.sim.clock import SimClock
 from labkit.engines.sim.connector import (
     InProcessTransport,
@@ -120,7 +122,11 @@ class SimEngine:
             self.kv_cache_manager, max_num_batched_tokens=self.max_num_batched_tokens,
             max_num_seqs=self.max_num_seqs, max_model_len=self.max_model_len,
             long_prefill_token_threshold=long_prefill_token_threshold, connector=connector,
-            enable_chunked_prefill=enable_chunked_prefill, record_observer_events=record_observer_events)
+            enable_chunked_prefill=enable_chunked_prefill, record_observer_events=record_observer_events,
+            async_scheduling=async_scheduling,
+            # vLLM's max_concurrent_batches: the batch queue (2) with async scheduling, PP size
+            # with PP. The simulator runs one batch at a time per engine otherwise.
+            max_concurrent_batches=2 if async_scheduling else 1)
         self._hash_fn = HASH_FUNCTIONS[hash_algo]
         self.eos_token_id = eos_token_id
         rng = random.Random(seed)
@@ -130,7 +136,9 @@ class SimEngine:
         self.stats = EngineStats()
         self.async_scheduling = async_scheduling
         self._inbox = RequestInbox(async_scheduling)
-        self._late = LateOutputs()  # a launch-bound step's tokens, out when the next launch ends
+        # (scheduler output, sampled pairs) of the step in flight: processed after the next
+        # step is scheduled (async scheduling's batch queue).
+        self._inflight: tuple[SchedulerOutput, list[tuple[Request, int]]] | None = None
         # (step whose schedule sees it, finished_sending, finished_recving) per connector poll
         self._kv_polled: list[tuple[int, set[str], set[str]]] = []
         # None: the GPU is this engine's alone; else a SharedGPU's reserve(engine, start,
@@ -188,12 +196,14 @@ class SimEngine:
         """Abort a request (the client went away); True if it was unfinished."""
         if self._inbox.remove(req_id) is not None:
             return True
-        self._late.drop(req_id)
+        # A token of the step in flight is skipped by update_from_output (finished request).
         return bool(self.scheduler.finish_requests([req_id], RequestStatus.FINISHED_ABORTED))
 
     def has_unfinished(self) -> bool:
         return (self.scheduler.get_num_unfinished_requests() > 0 or len(self._inbox) > 0
-                or bool(self._late))
+                or (self._inflight is not None and (
+                    bool(self.scheduler.deferred_frees)
+                    or any(not r.is_finished() for r, _ in self._inflight[1]))))
 
     def get_request(self, req_id: str) -> Request | None:
         return self.scheduler.requests.get(req_id) or self._inbox.get(req_id)
@@ -268,14 +278,19 @@ class SimEngine:
                 request.scheduled_time = start
         emitted: list[tuple[Request, int, float]] = []
         finished: list[tuple[Request, dict[str, Any] | None]] = []
-        if self._late:  # the previous step's tokens: out when this launch ends, or at once
-            self._emit(*self._late.take(), start + launch if bound and total else start, emitted, finished)
-        sampled, stopped = sched.sample_tokens(so, self._next_token)
-        if (self.async_scheduling and sampled
-                and (sched.running or sched.waiting or sched.skipped_waiting or len(self._inbox))):
-            self._late.hold(sampled, stopped)  # a next step runs: it decides when these leave
-        elif sampled or stopped:
-            self._emit(sampled, stopped, end, emitted, finished)
+        if self._inflight is not None:
+            # update_from_output of the previous step, after this one was scheduled; its
+            # tokens leave when this launch ends (launch-bound), or at once.
+            prev, prev_sampled = self._inflight
+            self._inflight = None
+            self._emit(*sched.update_from_output(prev, prev_sampled),
+                       start + launch if bound and total else start, emitted, finished)
+        sampled = sched.sample_tokens(so, self._next_token)
+        if self.async_scheduling and total and (sched.waiting or sched.skipped_waiting
+                                                or len(self._inbox) or sched.has_schedulable_running()):
+            self._inflight = (so, sampled)  # processed after the next schedule()
+        elif sampled or total:
+            self._emit(*sched.update_from_output(so, sampled), end, emitted, finished)
         if connector is not None:  # the worker polls once per step, after the forward's launch
             sending, recving = connector.get_finished(start + launch)
             if sending or recving:

@@ -226,6 +226,12 @@ class KVCacheManager:
         if blocks:
             self.block_pool.free_blocks(reversed(blocks))
 
+    def pop_blocks_for_free(self, request: Request) -> list[KVCacheBlock]:
+        """Forget the request's blocks without returning them to the pool (kv_cache_manager.py
+        pop_blocks_for_free); the caller frees them later, in reverse order. Allocation order."""
+        self.num_cached_block.pop(request.request_id, None)
+        return self.req_to_blocks.pop(request.request_id, None) or []
+
     # -- views --------------------------------------------------------------------------
     def get_blocks(self, request_id: str) -> KVCacheBlocks:
         return KVCacheBlocks(list(self.req_to_blocks.get(request_id, ())))

@@ -85,6 +85,7 @@ class Request:
         "num_tokens", "max_tokens", "ignore_eos", "eos_token_id", "arrival_time",
         "status", "num_computed_tokens", "num_preemptions", "block_hashes",
         "kv_transfer_params", "is_prefill_chunk", "num_output_tokens",
+        "num_output_placeholders", "last_sched_seq",
         "_hash_fn", "_hash_block_size", "_next_hash_at",
         # simulator timings / stats
         "scheduled_time", "first_token_time", "last_token_time", "finished_time",
@@ -121,6 +122,10 @@ class Request:
         self.num_preemptions = 0
         self.kv_transfer_params = dict(kv_transfer_params) if kv_transfer_params else None
         self.is_prefill_chunk = True
+        # AsyncScheduler: tokens sampled by steps still in flight (not yet in all_token_ids).
+        self.num_output_placeholders = 0
+        # Scheduler.defer_block_free: the sched_step_seq of the last step that scheduled it.
+        self.last_sched_seq = 0
         self._hash_fn = hash_fn
         self._hash_block_size = block_size
         # Precomputed prompt hashes (same block size and algorithm, e.g. from the prefill

@@ -1,7 +1,7 @@
 """The simulated scheduler: vLLM V1's `Scheduler.schedule()` / `update_from_output()` rules.
 
 Copied from vllm/v1/core/sched/scheduler.py (FCFS policy, no speculative decoding, no
-encoder inputs, no async scheduling):
+encoder inputs) and vllm/v1/core/sched/async_scheduler.py (AsyncScheduler):
 
 - One token budget per step (max_num_batched_tokens). RUNNING requests go first, in order:
   decodes take 1 token each, unfinished prefills take a chunk (long_prefill_token_threshold,
@@ -17,12 +17,27 @@ encoder inputs, no async scheduling):
 - update_from_output (labkit/engines/sim/update_output.py): every request whose tokens are
   all computed samples one token; a stopped request is freed, unless the connector delays
   the free (P/D prefill).
+- Async scheduling (AsyncScheduler): step K+1 is scheduled before step K's output is
+  processed. A request's in-flight token is a placeholder (`num_output_placeholders`), so
+  `allocate_slots` caches only blocks of tokens the scheduler knows, and the output of a
+  request preempted meanwhile is appended but not cached (`_update_request_with_output`).
+- Deferred block frees (`defer_block_free`: more than one batch in flight and a connector
+  that consumes KV, kv_consumer / kv_both): a preempted or aborted request's blocks go back
+  to the pool only once the last step that scheduled it has been processed
+  (`_free_request_blocks`, `_drain_deferred_frees`). Under pressure a step may preempt
+  request after request, get nothing back, and end up scheduling nothing:
+
+      schedule(K+1): R needs a block, 0 free -> preempt the last running request
+                     (its blocks are fenced at K: deferred) -> still 0 free -> ... -> R
+      update(K):     processed_step_seq = K -> the deferred blocks return to the pool
+      schedule(K+2): the preempted requests resume from WAITING
 """
 from __future__ import annotations
 
 from collections import deque
 from typing import Any
 
+from labkit.engines.sim.block_pool import KVCacheBlock
 from labkit.engines.sim.connector import SimKVConnector
 from labkit.engines.sim.kv_cache_manager import KVCacheBlocks, KVCacheManager, PrefixCacheStats
 from labkit.engines.sim.output import NewRequestData, SchedulerOutput
@@ -48,12 +63,18 @@ class Scheduler(OutputUpdates):
         scheduler_reserve_full_isl: admit a new request only if its whole prompt fits.
         enable_chunked_prefill: False: never split a waiting request's prompt over steps.
         record_observer_events: keep alloc / finished events for the lab's observer.
+        async_scheduling: AsyncScheduler's rules (output placeholders, caching known tokens).
+        max_concurrent_batches: batches in flight (2 with async scheduling, PP size with PP);
+            with more than one and a KV-consuming connector, block frees are deferred.
     """
+
+    async_scheduling = False
 
     def __init__(self, kv_cache_manager: KVCacheManager, *, max_num_batched_tokens: int = 2048,
                  max_num_seqs: int = 256, max_model_len: int = 8192, long_prefill_token_threshold: int = 0,
                  connector: SimKVConnector | None = None, scheduler_reserve_full_isl: bool = True,
-                 enable_chunked_prefill: bool = True, record_observer_events: bool = False) -> None:
+                 enable_chunked_prefill: bool = True, record_observer_events: bool = False,
+                 async_scheduling: bool = False, max_concurrent_batches: int = 1) -> None:
         self.kv_cache_manager = kv_cache_manager
         self.max_num_scheduled_tokens = max_num_batched_tokens
         self.max_num_running_reqs = max_num_seqs
@@ -75,6 +96,20 @@ class Scheduler(OutputUpdates):
         # ("alloc", req_id, block_ids, num_external) / ("finished", req_id, block_ids, delay_free)
         self.record_observer_events = record_observer_events
         self.observer_events: list[tuple] = []
+        self.async_scheduling = async_scheduling
+        # vllm/v1/core/sched/scheduler.py __init__: "With overlapping batches (async
+        # scheduling or PP), a step may still be writing a freed request's KV blocks. A
+        # consumer KV Connector can reallocate and fill those blocks via a load that isn't
+        # ordered against that write, so defer freeing them."
+        self.defer_block_free = (connector is not None and max_concurrent_batches > 1
+                                 and getattr(connector, "is_kv_consumer", True))
+        # Counts of non-empty steps scheduled / processed; update_from_output is called once
+        # per scheduled step in FIFO order, so these stay in sync.
+        self.sched_step_seq = 0
+        self.processed_step_seq = 0
+        # FIFO of (fence_seq, blocks): blocks become safe to free once
+        # processed_step_seq >= fence_seq.
+        self.deferred_frees: deque[tuple[int, list[KVCacheBlock]]] = deque()
 
     # -- queue management ---------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -89,6 +124,21 @@ class Scheduler(OutputUpdates):
     def has_requests(self) -> bool:
         """Unfinished requests, or finished ones still holding blocks for a transfer."""
         return bool(self.requests) or bool(self.finished_req_ids)
+
+    def has_schedulable_running(self) -> bool:
+        """A running request the next schedule() would give tokens. When there is none (and
+        nothing waits), vLLM's next schedule() is empty and the step in flight is processed
+        right after it: the simulator then processes the step at once, to the same effect."""
+        for r in self.running:
+            p = r.num_output_placeholders
+            if not (p > 0 and r.num_computed_tokens + 2 - p >= r.num_prompt_tokens + r.max_tokens):
+                return True
+        return False
+
+    @property
+    def num_deferred_free_blocks(self) -> int:
+        """Blocks freed by the scheduler but not yet back in the pool (defer_block_free)."""
+        return sum(len(blocks) for _, blocks in self.deferred_frees)
 
     # -- schedule -----------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -109,13 +159,27 @@ class Scheduler(OutputUpdates):
         bs, caching = kv.block_size, kv.enable_caching
         inflight = self._inflight_prefills
         sum_ctx = pairs = 0
+        # Requests whose scheduled tokens reach their end: they sample a token this step.
+        sampling: list[Request] = []
+        is_async = self.async_scheduling
+        # The seq this step gets if it schedules anything (sched_step_seq advances after
+        # build_connector_meta, only for non-empty steps); _update_after_schedule stamps it.
+        step_seq = self.sched_step_seq + 1
+        num_cached_block = kv.num_cached_block
 
         # First, the RUNNING requests.
         req_index = 0
         while req_index < len(running) and token_budget > 0:
             request = running[req_index]
             computed = request.num_computed_tokens
-            num_new_tokens = request.num_tokens - computed
+            placeholders = request.num_output_placeholders
+            if placeholders > 0 and (computed + 2 - placeholders
+                                     >= request.num_prompt_tokens + request.max_tokens):
+                # Async scheduling: avoid scheduling an extra step when the previous step
+                # has reached max_tokens (scheduler.py schedule()).
+                req_index += 1
+                continue
+            num_new_tokens = request.num_tokens + placeholders - computed
             if 0 < threshold < num_new_tokens:
                 num_new_tokens = threshold
             if num_new_tokens > token_budget:
@@ -130,11 +194,13 @@ class Scheduler(OutputUpdates):
             blocks = req_to_blocks.get(rid)
             if blocks is not None and total <= len(blocks) * bs:
                 # allocate_slots' result when no new block is needed (most decode steps):
-                # only a block that fills now gets cached. (Running requests have cached
-                # every full block of their computed tokens, and total <= num_tokens.)
+                # cache full blocks up to min(total, request.num_tokens), the tokens the
+                # scheduler knows (an in-flight sampled token is not one of them).
                 new_blocks = empty
-                if caching and total // bs > computed // bs:
-                    kv.cache_blocks(request, total)
+                if caching:
+                    num_tokens_to_cache = total if total < request.num_tokens else request.num_tokens
+                    if num_tokens_to_cache // bs > num_cached_block.get(rid, 0):
+                        kv.cache_blocks(request, num_tokens_to_cache)
             else:
                 while True:
                     new_blocks = allocate_slots(request, num_new_tokens)
@@ -159,10 +225,14 @@ class Scheduler(OutputUpdates):
             sum_ctx += total
             pairs += num_new_tokens * computed + (num_new_tokens * (num_new_tokens + 1) >> 1)
             request.num_computed_tokens = total
-            if total >= request.num_tokens:
+            request.last_sched_seq = step_seq
+            if total >= request.num_tokens + placeholders:
                 if request.is_prefill_chunk:
                     request.is_prefill_chunk = False
                     inflight.discard(request)
+                sampling.append(request)
+                if is_async:  # AsyncScheduler._update_after_schedule
+                    request.num_output_placeholders = placeholders + 1
             else:
                 request.is_prefill_chunk = True
 
@@ -184,8 +254,13 @@ class Scheduler(OutputUpdates):
             self.max_num_scheduled_tokens - token_budget, self.reset_preempted_req_ids,
             self.finished_req_ids, self.max_num_scheduled_tokens)
         out.sum_context, out.attn_pairs = sum_ctx, pairs
+        out.sampling_reqs = sampling
         if self.connector is not None:
             out.kv_connector_metadata = self.connector.build_connector_meta(out)
+        # Advance the fence only for non-empty steps (those that write KV and have their
+        # output processed later in update_from_output).
+        if self.defer_block_free and out.total_num_scheduled_tokens > 0:
+            self.sched_step_seq += 1
         self._update_after_schedule(out)
         return out
 
@@ -302,22 +377,30 @@ class Scheduler(OutputUpdates):
             return
         sum_ctx, pairs = out.sum_context, out.attn_pairs
         inflight = self._inflight_prefills
+        sampling = out.sampling_reqs
+        is_async = self.async_scheduling
+        seq = self.sched_step_seq
         for request, n, c, _ in out.scheduled[out.num_running_scheduled:]:
             sum_ctx += c + n
             pairs += n * c + (n * (n + 1) >> 1)
             c += n
             request.num_computed_tokens = c
-            if c >= request.num_tokens:
+            request.last_sched_seq = seq  # the in-flight step, to fence deferred block freeing
+            if c >= request.num_tokens + request.num_output_placeholders:
                 request.is_prefill_chunk = False
                 if inflight:
                     inflight.discard(request)
+                sampling.append(request)
+                if is_async:  # AsyncScheduler._update_after_schedule
+                    request.num_output_placeholders += 1
             else:
                 request.is_prefill_chunk = True
         out.sum_context, out.attn_pairs = sum_ctx, pairs
 
     def _preempt_request(self, request: Request) -> None:
-        """Free its blocks and send it back to the head of WAITING (recompute later)."""
-        self.kv_cache_manager.free(request)
+        """Free its blocks (maybe deferred) and send it back to the head of WAITING
+        (scheduler.py _preempt_request)."""
+        self._free_request_blocks(request)
         self._inflight_prefills.discard(request)
         request.status = _PREEMPTED
         request.num_computed_tokens = 0
@@ -363,8 +446,32 @@ class Scheduler(OutputUpdates):
         return params
 
     def _free_blocks(self, request: Request) -> None:
-        self.kv_cache_manager.free(request)
+        self._free_request_blocks(request)
         self.requests.pop(request.request_id, None)
+
+    def _free_request_blocks(self, request: Request) -> None:
+        """Free the request's KV blocks, deferring the return to the pool when an in-flight
+        step may still write them (scheduler.py _free_request_blocks)."""
+        if not self.defer_block_free or request.last_sched_seq <= self.processed_step_seq:
+            # Last scheduled step already processed: no in-flight write remains (always the
+            # case for a normal finish), so free now.
+            self.kv_cache_manager.free(request)
+            return
+        blocks = self.kv_cache_manager.pop_blocks_for_free(request)
+        if blocks:
+            self.deferred_frees.append((self.sched_step_seq, blocks))
+
+    def _drain_deferred_frees(self) -> None:
+        """Return deferred blocks whose fence step has completed (scheduler.py
+        _drain_deferred_frees): stop at the first pending fence."""
+        deferred = self.deferred_frees
+        while deferred:
+            fence, _ = deferred[0]
+            if fence > self.processed_step_seq:
+                break
+            _, blocks = deferred.popleft()
+            # Free in reverse order so that the tail blocks are evicted first.
+            self.kv_cache_manager.block_pool.free_blocks(reversed(blocks))
 
     def finish_requests(self, request_ids: list[str], finished_status: RequestStatus) -> list[Request]:
         """Abort from outside (client went away): out of the queues, then freed."""

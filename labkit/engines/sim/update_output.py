@@ -1,70 +1,100 @@
 """The scheduler's half after the forward pass: vLLM V1's `Scheduler.update_from_output`.
 
-Split in two, because with async scheduling a step's tokens may leave the engine later than
-they were sampled (labkit/engines/sim/async_sched.py): `sample_tokens` appends one token to
-every request whose tokens are all computed and takes stopped ones out of `running`;
-`emit_outputs` stamps the tokens when they leave and frees the stopped requests
-(vllm/v1/core/sched/scheduler.py update_from_output, vllm/v1/core/sched/utils.py check_stop).
+Three parts, because with async scheduling a step's output reaches the scheduler after the
+next step was scheduled (labkit/engines/sim/async_sched.py):
+
+- `sample_tokens` is the model: at the end of step K it draws one token for every request
+  whose scheduled tokens reached its end (`SchedulerOutput.sampling_reqs`); the requests
+  do not see them yet.
+- `update_from_output` is vllm/v1/core/sched/scheduler.py update_from_output: the deferred
+  frees whose fence step is now processed go back to the pool, each token is appended
+  (`_update_request_with_output`, AsyncScheduler's override included), stops are checked
+  (vllm/v1/core/sched/utils.py check_stop), stopped requests leave `running` (or `waiting`,
+  for one preempted meanwhile). Synchronous engines call it right after `sample_tokens`;
+  async engines after the NEXT step's schedule().
+- `emit_outputs` stamps the tokens when they leave the engine and frees the stopped requests
+  (vLLM frees, and calls the connector's request_finished, while it builds the outputs).
+
 `Scheduler` (labkit/engines/sim/scheduler.py) mixes this in.
 """
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from labkit.engines.sim.request import Request, RequestStatus
 
 if TYPE_CHECKING:
+    from labkit.engines.sim.kv_cache_manager import KVCacheManager
     from labkit.engines.sim.output import SchedulerOutput
 
 _PREEMPTED = RequestStatus.PREEMPTED
+_RUNNING = RequestStatus.RUNNING
 
 
 class OutputUpdates:
-    """update_from_output for a Scheduler (needs `running`, `max_model_len`, `free_request`)."""
+    """update_from_output for a Scheduler (needs `running`, `waiting`, `max_model_len`,
+    `kv_cache_manager`, `async_scheduling`, the deferred-free state and `free_request`)."""
 
     running: list[Request]
+    waiting: deque[Request]
     max_model_len: int
+    kv_cache_manager: KVCacheManager
+    async_scheduling: bool
+    defer_block_free: bool
+    processed_step_seq: int
 
     def free_request(self, request: Request, delay_free_blocks: bool = False) -> dict[str, Any] | None:
         raise NotImplementedError
 
-    def update_from_output(self, out: SchedulerOutput, next_token: Callable[[], int], now: float,
-                           itl: list[float], on_first_token: Callable[[Request, float], None]
-                           ) -> tuple[list[tuple[Request, int]], list[tuple[Request, dict[str, Any] | None]]]:
-        """Sample (`sample_tokens`) and report (`emit_outputs`) one step's tokens at `now`.
+    def _drain_deferred_frees(self) -> None:
+        raise NotImplementedError
 
-        Returns (sampled (request, token) pairs, finished (request, kv_transfer_params) pairs).
+    @staticmethod
+    def sample_tokens(out: SchedulerOutput, next_token: Callable[[], int]) -> list[tuple[Request, int]]:
+        """The model's sampler for step `out`: one (request, token) per sampling request."""
+        return [(request, next_token()) for request in out.sampling_reqs]
+
+    def update_from_output(self, out: SchedulerOutput, sampled: list[tuple[Request, int]]
+                           ) -> tuple[list[tuple[Request, int]], list[Request]]:
+        """Fold step `out`'s sampled tokens into the requests (scheduler.py update_from_output).
+
+        Stopped requests are not freed here: `emit_outputs` does that. Returns (the pairs of
+        requests still unfinished, which leave the engine as outputs; the stopped requests).
         """
-        sampled, stopped = self.sample_tokens(out, next_token)
-        return sampled, self.emit_outputs(sampled, stopped, now, itl, on_first_token)
-
-    def sample_tokens(self, out: SchedulerOutput, next_token: Callable[[], int]
-                      ) -> tuple[list[tuple[Request, int]], list[Request]]:
-        """Append one sampled token to every request whose tokens are all computed (a partial
-        prefill chunk samples nothing) and take stopped ones out of `running`.
-
-        Stopped requests are not freed here: `emit_outputs` does that, as vLLM's
-        update_from_output frees (and calls the connector's request_finished) while it
-        builds the outputs. Taking them out of `running` at once is AsyncScheduler's
-        "don't schedule an extra step when max_tokens is reached" (vllm/v1/core/sched/
-        scheduler.py, num_output_placeholders check). Returns (sampled pairs, stopped).
-        """
-        sampled: list[tuple[Request, int]] = []
-        stopped: list[Request] = []
+        # "Every GPU write enqueued by this and earlier steps has completed, so it is safe to
+        # return deferred-free blocks to the pool."
+        if self.defer_block_free and out.total_num_scheduled_tokens > 0:
+            self.processed_step_seq += 1
+            if self.deferred_frees:  # type: ignore[attr-defined]
+                self._drain_deferred_frees()
+        kept: list[tuple[Request, int]] = []
+        stopped_running: list[Request] = []
+        stopped_preempted: list[Request] = []
         max_model_len = self.max_model_len
-        for entry in out.scheduled:
-            request = entry[0]
-            if request.status > _PREEMPTED or request.num_computed_tokens < request.num_tokens:
+        is_async = self.async_scheduling
+        kv = self.kv_cache_manager
+        for pair in sampled:
+            request, token = pair
+            status = request.status
+            if status > _PREEMPTED:
+                # Already finished: aborted while the step ran (EngineCore processes aborts
+                # before update_from_output), or stopped on an earlier step's token.
                 continue
-            token = next_token()
-            # Request.append_output_token_id, inlined (hot path).
+            # Request.append_output_token_ids, inlined (hot path).
             request.all_token_ids.append(token)
             num_tokens = request.num_tokens = request.num_tokens + 1
             num_output = request.num_output_tokens = request.num_output_tokens + 1
             if num_tokens >= request._next_hash_at:
                 request.update_block_hashes()
-            sampled.append((request, token))
+            kept.append(pair)
+            if is_async:
+                # AsyncScheduler._update_request_with_output: one placeholder resolved; cache
+                # the new tokens. Preempted requests are skipped (their blocks are gone).
+                placeholders = request.num_output_placeholders = request.num_output_placeholders - 1
+                if status == _RUNNING:
+                    kv.cache_blocks(request, request.num_computed_tokens - placeholders)
             # vllm/v1/core/sched/utils.py check_stop
             if not request.ignore_eos and token == request.eos_token_id:
                 request.status = RequestStatus.FINISHED_STOPPED
@@ -72,11 +102,15 @@ class OutputUpdates:
                 request.status = RequestStatus.FINISHED_LENGTH_CAPPED
             else:
                 continue
-            stopped.append(request)
-        if stopped:
-            stopped_set = set(stopped)
+            (stopped_running if status == _RUNNING else stopped_preempted).append(request)
+        if stopped_running:
+            stopped_set = set(stopped_running)
             self.running = [r for r in self.running if r not in stopped_set]
-        return sampled, stopped
+        if stopped_preempted:  # rare: stopped on the token of a step it was preempted after
+            stopped_set = set(stopped_preempted)
+            self.waiting = deque(r for r in self.waiting if r not in stopped_set)
+            stopped_running.extend(stopped_preempted)
+        return kept, stopped_running
 
     def emit_outputs(self, sampled: list[tuple[Request, int]], stopped: list[Request], now: float,
                      itl: list[float], on_first_token: Callable[[Request, float], None]
