@@ -292,6 +292,10 @@ class LabkitObserverConnector(KVConnectorBase_V1, SupportsHMA):
         self._sched_bytes_per_token = kv_bytes_per_token(kv_cache_config, self.block_size)
         self._sends: dict[str, tuple[float, int]] = {}
         self._pool: PoolWatcher | None = None
+        self._block_pool: Any = None  # vLLM's BlockPool (bind_gpu_block_pool): free count per step
+        # Conformance traces: RequestAdded (with prompt token ids) for every request.
+        self.record_requests = bool(extra.get("observer_trace", False))
+        self._vllm_config = vllm_config
         # worker side
         self._bytes_per_token_layer = 0
         self._num_layers = 0
@@ -336,9 +340,50 @@ class LabkitObserverConnector(KVConnectorBase_V1, SupportsHMA):
     def bind_gpu_block_pool(self, gpu_block_pool: Any) -> None:
         if self.is_passive or self._publisher is None:
             return
+        self._block_pool = gpu_block_pool
+        try:
+            self._emit(self._engine_settings(gpu_block_pool))
+        except Exception:
+            self.num_drops += 1
         try:
             self._pool = PoolWatcher(gpu_block_pool, self._emit_snapshot)
             self._pool.start()
+        except Exception:
+            self.num_drops += 1
+
+    def _engine_settings(self, gpu_block_pool: Any) -> obs.EngineSettings:
+        """The scheduler's settings, for replaying a trace with the same ones."""
+        cfg = self._vllm_config
+        sc, cc, tc = cfg.scheduler_config, cfg.cache_config, cfg.kv_transfer_config
+        extra = dict(getattr(tc, "kv_connector_extra_config", None) or {})
+        names = [str(getattr(tc, "kv_connector", "") or "")]
+        names += [str(c.get("kv_connector", "")) for c in extra.get("connectors", ()) or ()]
+        return obs.EngineSettings(
+            ts=time.time(),
+            num_gpu_blocks=int(gpu_block_pool.num_gpu_blocks),
+            block_size=int(cc.block_size),
+            max_num_batched_tokens=int(sc.max_num_batched_tokens),
+            max_num_seqs=int(sc.max_num_seqs),
+            max_model_len=int(cfg.model_config.max_model_len),
+            async_scheduling=bool(getattr(sc, "async_scheduling", False)),
+            enable_chunked_prefill=bool(getattr(sc, "enable_chunked_prefill", True)),
+            enable_prefix_caching=bool(getattr(cc, "enable_prefix_caching", True)),
+            long_prefill_token_threshold=int(getattr(sc, "long_prefill_token_threshold", 0) or 0),
+            kv_role=str(getattr(tc, "kv_role", "") or ""),
+            defer_block_free=None,
+            connectors=[n for n in names if n],
+        )
+
+    def on_new_request(self, request: Request) -> None:
+        if self.is_passive or not self.record_requests:
+            return
+        try:
+            sp = getattr(request, "sampling_params", None)
+            self._emit(obs.RequestAdded(
+                ts=time.time(), step=self._step + 1, req_id=request.request_id,
+                prompt_token_ids=[int(t) for t in (request.prompt_token_ids or ())],
+                max_tokens=int(getattr(request, "max_tokens", 0) or getattr(sp, "max_tokens", 0) or 0),
+                ignore_eos=bool(getattr(sp, "ignore_eos", True))))
         except Exception:
             self.num_drops += 1
 
@@ -435,8 +480,16 @@ class LabkitObserverConnector(KVConnectorBase_V1, SupportsHMA):
                     num_computed_tokens=num_computed,
                     preempted=preempted,
                     finished=finished,
+                    num_free=self._num_free(),
                 )
             )
+
+    def _num_free(self) -> int | None:
+        pool = self._block_pool
+        try:
+            return int(pool.get_num_free_blocks()) if pool is not None else None
+        except Exception:
+            return None
 
     def _note_prefill(self, meta: ObserverMetadata, rid: str, computed: int,
                       sched: dict[str, int]) -> None:

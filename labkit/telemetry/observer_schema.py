@@ -42,6 +42,40 @@ class StepScheduled(msgspec.Struct, tag=True):
     num_computed_tokens: dict[str, int]
     preempted: list[str]
     finished: list[str]
+    # Added for conformance traces (absent in older recordings): free blocks in the pool when
+    # the step was scheduled (after its allocations and preemptions).
+    num_free: int | None = None
+
+
+class RequestAdded(msgspec.Struct, tag=True):
+    """A request entered the scheduler (`on_new_request`) before step `step` was scheduled.
+    Conformance traces replay these; the prompt token ids carry the prefix sharing."""
+
+    ts: float
+    step: int
+    req_id: str
+    prompt_token_ids: list[int]
+    max_tokens: int
+    ignore_eos: bool = True
+
+
+class EngineSettings(msgspec.Struct, tag=True):
+    """What the scheduler runs with (once, when the block pool is bound): enough to replay a
+    trace through the simulator with the same settings."""
+
+    ts: float
+    num_gpu_blocks: int
+    block_size: int
+    max_num_batched_tokens: int
+    max_num_seqs: int
+    max_model_len: int
+    async_scheduling: bool
+    enable_chunked_prefill: bool
+    enable_prefix_caching: bool
+    long_prefill_token_threshold: int = 0
+    kv_role: str = ""
+    defer_block_free: bool | None = None
+    connectors: list[str] = []
 
 
 class RequestAllocated(msgspec.Struct, tag=True):
@@ -98,6 +132,7 @@ class KVTransfer(msgspec.Struct, tag=True):
 
 ObsEvent = (
     StepScheduled | RequestAllocated | RequestFinished | PoolSnapshot | LayerTiming | KVTransfer
+    | RequestAdded | EngineSettings
 )
 
 

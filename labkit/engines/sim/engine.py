@@ -199,6 +199,11 @@ class SimEngine:
         # A token of the step in flight is skipped by update_from_output (finished request).
         return bool(self.scheduler.finish_requests([req_id], RequestStatus.FINISHED_ABORTED))
 
+    def admit_pending(self) -> int:
+        """Hand every request added so far to the scheduler now (trace replays: the trace
+        says before which step each request entered the scheduler)."""
+        return self._inbox.admit(float("inf"), False, self.scheduler.add_request)
+
     def has_unfinished(self) -> bool:
         return (self.scheduler.get_num_unfinished_requests() > 0 or len(self._inbox) > 0
                 or (self._inflight is not None and (
@@ -252,6 +257,7 @@ class SimEngine:
         if connector is not None:
             self._apply_kv_finished(start, idle=not sched.running)
         so = sched.schedule()
+        so.num_free_blocks = self.kv_cache_manager.block_pool.free_block_queue.num_free_blocks
         self.step_count += 1
         sync = connector.start_step(so.kv_connector_metadata, start) if connector is not None else 0.0
         total = so.total_num_scheduled_tokens

@@ -49,7 +49,7 @@ class SchedulerOutput:
     __slots__ = ("scheduled", "num_running_scheduled", "scheduled_new_reqs", "resumed_req_ids",
                  "req_to_new_blocks", "total_num_scheduled_tokens", "preempted_req_ids",
                  "finished_req_ids", "token_budget", "kv_connector_metadata", "sum_context",
-                 "attn_pairs", "sampling_reqs", "_num_scheduled_tokens", "_cached")
+                 "attn_pairs", "sampling_reqs", "num_free_blocks", "_num_scheduled_tokens", "_cached")
 
     def __init__(self, scheduled: list[tuple[Request, int, int, int]], num_running_scheduled: int,
                  scheduled_new_reqs: list[NewRequestData], resumed_req_ids: set[str],
@@ -69,6 +69,7 @@ class SchedulerOutput:
         self.attn_pairs = 0   # causal (query, key) pairs
         # Requests whose scheduled tokens reach their end: the model samples one token each.
         self.sampling_reqs: list[Request] = []
+        self.num_free_blocks: int | None = None  # the pool's free blocks once scheduled
         self._num_scheduled_tokens: dict[str, int] | None = None
         self._cached: CachedRequestData | None = None
 

@@ -354,7 +354,8 @@ class EngineRunner:
                 step=res.step, ts=t0, token_budget=so.token_budget,
                 num_scheduled_tokens=dict(so.num_scheduled_tokens), new_block_ids=new_block_ids,
                 num_computed_tokens={r.req_id: r.num_computed_tokens for r in so.scheduled_new_reqs},
-                preempted=sorted(so.preempted_req_ids), finished=sorted(so.finished_req_ids)))
+                preempted=sorted(so.preempted_req_ids), finished=sorted(so.finished_req_ids),
+                num_free=so.num_free_blocks))
         return events + finished
 
     def _flush_transfers(self) -> None:
