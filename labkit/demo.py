@@ -27,6 +27,8 @@ def stream_completion(url: str, model: str, prompt: list[int], max_tokens: int
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True,
             "stream": True}
     with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
+        if r.is_error:
+            r.read()  # the engine's message goes with the error
         r.raise_for_status()
         for line in r.iter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":
@@ -39,52 +41,98 @@ def stream_completion(url: str, model: str, prompt: list[int], max_tokens: int
 
 
 def block_strip(states: bytes, width: int = 64, rows: int = 4) -> list[str]:
-    """The first width*rows physical blocks, one character each (vLLM hands blocks out from
-    the head of its free queue, so a young engine's activity is at the low ids)."""
-    cells = states[: width * rows]
-    chars = "".join(BLOCK_STATE_CHARS[b] for b in cells)
+    """The first physical blocks up to the last one not free (at most width*rows), one
+    character each, whole rows (vLLM hands blocks out from the head of its free queue, so a
+    young engine's activity is at the low ids)."""
+    last = max((i for i, b in enumerate(states) if b), default=0)
+    shown = min(len(states), width * rows, -(-(last + 1) // width) * width)
+    chars = "".join(BLOCK_STATE_CHARS[b] for b in states[:shown])
     return [chars[r * width:(r + 1) * width] for r in range(rows) if chars[r * width:]]
+
+
+def strip_caption(used: int, states: bytes, shown: int) -> str:
+    """What the block strip shows, in words: how many in use of how many, what is left out."""
+    total = len(states)
+    rest = states[shown:]
+    busy_rest = sum(1 for b in rest if b)
+    tail = (f"; the other {len(rest):,} are free" if rest and not busy_rest else
+            f"; {busy_rest:,} more not free among the other {len(rest):,}" if rest else "")
+    return (f"busiest moment: {used:,} of {total:,} blocks in use ({used / max(total, 1):.1%}); "
+            f"blocks 0-{shown - 1:,} below, one character a block ('#' in use, 'S' shared "
+            f"prefix, 'c' cached, '.' free){tail}:")
+
+
+def demo_lengths(max_model_len: int) -> tuple[int, int, list[int], list[int], float]:
+    """(first prompt, shared system prompt, other prompt bodies, output lengths, scale): the
+    demo's request sizes, scaled down to fit a small pool's max_model_len."""
+    first, system, bodies, outs = 1081, 256, [64, 200, 500, 900], [16, 48, 96]
+    need = max(first + 32, system + max(bodies) + max(outs))
+    scale = min(1.0, (max_model_len - 1) / need)
+    if scale < 1.0:
+        first = int(first * scale)
+        system = max(1, int(system * scale))
+        bodies = [max(1, int(b * scale)) for b in bodies]
+        outs = [max(1, int(o * scale)) for o in outs]
+    return first, system, bodies, outs, scale
 
 
 def run_demo(lab: Any, num_requests: int = 12, seed: int = 0) -> int:
     """Start `lab`, drive it, print the report, stop it. Returns an exit code."""
+    max_len = min(e.max_model_len for e in lab.plan.engines)
+    if max_len < 160:
+        from labkit.plan import ConfigError
+
+        bs = lab.plan.engines[0].config.block_size
+        raise ConfigError(f"the engines take prompts of at most {max_len} tokens (a pool of "
+                          f"{lab.plan.engines[0].num_blocks} blocks); the demo needs 160",
+                          f"use --num-gpu-blocks {-(-160 // bs) * 2} or more, or leave it out")
+    first_len, system_len, bodies, outs, scale = demo_lengths(max_len)
     print(lab.describe(), flush=True)
+    if scale < 1.0:
+        print(f"a small pool (max_model_len {max_len:,} tokens): the demo's requests are "
+              f"scaled to {scale:.0%} of their size", flush=True)
     lab.start(progress=True)
     try:
         tel = lab.telemetry()
         model, url = lab.plan.model.name, lab.url
         vocab = min(lab.plan.model.vocab_size, 30000)
         rng = random.Random(seed)
-        first = [rng.randrange(100, vocab) for _ in range(1081)]
-        print("\n1) one 1,081-token prompt through the PD proxy ...", flush=True)
-        results = [stream_completion(url, model, first, 32)]
-        system = [rng.randrange(100, vocab) for _ in range(256)]
+        first = [rng.randrange(100, vocab) for _ in range(first_len)]
+        print(f"\n1) one {first_len:,}-token prompt through the PD proxy ...", flush=True)
+        results = [stream_completion(url, model, first, max(1, int(32 * scale)))]
+        system = [rng.randrange(100, vocab) for _ in range(system_len)]
         prompts = []
         for i in range(num_requests):
-            body = [rng.randrange(100, vocab) for _ in range(rng.choice([64, 200, 500, 900]))]
+            body = [rng.randrange(100, vocab) for _ in range(rng.choice(bodies))]
             prompts.append((system + body) if i % 2 == 0 else body)
-        print(f"2) {num_requests} more at once (half share a 256-token system prompt) ...",
-              flush=True)
+        print(f"2) {num_requests} more at once (half share a {system_len}-token system "
+              "prompt) ...", flush=True)
         peak: dict[str, tuple[int, bytes]] = {}
+        kv: list[tuple[str, Any]] = []  # (engine, LayerTiming | KVTransfer)
         with ThreadPoolExecutor(8) as pool:
-            futs = [pool.submit(stream_completion, url, model, p, rng.choice([16, 48, 96])) for p in prompts]
+            futs = [pool.submit(stream_completion, url, model, p, rng.choice(outs))
+                    for p in prompts]
             while not all(f.done() for f in futs):
-                _fold_peaks(tel.poll(), peak)
+                _fold(tel.poll(), peak, kv)
                 time.sleep(0.1)
             results += [f.result() for f in futs]
         time.sleep(1.0)  # the last scrape and snapshots
-        delta = tel.poll()
-        _fold_peaks(delta, peak)
-        _report(lab, results, peak, tel)
+        _fold(tel.poll(), peak, kv)
+        _report(lab, results, peak, kv)
         return 0
     finally:
         lab.stop()
         print("\nstopped: every engine and the proxy are gone.", flush=True)
 
 
-def _fold_peaks(delta: Any, peak: dict[str, tuple[int, bytes]]) -> None:
+def _fold(delta: Any, peak: dict[str, tuple[int, bytes]], kv: list[tuple[str, Any]]) -> None:
+    """Keep from one poll's observer batches each engine's busiest pool snapshot and every
+    KV-streaming event (per-layer timings, whole transfers)."""
     for batch in delta.observer:
         for ev in batch.events:
+            kind = type(ev).__name__
+            if kind in ("LayerTiming", "KVTransfer"):
+                kv.append((batch.engine_id, ev))
             states = getattr(ev, "block_state", None)
             if states is None:
                 continue
@@ -94,7 +142,7 @@ def _fold_peaks(delta: Any, peak: dict[str, tuple[int, bytes]]) -> None:
 
 
 def _report(lab: Any, results: list[dict[str, Any]], peak: dict[str, tuple[int, bytes]],
-            tel: Any) -> None:
+            kv: list[tuple[str, Any]]) -> None:
     from labkit.telemetry.metrics import scrape
 
     label = "REAL vLLM" if lab.kind == "vllm" else "SIMULATED"
@@ -110,32 +158,32 @@ def _report(lab: Any, results: list[dict[str, Any]], peak: dict[str, tuple[int, 
               f"received over the KV connector {src['external_kv_transfer']:.0f}")
         if name in peak:
             used, states = peak[name]
-            shown = min(len(states), 256)
-            print(f"          busiest moment: {used} of {len(states)} blocks in use; blocks "
-                  f"0-{shown - 1} ('#' in use, 'S' shared prefix, 'c' cached, '.' free):")
-            for line in block_strip(states):
+            strip = block_strip(states)
+            print("          " + strip_caption(used, states, sum(len(s) for s in strip)))
+            for line in strip:
                 print("          " + line)
-    print(f"\n{'prompt':>7} {'tokens':>6} {'TTFT ms':>8} {'ITL ms':>7} {'e2e ms':>7}")
+    print("\nPer request, as the client saw it:")
+    print("  TTFT = time to first token (queueing + prefill + the KV transfer to decode);")
+    print("  ITL  = inter-token latency, the mean gap between two streamed tokens (decode).")
+    print(f"\n{'prompt tok':>10} {'output tok':>10} {'TTFT ms':>8} {'ITL ms':>7} {'e2e ms':>7}")
     for r in results:
-        print(f"{r['prompt_tokens']:>7} {r['tokens']:>6} {r['ttft'] * 1e3:>8.1f} "
+        print(f"{r['prompt_tokens']:>10,} {r['tokens']:>10,} {r['ttft'] * 1e3:>8.1f} "
               f"{r['itl'] * 1e3:>7.2f} {r['e2e'] * 1e3:>7.1f}")
-    _print_kv_streaming(tel)
+    _print_kv_streaming(kv)
     print(f"\nlabel: {label}. Logs: {lab.run_dir}")
 
 
-def _print_kv_streaming(tel: Any) -> None:
+def _print_kv_streaming(kv: list[tuple[str, Any]]) -> None:
     """Per-layer save/load times per engine (bracketed synchronous connectors) and whole
     request transfers (KVTransfer: asynchronous connectors such as NIXL, and synchronous loads)."""
     layers: dict[tuple[str, str], list[Any]] = {}
     moves: list[Any] = []
-    for rec in tel.store.since("obs", 0).events:
-        batch = rec.event
-        for e in getattr(batch, "events", []):
-            kind = type(e).__name__
-            if kind == "LayerTiming" and e.layer != "wait_for_save" and e.num_bytes:
-                layers.setdefault((batch.engine_id, e.op), []).append(e)
-            elif kind == "KVTransfer" and e.direction == "recv" and e.num_bytes:
-                moves.append(e)
+    for engine, e in kv:
+        kind = type(e).__name__
+        if kind == "LayerTiming" and e.layer != "wait_for_save" and e.num_bytes:
+            layers.setdefault((engine, e.op), []).append(e)
+        elif kind == "KVTransfer" and e.direction == "recv" and e.num_bytes:
+            moves.append(e)
     for (engine, op), evs in sorted(layers.items()):
         ms = sorted((e.end - e.start) * 1e3 for e in evs)
         med = ms[len(ms) // 2]

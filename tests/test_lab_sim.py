@@ -77,10 +77,11 @@ def test_live_telemetry_from_a_simulated_pair(tmp_path):
         order = [e for e in seen["timeline"] if e != "token"]
         assert order.index("arrival") < order.index("prefill_end") < order.index("finish")
         # KV events arrived in vLLM's wire format from the engine that computed the prompt
-        kv = tel.store.since("kv", 0).events
+        kv = tel.recent_kv_events()
         assert any(type(ev).__name__ == "BlockStored"
-                   for m in kv for ev in m.event.batch.events)
-        assert {m.source for m in kv} >= {"prefill"}
+                   for _, m in kv for ev in m.batch.events)
+        assert {engine for engine, _ in kv} >= {"prefill"}
+        assert tel.dropped() == {"observer": 0, "timeline": 0, "metrics": 0, "gpu": 0}
 
 
 def test_lab_validates_before_starting(tmp_path):

@@ -14,7 +14,6 @@ import pytest
 from labfixtures import FIXTURES
 
 from labkit.telemetry.metrics import MetricsScraper, MetricsSnapshot, scrape
-from labkit.telemetry.store import TelemetryStore
 
 METRICS = FIXTURES / "metrics"
 pytestmark = pytest.mark.skipif(not METRICS.exists(), reason="vLLM 0.26 fixtures absent")
@@ -107,15 +106,6 @@ def test_offload_metrics_by_transfer_type(offload: MetricsSnapshot) -> None:
     assert all(v > 0 for _, v in times)
 
 
-def test_store_points_names(decode: MetricsSnapshot) -> None:
-    points = {name: value for name, _, value in decode.store_points()}
-    assert points['vllm:prompt_tokens_by_source_total{source="external_kv_transfer"}'] == 1100
-    assert "vllm:kv_cache_usage_perc" in points
-    assert "vllm:time_to_first_token_seconds_count" in points
-    assert not any(n.endswith("_created") or "_bucket" in n or "le=" in n for n in points)
-    assert not any(n.startswith(("process_", "python_", "http_")) for n in points)
-
-
 # --- scraping a real HTTP server ---------------------------------------------------------
 
 
@@ -160,28 +150,29 @@ def test_scrape_once(server) -> None:
         scrape(url + "/nothing/here")
 
 
-def test_scraper_feeds_the_store_and_follows_changes(server) -> None:
+def test_scraper_hands_on_each_snapshot_and_follows_changes(server) -> None:
     url, handler = server
-    store = TelemetryStore()
-    store.add_source("decode-0", "vllm", role="decode")
-    key = 'vllm:prompt_tokens_by_source_total{source="external_kv_transfer"}'
-    seen: list[float] = []
-    with MetricsScraper(
-        url, interval=0.05, store=store, source="decode-0", on_snapshot=lambda s: seen.append(s.ts)
-    ) as scraper:
+    seen: list[MetricsSnapshot] = []
+
+    def received() -> list[float]:
+        return [s.get("vllm:prompt_tokens_by_source_total", source="external_kv_transfer")
+                for s in list(seen)]
+
+    with MetricsScraper(url, interval=0.05, on_snapshot=seen.append) as scraper:
         deadline = time.monotonic() + 10
-        while store.num_appended(key, "decode-0") < 2:
+        while len(seen) < 2:
             assert time.monotonic() < deadline
             time.sleep(0.02)
-        assert store.latest(key, "decode-0")[1] == 0.0  # the prefill engine's numbers
+        assert received()[-1] == 0.0  # the prefill engine's numbers
         handler.body = text("nixl-decode").encode()  # the engine's counters move on
-        while store.latest(key, "decode-0")[1] != 1100:
+        while received()[-1] != 1100:
             assert time.monotonic() < deadline
             time.sleep(0.02)
     assert not scraper.is_alive
+    assert scraper.latest is seen[-1]
     assert scraper.num_errors == 0 and scraper.num_scrapes == len(seen) >= 3
-    ts, values = store.window(key, source="decode-0")
-    assert list(ts) == sorted(ts) and values[0] == 0.0 and values[-1] == 1100
+    ts = [s.ts for s in seen]
+    assert ts == sorted(ts) and received()[0] == 0.0 and received()[-1] == 1100
 
 
 def test_scraper_survives_an_engine_that_is_down() -> None:

@@ -3,16 +3,24 @@
 One object subscribes to everything a running PD pair says — observer events (ZMQ, bound
 here, the engines connect), KV events (ZMQ, one subscriber per engine), /metrics (one scraper
 per engine), the proxy's timeline (HTTP, polled with a cursor) and GPU memory (NVML for real
-engines; the simulator's own figures, labelled "sim", for simulated ones) — keeps it in one
-`TelemetryStore` (what a recording saves) and hands the views what is new since the last
-`poll()` (labkit.telemetry.source.TelemetrySource).
+engines; the simulator's own figures, labelled "sim", for simulated ones) — and hands the
+views what is new since the last `poll()` (labkit.telemetry.source.TelemetrySource). That
+delta is the one path: the views, the recorder and `labkit demo` all read it.
+
+Nothing here grows without bound. Between two polls each stream waits in a bounded queue;
+when nobody polls (a lab under `labkit up` with no dashboard attached) the oldest items fall
+off and are counted (`dropped()`). vLLM's KV events are not part of the delta (they name
+blocks by hash; the views draw physical blocks from the observer): the last
+`KV_EVENTS_KEPT` batches are kept for inspection (`recent_kv_events()`).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,8 +28,19 @@ import httpx
 
 from labkit.telemetry.metrics import MetricsScraper, MetricsSnapshot
 from labkit.telemetry.source import EngineMemory, GpuSample, MetricsSample, TelemetryDelta
-from labkit.telemetry.store import TelemetryStore
-from labkit.telemetry.subscriber import KVEventSubscriber, ObserverSubscriber
+from labkit.telemetry.subscriber import KVEventMessage, KVEventSubscriber, ObserverSubscriber
+
+logger = logging.getLogger(__name__)
+
+# What waits between two polls (per LiveTelemetry). A /metrics sample is ~300 KB of parsed
+# families in memory, so only the newest few per engine are kept; a pool snapshot is one
+# byte per block (255,300 for a TP=2 engine on an H200), so the observer queue is bounded in
+# bytes as well as in batches.
+OBSERVER_KEPT, OBSERVER_BYTES_KEPT = 20_000, 64 << 20
+TIMELINE_KEPT = 20_000
+METRICS_KEPT_PER_ENGINE = 8
+GPU_SAMPLES_KEPT = 1_024
+KV_EVENTS_KEPT = 1_024
 
 
 @dataclass
@@ -43,21 +62,49 @@ class EngineTap:
 
 
 class _Drain:
-    """A thread-safe bounded queue drained by poll()."""
+    """A thread-safe queue that poll() empties, bounded in items (and in bytes where `size`
+    is given): the oldest items fall off first and are counted in `dropped`."""
 
-    def __init__(self, maxlen: int = 50_000) -> None:
-        self._q: deque[Any] = deque(maxlen=maxlen)
+    def __init__(self, name: str, maxlen: int, max_bytes: int | None = None,
+                 size: Callable[[Any], int] | None = None) -> None:
+        self.name = name
+        self.maxlen, self.max_bytes, self._size = maxlen, max_bytes, size
+        self._q: deque[tuple[Any, int]] = deque()
+        self._bytes = 0
+        self.dropped = 0
         self._lock = threading.Lock()
 
     def put(self, item: Any) -> None:
+        n = self._size(item) if self._size is not None else 0
         with self._lock:
-            self._q.append(item)
+            self._q.append((item, n))
+            self._bytes += n
+            first_drop = self.dropped == 0
+            while len(self._q) > self.maxlen or (
+                    self.max_bytes is not None and self._bytes > self.max_bytes
+                    and len(self._q) > 1):
+                _, m = self._q.popleft()
+                self._bytes -= m
+                self.dropped += 1
+        if first_drop and self.dropped:
+            logger.info("telemetry: nobody polled for a while; dropping the oldest %s items "
+                        "(kept: %d)", self.name, len(self._q))
 
     def take(self) -> list[Any]:
         with self._lock:
-            items = list(self._q)
+            items = [item for item, _ in self._q]
             self._q.clear()
+            self._bytes = 0
         return items
+
+    def __len__(self) -> int:
+        return len(self._q)
+
+
+def _batch_bytes(batch: Any) -> int:
+    """Rough bytes an ObserverBatch holds: its pool snapshots' block states dominate."""
+    events = getattr(batch, "events", ())
+    return 200 + sum(100 + len(getattr(ev, "block_state", b"") or b"") for ev in events)
 
 
 class LiveTelemetry:
@@ -82,13 +129,11 @@ class LiveTelemetry:
         self.gpus = gpus or []
         self.link = link
         self.interval = interval
-        self.store = TelemetryStore()
-        for e in engines:
-            self.store.add_source(e.name, kind, role=e.role)
-        self._observer = _Drain()
-        self._timeline = _Drain()
-        self._metrics = _Drain()
-        self._gpu = _Drain()
+        self._observer = _Drain("observer", OBSERVER_KEPT, OBSERVER_BYTES_KEPT, _batch_bytes)
+        self._timeline = _Drain("timeline", TIMELINE_KEPT)
+        self._metrics = _Drain("metrics", METRICS_KEPT_PER_ENGINE * max(1, len(engines)))
+        self._gpu = _Drain("gpu", GPU_SAMPLES_KEPT)
+        self._kv: deque[tuple[str, KVEventMessage]] = deque(maxlen=KV_EVENTS_KEPT)
         self._memory_sent = False
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -106,7 +151,6 @@ class LiveTelemetry:
                 self.kv_subs[e.name] = sub
                 self._closers.append(sub)
             scraper = MetricsScraper(f"{e.base_url}/metrics", interval=max(interval, 0.25),
-                                     store=self.store, source=e.name,
                                      on_snapshot=lambda s, eng=e: self._on_metrics(eng, s))
             self._closers.append(scraper)
         if proxy_url:
@@ -121,10 +165,9 @@ class LiveTelemetry:
 
     def _on_observer(self, batch: Any) -> None:
         self._observer.put(batch)
-        self.store.log("obs", batch, source=getattr(batch, "engine_id", ""))
 
-    def _on_kv(self, name: str, msg: Any) -> None:
-        self.store.log("kv", msg, source=name)
+    def _on_kv(self, name: str, msg: KVEventMessage) -> None:
+        self._kv.append((name, msg))
 
     def _on_metrics(self, engine: EngineTap, snap: MetricsSnapshot) -> None:
         self._metrics.put(MetricsSample(engine=engine.name, ts=snap.ts, snapshot=snap,
@@ -140,7 +183,6 @@ class LiveTelemetry:
                         body = r.json()
                         for ev in body.get("events", []):
                             self._timeline.put(ev)
-                            self.store.log("proxy", ev, source="proxy", ts=ev.get("ts"))
                         cursor = int(body.get("next", cursor))
                 except (httpx.HTTPError, ValueError):
                     pass
@@ -203,6 +245,16 @@ class LiveTelemetry:
                 for e in self.engines for g in e.gpus]
             self._memory_sent = True
         return delta
+
+    def dropped(self) -> dict[str, int]:
+        """Items each stream lost because nobody polled in time (0 when a view keeps up)."""
+        return {d.name: d.dropped for d in (self._observer, self._timeline, self._metrics,
+                                            self._gpu)}
+
+    def recent_kv_events(self) -> list[tuple[str, KVEventMessage]]:
+        """The last `KV_EVENTS_KEPT` KV-event batches as (engine name, message), oldest
+        first: vLLM's own KV events, for inspection; no view reads them."""
+        return list(self._kv)
 
     def describe(self) -> dict[str, Any]:
         return {

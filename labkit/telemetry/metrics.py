@@ -19,14 +19,10 @@ from dataclasses import dataclass, field
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from labkit.telemetry.store import TelemetryStore
-
 logger = logging.getLogger(__name__)
 
 Labels = tuple[tuple[str, str], ...]  # sorted (name, value) pairs: hashable, order-free
 
-# Labels every vLLM sample carries; dropped from store series names.
-ENGINE_LABELS = ("engine", "model_name")
 
 
 def freeze(labels: dict[str, str]) -> Labels:
@@ -136,27 +132,6 @@ class MetricsSnapshot:
     def names(self) -> set[str]:
         return {name for name, _ in self.samples}
 
-    def store_points(
-        self, keep: Callable[[str], bool] | None = None
-    ) -> list[tuple[str, float, float]]:
-        """`(series, ts, value)` points for the store: vLLM samples except histogram buckets,
-        `_created` stamps and info metrics. Series names drop the engine/model labels, e.g.
-        `vllm:prompt_tokens_by_source_total{source="external_kv_transfer"}`; samples that
-        differ only in those labels (data-parallel engines) are summed."""
-        keep = keep or default_keep
-        acc: dict[str, float] = {}
-        for (name, frozen), value in self.samples.items():
-            if not keep(name):
-                continue
-            rest = ",".join(f'{k}="{v}"' for k, v in frozen if k not in ENGINE_LABELS)
-            key = f"{name}{{{rest}}}" if rest else name
-            acc[key] = acc.get(key, 0.0) + value
-        return [(key, self.ts, value) for key, value in acc.items()]
-
-
-def default_keep(name: str) -> bool:
-    return name.startswith("vllm:") and not name.endswith(("_bucket", "_created", "_info"))
-
 
 def metrics_url(url: str) -> str:
     """`http://host:port` or `.../metrics` -> the `/metrics` URL."""
@@ -179,8 +154,7 @@ def scrape(url: str, client: httpx.Client | None = None, timeout: float = 5.0) -
 class MetricsScraper:
     """Polls an engine's `/metrics` every `interval` seconds on a background thread.
 
-    Each snapshot becomes `.latest`, is passed to `on_snapshot`, and (with a `store`) its
-    points are appended under `source`. An engine that is down only counts `num_errors`
+    Each snapshot becomes `.latest` and is passed to `on_snapshot`. An engine that is down only counts `num_errors`
     and sets `last_error`; the poller keeps trying until `close()`.
     """
 
@@ -189,22 +163,16 @@ class MetricsScraper:
         url: str,
         interval: float = 1.0,
         *,
-        store: TelemetryStore | None = None,
-        source: str = "",
         on_snapshot: Callable[[MetricsSnapshot], None] | None = None,
-        keep: Callable[[str], bool] | None = None,
         timeout: float = 2.0,
     ) -> None:
         self.url = metrics_url(url)
         self.interval = interval
-        self.store = store
-        self.source = source
         self.latest: MetricsSnapshot | None = None
         self.num_scrapes = 0
         self.num_errors = 0
         self.last_error: str | None = None
         self._on_snapshot = on_snapshot
-        self._keep = keep
         self._timeout = timeout
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="metrics-scraper")
@@ -218,7 +186,7 @@ class MetricsScraper:
                 self._stop.wait(max(0.0, self.interval - (time.monotonic() - started)))
 
     def scrape_once(self, client: httpx.Client) -> MetricsSnapshot | None:
-        """One poll: scrape, record, notify. Never raises."""
+        """One poll: scrape, notify. Never raises."""
         try:
             snap = scrape(self.url, client, self._timeout)
         except (httpx.HTTPError, ValueError) as exc:
@@ -227,8 +195,6 @@ class MetricsScraper:
             return None
         self.latest = snap
         self.num_scrapes += 1
-        if self.store is not None:
-            self.store.append_many(snap.store_points(self._keep), source=self.source)
         if self._on_snapshot is not None:
             try:
                 self._on_snapshot(snap)

@@ -1,0 +1,73 @@
+"""LiveTelemetry's queues between two polls: bounded when nobody polls, complete when a
+view keeps up."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from labkit.telemetry import live
+from labkit.telemetry.live import EngineTap, LiveTelemetry, _Drain
+from labkit.telemetry.observer_schema import ObserverBatch, PoolSnapshot
+
+
+def test_drain_is_bounded_in_items_and_counts_what_fell_off() -> None:
+    d = _Drain("x", maxlen=3)
+    for i in range(10):
+        d.put(i)
+    assert len(d) == 3 and d.dropped == 7
+    assert d.take() == [7, 8, 9]  # the newest survive
+    assert d.take() == [] and d.dropped == 7
+
+
+def test_drain_is_bounded_in_bytes_but_keeps_the_newest_item() -> None:
+    d = _Drain("x", maxlen=100, max_bytes=1000, size=len)
+    for _ in range(5):
+        d.put(b"a" * 400)
+    assert len(d) == 2 and d.dropped == 3
+    d.put(b"b" * 5000)  # bigger than the budget alone: kept, everything older goes
+    assert d.take() == [b"b" * 5000] and d.dropped == 5
+
+
+@pytest.fixture()
+def tel():
+    taps = [EngineTap(name=n, role=n, kind="sim", base_url="http://127.0.0.1:9", gpus=[0],
+                      num_blocks=4, block_size=16, model="m") for n in ("prefill", "decode")]
+    t = LiveTelemetry("sim", taps, interval=60)
+    yield t
+    t.close()
+
+
+def _batch(i: int, num_blocks: int) -> ObserverBatch:
+    snap = PoolSnapshot(ts=float(i), num_blocks=num_blocks, num_free=num_blocks,
+                        block_state=bytes(num_blocks))
+    return ObserverBatch(engine_id="prefill", role="prefill", kind="sim", ts=float(i),
+                         events=[snap])
+
+
+def test_nobody_polling_keeps_memory_bounded(tel) -> None:
+    """An idle `labkit up` lab: metrics scraped at 4 Hz and pool snapshots nobody takes."""
+    engine = tel.engines[0]
+    for i in range(1000):
+        tel._on_metrics(engine, SimpleNamespace(ts=float(i)))
+    for i in range(200):  # 200 snapshots of a 1 MiB pool: 200 MiB offered
+        tel._on_observer(_batch(i, 1 << 20))
+    delta = tel.poll()
+    assert len(delta.metrics) == live.METRICS_KEPT_PER_ENGINE * 2
+    assert [m.ts for m in delta.metrics][-1] == 999.0
+    held = sum(len(ev.block_state) for b in delta.observer for ev in b.events)
+    assert held <= live.OBSERVER_BYTES_KEPT and delta.observer[-1].ts == 199.0
+    dropped = tel.dropped()
+    assert dropped["metrics"] == 1000 - len(delta.metrics)
+    assert dropped["observer"] == 200 - len(delta.observer) > 0
+
+
+def test_a_view_that_keeps_up_loses_nothing(tel) -> None:
+    got = []
+    for i in range(500):
+        tel._on_observer(_batch(i, 64))
+        if i % 50 == 49:
+            got += tel.poll().observer
+    assert [b.ts for b in got] == [float(i) for i in range(500)]
+    assert tel.dropped()["observer"] == 0
