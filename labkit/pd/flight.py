@@ -113,6 +113,7 @@ class Flight:
                 ts=now,
                 wait_s=now - self.decode_sent,
                 engine_timing=timing if isinstance(timing, dict) else None,
+                decode_id=obj.get("id"),  # decode's response id: the views join its events
             )
             self.metrics.transfer_wait.observe(now - self.decode_sent)
         self.ids["decode_id"] = self.ids.get("decode_id") or obj.get("id")
