@@ -82,6 +82,7 @@ def test_live_telemetry_from_a_simulated_pair(tmp_path):
                    for _, m in kv for ev in m.batch.events)
         assert {engine for engine, _ in kv} >= {"prefill"}
         assert tel.dropped() == {"observer": 0, "timeline": 0, "metrics": 0, "gpu": 0}
+        assert tel.observer_drops() == {}  # the simulated engines' observers lost nothing
 
 
 def test_lab_validates_before_starting(tmp_path):

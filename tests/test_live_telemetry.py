@@ -71,3 +71,10 @@ def test_a_view_that_keeps_up_loses_nothing(tel) -> None:
             got += tel.poll().observer
     assert [b.ts for b in got] == [float(i) for i in range(500)]
     assert tel.dropped()["observer"] == 0
+
+
+def test_observer_drops_follow_each_engines_running_total(tel) -> None:
+    for engine, n in (("prefill", 0), ("decode", 2), ("decode", 5), ("decode", 4)):
+        tel._on_observer(ObserverBatch(engine_id=engine, role=engine, kind="vllm", ts=0.0,
+                                       events=[], num_dropped=n))
+    assert tel.observer_drops() == {"decode": 5}  # a late, older batch does not lower it

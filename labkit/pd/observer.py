@@ -10,7 +10,10 @@ Load it alone or beside a transfer connector (vLLM's `MultiConnector`)::
 It moves no KV: `get_num_new_matched_tokens` returns (0, False) and `request_finished`
 returns (False, None) (vllm/distributed/kv_transfer/kv_connector/v1/base.py), so the
 engine behaves exactly as without it. Every hook catches everything and counts drops:
-the observer never blocks or raises into the engine.
+the observer never blocks or raises into the engine. Drops are not silent: the first of
+each cause (a hook that raised, e.g. because vLLM renamed a private field; the outbox or the
+ZMQ queue full; a pool snapshot that failed) logs a warning with its traceback, and every
+batch carries the process's running total (`ObserverBatch.num_dropped`).
 
 Scheduler side (one instance in EngineCore): `StepScheduled` per scheduler step
 (`build_connector_meta`), `RequestAllocated` (`update_state_after_alloc`),
@@ -48,6 +51,7 @@ This module imports vLLM, torch-free numpy, and labkit's observer schema only.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections import deque
@@ -111,9 +115,11 @@ class PoolWatcher:
     """
 
     def __init__(self, pool: Any, sink: Callable[[int, int, bytes], None],
-                 max_hz: float = 4.0, full_every_s: float = 5.0) -> None:
+                 max_hz: float = 4.0, full_every_s: float = 5.0,
+                 on_error: Callable[[str], None] | None = None) -> None:
         self.pool = pool
         self.sink = sink
+        self.on_error = on_error
         self.period = 1.0 / max_hz
         self.full_every_s = full_every_s
         self.num_blocks = int(pool.num_gpu_blocks)
@@ -158,7 +164,10 @@ class PoolWatcher:
                 try:
                     self.snapshot()
                 except Exception:
-                    logger.debug("labkit observer: pool snapshot failed", exc_info=True)
+                    if self.on_error is not None:
+                        self.on_error("pool_snapshot")
+                    else:
+                        logger.debug("labkit observer: pool snapshot failed", exc_info=True)
 
     def snapshot(self) -> bytes:
         """Refresh the cached states, hand them to the sink, and return them."""
@@ -204,10 +213,13 @@ class Outbox:
     """
 
     def __init__(self, endpoint: str, engine_id: str, role: str, flush_s: float = 0.05,
-                 maxlen: int = 100_000) -> None:
+                 maxlen: int = 100_000, on_drop: Callable[[str, int], None] | None = None,
+                 num_dropped: Callable[[], int] | None = None) -> None:
         self.endpoint, self.engine_id, self.role = endpoint, engine_id, role
         self.flush_s = flush_s
-        self.num_dropped = 0
+        self.num_dropped = 0  # events this outbox lost (queue full, send failed)
+        self._on_drop = on_drop  # (cause, count): the connector's accounting
+        self._total_dropped = num_dropped or (lambda: self.num_dropped)
         self.num_sent = 0
         self._q: deque[Any] = deque()
         self._maxlen = maxlen
@@ -217,9 +229,14 @@ class Outbox:
 
     def put(self, event: Any) -> None:
         if len(self._q) >= self._maxlen:
-            self.num_dropped += 1
+            self._dropped("outbox_full", 1)
             return
         self._q.append(event)
+
+    def _dropped(self, cause: str, n: int) -> None:
+        self.num_dropped += n
+        if self._on_drop is not None:
+            self._on_drop(cause, n)
 
     def close(self) -> None:
         self._stop.set()
@@ -238,10 +255,10 @@ class Outbox:
                 while self._q and len(events) < 2000:
                     events.append(self._q.popleft())
                 if events:
-                    if pub.publish(events):
+                    if pub.publish(events, num_dropped=self._total_dropped()):
                         self.num_sent += len(events)
                     else:
-                        self.num_dropped += len(events)
+                        self._dropped("zmq_send", len(events))
                 if stopping and not self._q:
                     return
         finally:
@@ -279,7 +296,8 @@ class LabkitObserverConnector(KVConnectorBase_V1, SupportsHMA):
         self.is_passive = self.bracket == "open"
         self.block_size: int = int(vllm_config.cache_config.block_size)
         self.token_budget: int = int(vllm_config.scheduler_config.max_num_batched_tokens)
-        self.num_drops = 0
+        self.num_drops = 0  # events lost, all causes (hooks that raised, outbox, ZMQ)
+        self.drops_by_cause: dict[str, int] = {}
         self._step = 0
         self._lock = threading.Lock()
         # scheduler side
@@ -306,7 +324,8 @@ class LabkitObserverConnector(KVConnectorBase_V1, SupportsHMA):
             try:
                 self._publisher = Outbox(self.endpoint, self._engine_id(vllm_config, extra),
                                          str(extra.get("observer_role") or
-                                             self._kv_transfer_config.kv_role or ""))
+                                             self._kv_transfer_config.kv_role or ""),
+                                         on_drop=self._drop, num_dropped=lambda: self.num_drops)
             except Exception:  # never fail the engine's start-up for telemetry
                 logger.exception("labkit observer: no outbox for %s", self.endpoint)
 
@@ -322,6 +341,17 @@ class LabkitObserverConnector(KVConnectorBase_V1, SupportsHMA):
             return f"{self.name}/worker"
 
     # ------------------------------------------------------------------ publishing
+    def _drop(self, cause: str, n: int = 1) -> None:
+        """Count `n` lost events; the first of each cause logs a warning (with the traceback
+        when called from an `except` block), later ones are only counted."""
+        self.num_drops += n
+        first = cause not in self.drops_by_cause
+        self.drops_by_cause[cause] = self.drops_by_cause.get(cause, 0) + n
+        if first:
+            logger.warning("labkit observer %s: dropped telemetry (%s); further drops of this "
+                           "cause are only counted (ObserverBatch.num_dropped)", self.name,
+                           cause, exc_info=sys.exc_info()[0] is not None)
+
     def _emit(self, event: Any) -> None:
         pub = self._publisher
         if pub is not None:
@@ -334,7 +364,7 @@ class LabkitObserverConnector(KVConnectorBase_V1, SupportsHMA):
             if self._publisher is not None:
                 self._publisher.close()
         except Exception:
-            self.num_drops += 1
+            self._drop("shutdown")
 
     # ================================================================== scheduler side
     def bind_gpu_block_pool(self, gpu_block_pool: Any) -> None:
@@ -344,12 +374,12 @@ class LabkitObserverConnector(KVConnectorBase_V1, SupportsHMA):
         try:
             self._emit(self._engine_settings(gpu_block_pool))
         except Exception:
-            self.num_drops += 1
+            self._drop("engine_settings")
         try:
-            self._pool = PoolWatcher(gpu_block_pool, self._emit_snapshot)
+            self._pool = PoolWatcher(gpu_block_pool, self._emit_snapshot, on_error=self._drop)
             self._pool.start()
         except Exception:
-            self.num_drops += 1
+            self._drop("bind_gpu_block_pool")
 
     def _engine_settings(self, gpu_block_pool: Any) -> obs.EngineSettings:
         """The scheduler's settings, for replaying a trace with the same ones."""
@@ -385,7 +415,7 @@ class LabkitObserverConnector(KVConnectorBase_V1, SupportsHMA):
                 max_tokens=int(getattr(request, "max_tokens", 0) or getattr(sp, "max_tokens", 0) or 0),
                 ignore_eos=bool(getattr(sp, "ignore_eos", True))))
         except Exception:
-            self.num_drops += 1
+            self._drop("on_new_request")
 
     def _emit_snapshot(self, num_blocks: int, num_free: int, state: bytes) -> None:
         self._emit(
@@ -402,7 +432,7 @@ class LabkitObserverConnector(KVConnectorBase_V1, SupportsHMA):
         try:
             self._local_hits[request.request_id] = int(num_computed_tokens)
         except Exception:
-            self.num_drops += 1
+            self._drop("get_num_new_matched_tokens")
         return 0, False
 
     def update_state_after_alloc(
@@ -420,7 +450,7 @@ class LabkitObserverConnector(KVConnectorBase_V1, SupportsHMA):
             if self._pool is not None:
                 self._pool.mark(ids)
         except Exception:
-            self.num_drops += 1
+            self._drop("update_state_after_alloc")
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         meta = ObserverMetadata()
@@ -431,8 +461,7 @@ class LabkitObserverConnector(KVConnectorBase_V1, SupportsHMA):
             meta.step = self._step
             self._build_step(scheduler_output, meta)
         except Exception:
-            self.num_drops += 1
-            logger.debug("labkit observer: step failed", exc_info=True)
+            self._drop("build_connector_meta")
         return meta
 
     def _build_step(self, so: SchedulerOutput, meta: ObserverMetadata) -> None:
@@ -488,7 +517,8 @@ class LabkitObserverConnector(KVConnectorBase_V1, SupportsHMA):
         pool = self._block_pool
         try:
             return int(pool.get_num_free_blocks()) if pool is not None else None
-        except Exception:
+        except Exception:  # the step still goes out, without its free count
+            self._drop("get_num_free_blocks", 0)
             return None
 
     def _note_prefill(self, meta: ObserverMetadata, rid: str, computed: int,
@@ -540,7 +570,7 @@ class LabkitObserverConnector(KVConnectorBase_V1, SupportsHMA):
                 if len(self._sends) > 4096:  # sends only complete for async connectors
                     self._sends.pop(next(iter(self._sends)))
             except Exception:
-                self.num_drops += 1
+                self._drop("request_finished")
         return False, None
 
     def request_finished_all_groups(
@@ -575,7 +605,7 @@ class LabkitObserverConnector(KVConnectorBase_V1, SupportsHMA):
                 if self._pool is not None:
                     self._pool.mark_all_soon()
         except Exception:
-            self.num_drops += 1
+            self._drop("update_connector_output")
 
     # ================================================================== worker side
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
@@ -588,7 +618,7 @@ class LabkitObserverConnector(KVConnectorBase_V1, SupportsHMA):
                 total = t.numel() * t.element_size()
                 self._bytes_per_token_layer = total // (num_blocks * self.block_size)
         except Exception:
-            self.num_drops += 1
+            self._drop("register_kv_caches")
 
     def _now_bracketed(self, key: tuple[str, str]) -> tuple[float, float] | None:
         """(start, end) for this hook, or None for the passive "open" instance."""
@@ -624,7 +654,7 @@ class LabkitObserverConnector(KVConnectorBase_V1, SupportsHMA):
                                        connector=self.transfer_connector)
                     )
         except Exception:
-            self.num_drops += 1
+            self._drop("start_load_kv")
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         try:
@@ -639,7 +669,7 @@ class LabkitObserverConnector(KVConnectorBase_V1, SupportsHMA):
                                 req_ids=sorted(meta.load_tokens))
             )
         except Exception:
-            self.num_drops += 1
+            self._drop("wait_for_layer_load")
 
     def save_kv_layer(self, layer_name: str, kv_layer: Any, attn_metadata: Any,
                       **kwargs: Any) -> None:
@@ -655,7 +685,7 @@ class LabkitObserverConnector(KVConnectorBase_V1, SupportsHMA):
                                 req_ids=sorted(meta.prefill_tokens))
             )
         except Exception:
-            self.num_drops += 1
+            self._drop("save_kv_layer")
 
     def wait_for_save(self) -> None:
         try:
@@ -669,7 +699,7 @@ class LabkitObserverConnector(KVConnectorBase_V1, SupportsHMA):
                                 end=span[1], num_bytes=0, req_ids=sorted(meta.prefill_tokens))
             )
         except Exception:
-            self.num_drops += 1
+            self._drop("wait_for_save")
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         return None, None

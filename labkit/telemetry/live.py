@@ -134,6 +134,7 @@ class LiveTelemetry:
         self._metrics = _Drain("metrics", METRICS_KEPT_PER_ENGINE * max(1, len(engines)))
         self._gpu = _Drain("gpu", GPU_SAMPLES_KEPT)
         self._kv: deque[tuple[str, KVEventMessage]] = deque(maxlen=KV_EVENTS_KEPT)
+        self._observer_drops: dict[str, int] = {}
         self._memory_sent = False
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -165,6 +166,9 @@ class LiveTelemetry:
 
     def _on_observer(self, batch: Any) -> None:
         self._observer.put(batch)
+        n = getattr(batch, "num_dropped", 0)
+        if n > self._observer_drops.get(batch.engine_id, 0):
+            self._observer_drops[batch.engine_id] = n
 
     def _on_kv(self, name: str, msg: KVEventMessage) -> None:
         self._kv.append((name, msg))
@@ -250,6 +254,11 @@ class LiveTelemetry:
         """Items each stream lost because nobody polled in time (0 when a view keeps up)."""
         return {d.name: d.dropped for d in (self._observer, self._timeline, self._metrics,
                                             self._gpu)}
+
+    def observer_drops(self) -> dict[str, int]:
+        """Events each engine process's observer lost, as its latest batch said (the running
+        total it carries: `ObserverBatch.num_dropped`); absent engines dropped nothing."""
+        return dict(self._observer_drops)
 
     def recent_kv_events(self) -> list[tuple[str, KVEventMessage]]:
         """The last `KV_EVENTS_KEPT` KV-event batches as (engine name, message), oldest

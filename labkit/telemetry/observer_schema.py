@@ -144,6 +144,9 @@ class ObserverBatch(msgspec.Struct):
     kind: str
     ts: float
     events: list[ObsEvent]
+    # Events this engine process's observer lost so far (all causes, a running total, so a
+    # lost batch does not hide it); 0 in recordings made before it was carried.
+    num_dropped: int = 0
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -208,14 +211,17 @@ class ObserverPublisher:
             self._sock.connect(endpoint)
             self.endpoint = endpoint
 
-    def publish(self, events: list[ObsEvent], ts: float | None = None) -> bool:
-        """Send `events` as one batch stamped with this publisher's engine; True if queued."""
+    def publish(self, events: list[ObsEvent], ts: float | None = None,
+                num_dropped: int = 0) -> bool:
+        """Send `events` as one batch stamped with this publisher's engine and the events
+        its producer lost so far (`num_dropped`); True if queued."""
         batch = ObserverBatch(
             engine_id=self.engine_id,
             role=self.role,
             kind=self.kind,
             ts=time.time() if ts is None else ts,
             events=events,
+            num_dropped=num_dropped,
         )
         return self.publish_batch(batch)
 

@@ -1,0 +1,144 @@
+"""The observer connector (labkit.pd.observer) reports what it loses: a hook that raises, a
+full outbox or a failed pool snapshot is counted, warned about once per cause, and carried
+to the lab in every ObserverBatch (num_dropped). vLLM is not needed: its connector base
+classes are stood in for by the few attributes the observer uses."""
+
+from __future__ import annotations
+
+import enum
+import importlib
+import logging
+import sys
+import time
+import types
+from types import SimpleNamespace
+
+import msgspec
+import pytest
+
+from labkit.telemetry.observer_schema import (
+    ObserverBatch,
+    PoolSnapshot,
+    decode_observer_batch,
+    encode_observer_batch,
+)
+from labkit.telemetry.subscriber import ObserverSubscriber
+
+
+@pytest.fixture()
+def observer(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
+    """labkit.pd.observer imported against stand-ins for vLLM's KV-connector base module."""
+
+    class KVConnectorRole(enum.Enum):
+        SCHEDULER = 0
+        WORKER = 1
+
+    class KVConnectorBase_V1:  # noqa: N801 - vLLM's name
+        def __init__(self, vllm_config, role, kv_cache_config=None) -> None:
+            self._kv_transfer_config = vllm_config.kv_transfer_config
+            self._kv_cache_config = kv_cache_config
+            self._connector_metadata = None
+
+    base = types.ModuleType("vllm.distributed.kv_transfer.kv_connector.v1.base")
+    base.KVConnectorBase_V1 = KVConnectorBase_V1
+    base.KVConnectorMetadata = type("KVConnectorMetadata", (), {})
+    base.KVConnectorRole = KVConnectorRole
+    base.SupportsHMA = type("SupportsHMA", (), {})
+    names = ["vllm", "vllm.distributed", "vllm.distributed.kv_transfer",
+             "vllm.distributed.kv_transfer.kv_connector",
+             "vllm.distributed.kv_transfer.kv_connector.v1"]
+    for name in names:
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, base.__name__, base)
+    monkeypatch.delitem(sys.modules, "labkit.pd.observer", raising=False)
+    mod = importlib.import_module("labkit.pd.observer")
+    yield mod
+    sys.modules.pop("labkit.pd.observer", None)
+
+
+def _connector(observer: types.ModuleType, endpoint: str | None) -> object:
+    extra = {"observer_name": "prefill"}
+    if endpoint:
+        extra["observer_endpoint"] = endpoint
+    cfg = SimpleNamespace(
+        kv_transfer_config=SimpleNamespace(kv_connector_extra_config=extra, engine_id="e0",
+                                           kv_role="kv_both", kv_connector="x"),
+        cache_config=SimpleNamespace(block_size=16),
+        scheduler_config=SimpleNamespace(max_num_batched_tokens=2048),
+        parallel_config=SimpleNamespace(world_size=1))
+    return observer.LabkitObserverConnector(cfg, observer.KVConnectorRole.SCHEDULER)
+
+
+class _BrokenBlocks:
+    """What vLLM would hand over if it renamed KVCacheBlocks.get_block_ids."""
+
+
+def test_a_failing_hook_is_counted_warned_once_and_carried_to_the_lab(observer, caplog) -> None:
+    got: list[ObserverBatch] = []
+    with ObserverSubscriber("tcp://127.0.0.1:*", bind=True, callback=got.append) as sub:
+        conn = _connector(observer, sub.endpoint)
+        request = SimpleNamespace(request_id="r1", num_prompt_tokens=32, num_computed_tokens=32)
+        with caplog.at_level(logging.WARNING, logger="labkit.observer"):
+            for _ in range(3):
+                conn.update_state_after_alloc(request, _BrokenBlocks(), 0)
+        assert conn.num_drops == 3
+        assert conn.drops_by_cause == {"update_state_after_alloc": 3}
+        warned = [r for r in caplog.records if "dropped telemetry" in r.getMessage()]
+        assert len(warned) == 1 and "update_state_after_alloc" in warned[0].getMessage()
+        assert warned[0].exc_info is not None  # the traceback says what vLLM changed
+        # The next event the engine emits carries the running total to the subscriber
+        # (ZMQ joins late: emit until a batch arrives).
+        deadline = time.monotonic() + 10
+        while not any(b.num_dropped for b in got):
+            assert time.monotonic() < deadline, "no observer batch reached the lab"
+            conn.request_finished(request, [1, 2])
+            time.sleep(0.1)
+        conn.shutdown()
+    batch = next(b for b in got if b.num_dropped)
+    assert batch.engine_id == "prefill" and batch.num_dropped == 3
+    assert conn.num_drops == 3  # the hooks that worked lost nothing
+
+
+def test_a_full_outbox_and_a_failing_pool_snapshot_are_drops(observer, caplog) -> None:
+    conn = _connector(observer, None)  # no endpoint: nothing is sent
+    box = observer.Outbox("tcp://127.0.0.1:9", "prefill", "prefill", maxlen=2,
+                          on_drop=conn._drop)
+    box.close()
+    for i in range(5):
+        box.put(i)
+    assert box.num_dropped == 3 and conn.drops_by_cause == {"outbox_full": 3}
+
+    class Pool:  # a block pool whose blocks lost `_block_hash` (a vLLM rename)
+        num_gpu_blocks = 4
+        blocks = [SimpleNamespace(ref_cnt=0) for _ in range(4)]
+
+        def get_num_free_blocks(self) -> int:
+            return 4
+
+    watcher = observer.PoolWatcher(Pool(), lambda *a: None, max_hz=50, on_error=conn._drop)
+    with caplog.at_level(logging.WARNING, logger="labkit.observer"):
+        watcher.start()
+        deadline = time.monotonic() + 10
+        while "pool_snapshot" not in conn.drops_by_cause:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        watcher.stop()
+    assert any("pool_snapshot" in r.getMessage() for r in caplog.records)
+    assert conn.num_drops >= 4
+
+
+def test_old_recordings_decode_with_no_drops() -> None:
+    """A batch encoded before num_dropped existed (no such key) reads as 0."""
+
+    class OldBatch(msgspec.Struct):
+        engine_id: str
+        role: str
+        kind: str
+        ts: float
+        events: list[PoolSnapshot]
+
+    old = msgspec.msgpack.encode(OldBatch("decode", "decode", "vllm", 1.0,
+                                          [PoolSnapshot(1.0, 2, 2, b"\0\0")]))
+    assert decode_observer_batch(old).num_dropped == 0
+    new = ObserverBatch("decode", "decode", "vllm", 1.0, [], num_dropped=7)
+    assert decode_observer_batch(encode_observer_batch(new)).num_dropped == 7
