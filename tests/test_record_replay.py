@@ -332,7 +332,7 @@ def test_shipped_recording_loads_and_plays(path: Path) -> None:
         dash.fold(d)
     for view in dash.views.values():
         view.update()
-    done = [r for r in dash.transfers.requests.values() if r.finish and r.transfer_end]
+    done = [r for r in dash.transfers.requests.values() if r.finish and r.transfer()[1]]
     arrivals = {e["req_id"] for _, d in rp.recording.frames for e in d.timeline
                 if e["event"] == "arrival"}
     finished_ok = {e["req_id"] for _, d in rp.recording.frames for e in d.timeline

@@ -52,7 +52,7 @@ def test_refresh_folds_and_redraws_every_view():
     assert set(timings) == {"poll", "fold", "blocks", "streaming", "memory", "schedule", "latency"}
     z = np.asarray(dash.views["blocks"].figure.data[0].z)
     assert z[1] >= 4 and z[2] >= 4  # in use by "a"
-    assert list(dash.views["streaming"].figure.data[0].y) == ["a"]  # queued
+    assert list(dash.views["streaming"].figure.data[0].y) == ["#1"]  # queued: request #1 ("a")
     assert dash.views["memory"].figure.data[-1].y[-1] == 80  # capacity line in GiB
     bundle = dash._repr_mimebundle_()
     assert "application/vnd.jupyter.widget-view+json" in bundle

@@ -96,14 +96,39 @@ def test_transfer_state_from_timeline_and_kv_transfer():
                   ("kv_transfer_start", 0.05), ("kv_transfer_end", 0.08), ("first_token", 0.09),
                   ("token", 0.1), ("finish", 0.3)]:
         st.apply_timeline({"req_id": "a", "ts": 100 + t, "event": ev})
-    st.apply(batch([KVTransfer(0, "a", "recv", 1000, 64_000_000, 100.05, 100.07, "ExampleConnector"),
+    r = st.requests["a"]
+    # no connector event yet: the proxy's wait stands in, and says so
+    assert r.transfer()[:2] == pytest.approx((100.05, 100.08)) and "proxy" in r.transfer()[2]
+    assert r.transfer_seconds == 0.0 and r.gbps is None
+    st.apply(batch([KVTransfer(0, "a", "recv", 1000, 64_000_000, 100.055, 100.075, "ExampleConnector"),
                     LayerTiming(0, "load", "model.layers.0.self_attn.attn", 100.05, 100.052, 4_000_000, ["a"])],
                    engine="decode-0", role="decode"))
-    r = st.requests["a"]
-    assert r.transfer_start == pytest.approx(100.05) and r.transfer_end == pytest.approx(100.08)
+    # the connector's own start/end win over the proxy's wait for decode's first byte
+    assert r.transfer()[:2] == pytest.approx((100.055, 100.075)) and "on decode" in r.transfer()[2]
     assert r.gbps == pytest.approx(64e6 / 0.02 / 1e9)
-    assert st.layers[("load", "model.layers.0.self_attn.attn")][0] == pytest.approx(0.002)
+    assert st.layers[("load (decode)", "model.layers.0.self_attn.attn")][0] == pytest.approx(0.002)
     assert st.t0 == pytest.approx(100.0)
+
+
+def test_transfer_state_joins_vllm_ids_into_one_row_per_request():
+    """vLLM's internal ids (`cmpl-<id>-0-<8 hex>`, one suffix per engine) join the proxy's id."""
+    st = TransferState()
+    pre, dec = "cmpl-pd-x-0-1a2b3c4d", "cmpl-pd-x-0-9f8e7d6c"
+    st.apply_timeline({"req_id": "pd-x", "ts": 10.0, "event": "arrival", "connector": "nixl"})
+    # prefill's events arrive before the proxy learns prefill's response id: an orphan row
+    st.apply(batch([step(1, 512, {pre: 100}, {pre: [1, 2]}, {pre: 0})], engine="prefill", role="prefill"))
+    st.apply(batch([RequestFinished(10.05, pre, [1, 2], True)], engine="prefill", role="prefill"))
+    st.apply_timeline({"req_id": "pd-x", "ts": 10.06, "event": "prefill_end", "prefill_id": "cmpl-pd-x",
+                       "kv_transfer_params": {"remote_request_id": pre}})
+    st.apply(batch([KVTransfer(10.1, dec, "recv", 100, 6_400_000, 10.07, 10.09, "NixlConnector"),
+                    step(2, 512, {dec: 1}, {}, {dec: 100})], engine="decode", role="decode"))
+    st.apply_timeline({"req_id": "pd-x", "ts": 10.5, "event": "finish", "decode_id": "cmpl-pd-x"})
+    assert list(st.requests) == ["pd-x"] and len(st.rows()) == 1
+    r = st.requests["pd-x"]
+    assert r.prefill_first_step == pytest.approx(1.0)  # StepScheduled of step 1 (ts 1.0)
+    assert r.prefill_done == pytest.approx(10.05) and r.recv_start == pytest.approx(10.07)
+    assert st.label(pre) == st.label(dec) == st.label("pd-x") == "#1"
+    assert st.ids.color(pre) == st.ids.color(dec)
 
 
 def test_memory_state_breakdown_stacks_to_total():

@@ -92,18 +92,27 @@ def test_streaming_view_bars_appear():
         st.apply_timeline({"req_id": "req-a", "ts": 100 + t, "event": ev})
     view.update()
     queue, prefill, transfer, decode = view.figure.data[:4]
-    assert list(prefill.x) == pytest.approx([40.0]) and list(prefill.base) == pytest.approx([10.0])
-    assert list(transfer.x) == pytest.approx([30.0]) and list(decode.x) == pytest.approx([220.0])
+    # seconds since the run started; the row is named by its number
+    assert list(prefill.x) == pytest.approx([0.04]) and list(prefill.base) == pytest.approx([0.01])
+    assert list(transfer.x) == pytest.approx([0.03]) and list(decode.x) == pytest.approx([0.22])
+    assert list(prefill.y) == ["#1"] and "proxy" in transfer.customdata[0][3]
     assert len(view.figure.data[4].x) == 0  # no layer timings yet
     st.apply(ob([KVTransfer(0, "req-a", "recv", 1000, 64_000_000, 100.05, 100.07, "NixlConnector")]
                 + [LayerTiming(0, "load", f"model.layers.{i}.attn", 100.05 + i / 1e3, 100.0505 + i / 1e3,
-                               4_000_000, ["req-a"]) for i in range(4)], engine="decode-0", role="decode"))
+                               4_000_000, ["req-a"]) for i in range(4)]
+                + [LayerTiming(0, "save", f"model.layers.{i}.attn", 100.0, 100.000002, 4_000_000, ["req-a"])
+                   for i in range(4)], engine="decode-0", role="decode"))
     view.update()
+    assert list(transfer.x) == pytest.approx([0.02])  # the connector's own 20 ms
     load = view.figure.data[5]
     assert list(load.x) == ["L0", "L1", "L2", "L3"] and list(load.y) == pytest.approx([0.5] * 4)
-    rate, peak = view.figure.data[6], view.figure.data[7]
-    assert list(rate.y) == pytest.approx([3.2])
+    note = next(a.text for a in view.figure.layout.annotations if a.name == "layer-note")
+    assert "save (decode): returns at once" in note and "NIXL" in note
+    rate, peak, measured = view.figure.data[6], view.figure.data[7], view.figure.data[8]
+    assert list(rate.y) == pytest.approx([3.2]) and list(rate.x) == ["#1"]
+    assert view.figure.layout.yaxis3.type == "log"
     assert peak.y[0] == pytest.approx(450.0) and "NVLink" in peak.name
+    assert measured.y[0] == pytest.approx(390.1) and "measured" in measured.name
     assert "SIMULATED" in view.figure.layout.title.text
 
 

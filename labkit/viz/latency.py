@@ -70,7 +70,7 @@ class LatencyView(View):
                 fig.add_trace(
                     go.Scatter(name=label, x=[], y=[], mode="lines", legendgroup=label,
                                showlegend=col == 1,
-                               line=dict(color="black" if j == 0 else REQUEST_COLORS[j % 10],
+                               line=dict(color="black" if j == 0 else REQUEST_COLORS[j % len(REQUEST_COLORS)],
                                          shape="linear" if j == 0 else "hv",
                                          dash="solid" if j == 0 else "dot")),
                     row=1, col=col,

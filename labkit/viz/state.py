@@ -2,7 +2,7 @@
 (ring buffers), so a dashboard can run for hours; the figures are pure functions of these.
 
     BlockMapState   physical KV blocks per engine (labkit/viz/blockstate.py)
-    TransferState   per request: queue / prefill / KV transfer / decode intervals, per-layer bars
+    TransferState   per request: queue / prefill / KV transfer / decode (labkit/viz/transfers.py)
     MemoryState     per GPU: weights / KV / other per engine, other processes, free; over time
     ScheduleState   per step: tokens per request, prefill chunk vs decode, against the budget
     LatencyState    TTFT / ITL samples from the proxy timeline, and engines' histograms
@@ -14,110 +14,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from labkit.telemetry.metrics import MetricsSnapshot
-from labkit.telemetry.observer_schema import KVTransfer, LayerTiming, StepScheduled
+from labkit.telemetry.observer_schema import StepScheduled
 from labkit.telemetry.source import EngineMemory, GpuSample, MetricsSample
 from labkit.viz.blockstate import BlockMapState, EngineBlocks
+from labkit.viz.transfers import RequestTimes, TransferState
 
 __all__ = [
     "BlockMapState", "EngineBlocks", "TransferState", "RequestTimes", "MemoryState",
     "ScheduleState", "StepRecord", "LatencyState", "TTFT_METRIC", "ITL_METRIC",
 ]  # fmt: skip
-
-
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class RequestTimes:
-    """One request's life through the PD pair (wall-clock seconds; None: not seen yet)."""
-
-    req_id: str
-    arrival: float | None = None
-    prefill_start: float | None = None
-    prefill_end: float | None = None
-    transfer_start: float | None = None
-    transfer_end: float | None = None
-    first_token: float | None = None
-    finish: float | None = None
-    error: bool = False
-    num_tokens: int = 0  # KV tokens moved
-    num_bytes: int = 0  # KV bytes moved
-    transfer_seconds: float = 0.0  # the connector's own start..end of the move
-    connector: str = ""
-
-    @property
-    def gbps(self) -> float | None:
-        """Achieved KV transfer rate in GB/s (1e9 bytes/s), from the connector's figures."""
-        if self.num_bytes and self.transfer_seconds > 0:
-            return self.num_bytes / self.transfer_seconds / 1e9
-        return None
-
-
-_TIMELINE_FIELDS = {
-    "arrival": "arrival", "prefill_start": "prefill_start", "prefill_end": "prefill_end",
-    "kv_transfer_start": "transfer_start", "kv_transfer_end": "transfer_end",
-    "first_token": "first_token", "finish": "finish",
-}  # fmt: skip
-
-
-class TransferState:
-    """Proxy timeline + KVTransfer + LayerTiming -> the streaming picture of the last requests."""
-
-    def __init__(self, max_requests: int = 40) -> None:
-        self.requests: OrderedDict[str, RequestTimes] = OrderedDict()
-        self.max_requests = max_requests
-        self.t0: float | None = None
-        # (op, layer) -> (duration s, bytes) of the most recent pass; layer order as first seen.
-        self.layers: dict[tuple[str, str], tuple[float, int]] = {}
-        self.layer_order: list[str] = []
-        self.layer_engine: dict[str, str] = {}  # op -> engine that reported it
-        self.version = 0
-
-    def _req(self, req_id: str) -> RequestTimes:
-        r = self.requests.get(req_id)
-        if r is None:
-            r = self.requests[req_id] = RequestTimes(req_id)
-            while len(self.requests) > self.max_requests:
-                self.requests.popitem(last=False)
-        return r
-
-    def _seen(self, ts: float) -> None:
-        if self.t0 is None or ts < self.t0:
-            self.t0 = ts
-
-    def apply_timeline(self, ev: dict[str, Any]) -> None:
-        kind, ts = ev.get("event"), float(ev.get("ts", 0.0))
-        if kind == "token":
-            return  # latency's business; the Gantt only needs the first and the last
-        r = self._req(str(ev["req_id"]))
-        self._seen(ts)
-        if kind == "error":
-            r.error, r.finish = True, ts
-        elif kind in _TIMELINE_FIELDS:
-            setattr(r, _TIMELINE_FIELDS[kind], ts)
-        self.version += 1
-
-    def apply(self, batch) -> None:
-        """Fold the KVTransfer / LayerTiming events of one ObserverBatch."""
-        for ev in batch.events:
-            if isinstance(ev, KVTransfer):
-                r = self._req(ev.req_id)
-                self._seen(ev.start)
-                r.num_bytes = max(r.num_bytes, ev.num_bytes)
-                r.num_tokens = max(r.num_tokens, ev.num_tokens)
-                r.transfer_seconds = max(r.transfer_seconds, ev.end - ev.start)
-                r.connector = ev.connector
-                # The timeline's kv_transfer_* (proxy's view) wins; else the connector's times.
-                r.transfer_start = r.transfer_start if r.transfer_start is not None else ev.start
-                r.transfer_end = max(r.transfer_end or ev.end, ev.end)
-                self.version += 1
-            elif isinstance(ev, LayerTiming):
-                if ev.layer not in self.layer_order:
-                    self.layer_order.append(ev.layer)
-                self.layers[(ev.op, ev.layer)] = (max(ev.end - ev.start, 0.0), ev.num_bytes)
-                self.layer_engine[ev.op] = batch.engine_id
-                self.version += 1
-
-    def recent_gbps(self) -> list[tuple[str, float]]:
-        return [(r.req_id, g) for r in self.requests.values() if (g := r.gbps) is not None]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,10 +11,11 @@ from labkit.vocab import KIND_COLORS, kind_label  # noqa: F401  (the views' one 
 # Colours of the block states (labkit.vocab BLOCK_FREE, BLOCK_CACHED, BLOCK_IN_USE, BLOCK_SHARED).
 STATE_COLORS = ("#eeeeee", "#a5d8ff", "#2f9e44", "#7048e8")
 
-# Request colours (plotly's D3 set minus green/purple, which mean in-use/shared above).
+# Request colours: distinct hues, none grey and none near the block states' green (in use),
+# violet (shared), light blue (cached) or grey (free), so a request's blocks stand out.
 REQUEST_COLORS = (
-    "#1f77b4", "#ff7f0e", "#d62728", "#8c564b", "#e377c2",
-    "#7f7f7f", "#bcbd22", "#17becf", "#f4a261", "#264653",
+    "#1c7ed6", "#f76707", "#e03131", "#ae3ec9", "#fab005",
+    "#8c564b", "#15aabf", "#f783ac", "#2b2d42",
 )  # fmt: skip
 
 
