@@ -234,6 +234,10 @@ def validate(cfg: PDConfig, hardware: Hardware | None = None) -> Plan:
         from labkit.plan.devices import detect
 
         hardware = detect()
+    if (cfg.num_prefill, cfg.num_decode) != (1, 1):  # xPyD: plans the pair, then repeats it
+        from labkit.plan.xpyd import plan_xpyd
+
+        return plan_xpyd(cfg, hardware)
     if cfg.colocated:
         named = [("colocated", "both", cfg.prefill)]
     else:

@@ -42,7 +42,8 @@ class EngineConfig:
 
 @dataclass
 class PDConfig:
-    """A prefill engine and a decode engine (or one colocated engine, for comparisons)."""
+    """A prefill engine and a decode engine (or one colocated engine, for comparisons);
+    num_prefill / num_decode copies of each for xPyD (labkit/plan/xpyd.py places them)."""
 
     prefill: EngineConfig = field(default_factory=lambda: EngineConfig(role="prefill"))
     decode: EngineConfig = field(default_factory=lambda: EngineConfig(role="decode"))
@@ -50,6 +51,8 @@ class PDConfig:
     num_gpus: int | None = None  # None = detected (2 simulated GPUs where there is none)
     gpu_type: str | None = None  # a GPU_TYPES key; differing from the machine = simulated
     colocated: bool = False  # one engine (the prefill config) doing both phases, no PD
+    num_prefill: int = 1  # xPyD: prefill engines, each a copy of `prefill` on its own GPUs
+    num_decode: int = 1  # xPyD: decode engines, each a copy of `decode` on its own GPUs
 
 
 @dataclass(frozen=True)
