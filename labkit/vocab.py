@@ -21,6 +21,13 @@ BLOCK_IN_USE = 2  # ref count 1
 BLOCK_SHARED = 3  # ref count >= 2 (a shared prefix)
 BLOCK_STATE_NAMES = ("free", "cached (evictable)", "in use", "shared prefix")
 BLOCK_STATE_CHARS = (".", "c", "#", "S")  # the terminal's block strip (labkit demo)
+# The CPU tier (vLLM's KV offload, --kv-offloading-size): one byte per CPU block in
+# HostTierSnapshot.block_state, from vLLM's CPUOffloadingManager (ref_cnt -1 / 0 / >= 1).
+HOST_FREE = 0  # not holding a block
+HOST_STORED = 1  # stored and readable: evictable by the CPU tier's LRU
+HOST_STORING = 2  # a GPU->CPU store is writing it
+HOST_LOADING = 3  # a CPU->GPU load is reading it
+HOST_STATE_NAMES = ("free", "stored (evictable)", "storing GPU->CPU", "loading CPU->GPU")
 
 # ---- kinds of evidence -------------------------------------------------------------------------
 # Every number the lab shows says where it comes from. Engines and sources are "vllm" (a real
