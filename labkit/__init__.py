@@ -19,3 +19,8 @@ def __getattr__(name: str):
 
         return getattr(replay, name)
     raise AttributeError(f"module 'labkit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """`dir(labkit)` shows the public names (they load lazily, so they are not globals yet)."""
+    return sorted(__all__)

@@ -1,6 +1,6 @@
 """Lab: one call starts a prefill/decode pair and the PD proxy, real or simulated.
 
-    with labkit.Lab(model="lab-1b", chunk=512) as lab:   # real vLLM where GPUs + vLLM exist
+    with labkit.Lab(model="lab-1b", max_num_batched_tokens=512) as lab:  # real vLLM if possible
         lab.complete("Hello", max_tokens=16)              # through the proxy
         labkit.viz.Dashboard(lab.telemetry()).show()
 
@@ -12,6 +12,9 @@ the context manager, interpreter exit and the parent's death (PR_SET_PDEATHSIG) 
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+import json
 import math
 import os
 import sys
@@ -57,58 +60,189 @@ def default_run_dir() -> Path:
     return run_root() / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
 
-def build_config(model: str = "lab-1b", *, chunk: int | None = None, tp: int = 1, pp: int = 1,
+# Other spellings of a keyword -> the lab's one name (vLLM's own where vLLM has one).
+ALIASES = {
+    "chunk": "max_num_batched_tokens", "tensor_parallel_size": "tp",
+    "pipeline_parallel_size": "pp", "kv_dtype": "kv_cache_dtype", "gpus": "num_gpus",
+    "num_gpu_blocks_override": "num_gpu_blocks", "kv_offloading_size_gb": "kv_offloading_size",
+}
+
+
+def kv_cache_memory_blocks(model: str, kv_cache_memory: int, *, tp: int = 1, pp: int = 1,
+                           kv_cache_dtype: str = "auto", block_size: int = 16) -> int | None:
+    """How many KV blocks `kv_cache_memory` bytes per GPU hold (vLLM's --kv-cache-memory:
+    num_blocks = bytes // page, page = block_size x KV bytes per token on the GPU's largest PP
+    stage). An fp8 cache has half the page, so twice the blocks. None when the model or dtype
+    is unknown (the planner then says so)."""
+    from labkit.models import get_model, normalize_kv_dtype
+
+    try:
+        shape = get_model(model)
+        page = block_size * shape.kv_bytes_per_token(normalize_kv_dtype(kv_cache_dtype), tp, pp)
+    except (KeyError, ValueError, OSError):
+        return None
+    return max(1, int(kv_cache_memory) // page) if page > 0 else None
+
+
+def build_config(model: str = "lab-1b", *, max_num_batched_tokens: int | None = None,
+                 tp: int = 1, pp: int = 1,
                  prefill_tp: int | None = None, decode_tp: int | None = None,
                  prefill_pp: int | None = None, decode_pp: int | None = None,
                  kv_cache_dtype: str = "auto", block_size: int = 16,
                  max_num_seqs: int = 256, max_model_len: int | None = None,
                  gpu_memory_utilization: float | None = None,
-                 num_gpu_blocks: int | None = None, connector: str = "auto",
-                 num_gpus: int | None = None, gpu_type: str | None = None,
-                 colocated: bool = False, kv_offloading_size_gb: float | None = None) -> PDConfig:
-    """A PDConfig from the handful of knobs a learner turns."""
-    common = dict(model=model, kv_cache_dtype=kv_cache_dtype, block_size=block_size,
-                  max_num_batched_tokens=chunk, max_num_seqs=max_num_seqs,
-                  max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
-                  num_gpu_blocks_override=num_gpu_blocks,
-                  kv_offloading_size_gb=kv_offloading_size_gb)
-    prefill = EngineConfig(role="prefill", tp=prefill_tp or tp, pp=prefill_pp or pp, **common)
-    decode = EngineConfig(role="decode", tp=decode_tp or tp, pp=decode_pp or pp, **common)
+                 num_gpu_blocks: int | None = None, kv_cache_memory: int | None = None,
+                 connector: str = "auto", num_gpus: int | None = None,
+                 gpu_type: str | None = None, colocated: bool = False,
+                 kv_offloading_size: float | None = None, enable_chunked_prefill: bool = True,
+                 load_format: str = "dummy", **aliases: Any) -> PDConfig:
+    """A PDConfig from the handful of knobs a learner turns (`Lab`'s keywords; see there)."""
+    known = {k: v for k, v in locals().items() if k not in ("aliases", "model")}
+    for old, value in aliases.items():
+        new = ALIASES.get(old)
+        if new is None:
+            raise unknown_keyword(old)
+        known[new] = value
+    return _build(model, **known)
+
+
+def unknown_keyword(name: str) -> ConfigError:
+    import difflib
+
+    words = [*inspect.signature(Lab.__init__).parameters][2:]
+    words = [w for w in words if w != "aliases"]
+    close = difflib.get_close_matches(name, [*words, *ALIASES], n=1, cutoff=0.5)
+    hint = ALIASES.get(close[0], close[0]) if close else None
+    return ConfigError(f"Lab() has no keyword {name!r}",
+                       f"use {hint}=..." if hint else f"use one of: {', '.join(words)}")
+
+
+def _build(model: str, *, max_num_batched_tokens, tp, pp, prefill_tp, decode_tp, prefill_pp,
+           decode_pp, kv_cache_dtype, block_size, max_num_seqs, max_model_len,
+           gpu_memory_utilization, num_gpu_blocks, kv_cache_memory, connector, num_gpus,
+           gpu_type, colocated, kv_offloading_size, enable_chunked_prefill,
+           load_format) -> PDConfig:
+    if num_gpu_blocks is not None and kv_cache_memory is not None:
+        raise ConfigError("both num_gpu_blocks and kv_cache_memory size the KV cache",
+                          "use kv_cache_memory (bytes; the block count follows the KV dtype) "
+                          "or num_gpu_blocks (a fixed count), not both")
+    if kv_cache_memory is not None and (isinstance(kv_cache_memory, bool)
+                                        or not isinstance(kv_cache_memory, int)
+                                        or kv_cache_memory <= 0):
+        raise ConfigError(f"kv_cache_memory={kv_cache_memory!r} is not a byte count",
+                          "use a positive number of bytes per GPU, e.g. kv_cache_memory=8_000_000")
+
+    def engine(role: str, e_tp: int, e_pp: int) -> EngineConfig:
+        blocks = num_gpu_blocks
+        if kv_cache_memory is not None:
+            blocks = kv_cache_memory_blocks(model, kv_cache_memory, tp=e_tp, pp=e_pp,
+                                            kv_cache_dtype=kv_cache_dtype, block_size=block_size)
+        return EngineConfig(
+            model=model, role=role, tp=e_tp, pp=e_pp,  # type: ignore[arg-type]
+            kv_cache_dtype=kv_cache_dtype, block_size=block_size,
+            max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
+            max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
+            num_gpu_blocks_override=blocks, kv_offloading_size_gb=kv_offloading_size,
+            enable_chunked_prefill=enable_chunked_prefill,
+            load_format=load_format)  # type: ignore[arg-type]
+
+    prefill = engine("prefill", prefill_tp or tp, prefill_pp or pp)
+    decode = engine("decode", decode_tp or tp, decode_pp or pp)
     return PDConfig(prefill=prefill, decode=decode, connector=connector,  # type: ignore[arg-type]
                     num_gpus=num_gpus, gpu_type=gpu_type, colocated=colocated)
 
 
 class Lab:
-    """A running (or ready to run) PD pair + proxy.
+    """A running (or ready to run) PD pair + proxy, real or simulated.
+
+    The keywords carry vLLM's names where vLLM has one (the CLI's flags are the same words:
+    `kv_cache_dtype` = `--kv-cache-dtype`); `chunk`, `kv_dtype`, `gpus`,
+    `tensor_parallel_size`, `pipeline_parallel_size` are accepted as other spellings.
 
     Args:
-        config: a PDConfig; or leave it None and pass `build_config`'s keywords.
-        mode: "auto" | "sim" | "vllm" (default $LABKIT_MODE or "auto").
+        config: a ready PDConfig; or leave it None and describe the pair with the keywords.
+        model: a preset ("lab-1b", "llama-3.1-8b", ...), an HF name or a config.json path.
+        max_num_batched_tokens: the step's token budget, i.e. the prefill chunk size
+            (None: vLLM's default).
+        tp, pp: tensor / pipeline parallel size of both engines (vLLM's -tp / -pp);
+            prefill_tp, decode_tp, prefill_pp, decode_pp set one engine only.
+        kv_cache_dtype: "auto" (the model's dtype), "bfloat16", "float16", "fp8", ...
+        block_size: tokens per KV block (a multiple of 16).
+        max_num_seqs, max_model_len, gpu_memory_utilization: as in `vllm serve`.
+        num_gpu_blocks: KV blocks per engine, whatever the dtype (vLLM's
+            --num-gpu-blocks-override).
+        kv_cache_memory: KV cache bytes per GPU (vLLM's --kv-cache-memory): the block count
+            follows the dtype and block size (fp8 = twice the blocks).
+        connector: "auto", "example" (ExampleConnector) or "nixl" (NixlConnector).
+        num_gpus, gpu_type: the machine; a count or type the machine does not have plans a
+            simulated cluster (default: the GPUs present, or 2 simulated H100s).
+        colocated: one engine doing both phases (no PD), for comparisons.
+        kv_offloading_size: GiB of host memory for KV offload (vLLM's --kv-offloading-size).
+        enable_chunked_prefill, load_format: as in `vllm serve` (load_format "dummy": random
+            weights, no download).
+        mode: "auto" | "sim" | "vllm" (default $LABKIT_MODE or "auto": real vLLM where GPUs
+            and vLLM are present, simulated otherwise).
         run_dir: where logs, the model directory and connector storage go.
+        port: the OpenAI endpoint's port (the PD proxy; default: a free one).
         speed: simulated engines only: simulated seconds per wall second (1.0 = real time;
             0 = as fast as possible, for tests and benchmarks).
+        observe: load the observer connector (block map, KV streaming views).
         read_timeout: seconds the proxy waits for an engine's answer (for a stream: between
             two chunks) before it answers 504; None: the proxy's default (600 s).
         kv_load_timeout: simulated decode engines only: seconds a NIXL read waits for the
             prefill engine's handshake before the request fails (vLLM's 5 s).
+        owner: who started it ("python", "dashboard", "labkit up"); `labkit status` shows it.
+
+    Raises:
+        ConfigError: a configuration vLLM would refuse, or a keyword Lab does not know
+            (with the one it has), before anything starts.
     """
 
-    def __init__(self, config: PDConfig | None = None, *, mode: str | None = None,
-                 run_dir: str | Path | None = None, speed: float = 1.0, observe: bool = True,
-                 read_timeout: float | None = None, kv_load_timeout: float | None = None,
-                 **knobs: Any) -> None:
+    def __init__(self, config: PDConfig | None = None, *, model: str = "lab-1b",
+                 max_num_batched_tokens: int | None = None, tp: int = 1, pp: int = 1,
+                 prefill_tp: int | None = None, decode_tp: int | None = None,
+                 prefill_pp: int | None = None, decode_pp: int | None = None,
+                 kv_cache_dtype: str = "auto", block_size: int = 16, max_num_seqs: int = 256,
+                 max_model_len: int | None = None, gpu_memory_utilization: float | None = None,
+                 num_gpu_blocks: int | None = None, kv_cache_memory: int | None = None,
+                 connector: str = "auto", num_gpus: int | None = None,
+                 gpu_type: str | None = None, colocated: bool = False,
+                 kv_offloading_size: float | None = None, enable_chunked_prefill: bool = True,
+                 load_format: str = "dummy", mode: str | None = None,
+                 run_dir: str | Path | None = None, port: int | None = None, speed: float = 1.0,
+                 observe: bool = True, read_timeout: float | None = None,
+                 kv_load_timeout: float | None = None, owner: str = "python",
+                 **aliases: Any) -> None:
         self.mode = (mode or os.environ.get("LABKIT_MODE") or "auto").lower()
         if self.mode not in MODES:
             raise ConfigError(f"mode {self.mode!r} is not one of {MODES}",
-                              "use mode='auto' (real vLLM where possible), 'sim' or 'vllm'")
+                              "use mode='auto' (real vLLM where possible), mode='sim' "
+                              "or mode='vllm'")
         if isinstance(speed, bool) or not isinstance(speed, (int, float)) \
                 or not math.isfinite(speed) or speed < 0:
             raise ConfigError(f"speed={speed!r} is not a simulated-seconds-per-wall-second factor",
                               "use a positive number (1.0 = real time) or 0 (as fast as possible)")
-        self.config = config if config is not None else build_config(**knobs)
+        if port is not None and (isinstance(port, bool) or not isinstance(port, int)
+                                 or not 0 < port < 65536):
+            raise ConfigError(f"port={port!r} is not a TCP port", "use a port in 1..65535")
+        knobs = dict(max_num_batched_tokens=max_num_batched_tokens, tp=tp, pp=pp,
+                     prefill_tp=prefill_tp, decode_tp=decode_tp, prefill_pp=prefill_pp,
+                     decode_pp=decode_pp, kv_cache_dtype=kv_cache_dtype, block_size=block_size,
+                     max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                     gpu_memory_utilization=gpu_memory_utilization,
+                     num_gpu_blocks=num_gpu_blocks, kv_cache_memory=kv_cache_memory,
+                     connector=connector, num_gpus=num_gpus, gpu_type=gpu_type,
+                     colocated=colocated, kv_offloading_size=kv_offloading_size,
+                     enable_chunked_prefill=enable_chunked_prefill, load_format=load_format)
+        for old in aliases:
+            if old not in ALIASES:
+                raise unknown_keyword(old)
+        self.config = config if config is not None else build_config(model, **knobs, **aliases)
         self.run_dir = Path(run_dir) if run_dir else default_run_dir()
         self.speed = speed
         self.observe = observe
+        self.port = port
+        self.owner = owner
         for what, t in (("read_timeout", read_timeout), ("kv_load_timeout", kv_load_timeout)):
             if t is not None and not (isinstance(t, (int, float)) and 0 < t < math.inf):
                 raise ConfigError(f"{what}={t!r} is not a positive number of seconds",
@@ -136,7 +270,8 @@ class Lab:
             why = ("no NVIDIA GPU was found" if not detect().gpus
                    else "vLLM is not importable")
             raise ConfigError(f"mode='vllm' asked for real engines, but {why}",
-                              "install labkit[gpu] on a GPU machine, or use mode='auto'/'sim'")
+                              "install labkit[gpu] on a GPU machine, or use mode='auto' "
+                              "or mode='sim'")
         return plan
 
     def describe(self) -> str:
@@ -150,6 +285,11 @@ class Lab:
     # ------------------------------------------------------------------ start / stop
     def start(self, progress: Progress | bool = True, timeout: float = 900.0) -> Lab:
         """Start the engines and the proxy; return when all answer /health."""
+        from labkit.plan import port_is_free
+
+        if self.port is not None and not port_is_free("127.0.0.1", self.port):
+            raise ConfigError(f"port {self.port} is in use on 127.0.0.1",
+                              "use another port, or stop what holds it")
         report = _progress(progress, self.describe())
         self.run_dir.mkdir(parents=True, exist_ok=True)
         try:
@@ -157,7 +297,9 @@ class Lab:
             model_dir = self._model_path = self._model_dir()
             self._observer_endpoint = f"tcp://127.0.0.1:{free_port()}" if self.observe else None
             report("starting engines", 0.1)
-            self.engines = {ep.name: self._engine(ep.name, model_dir) for ep in self.plan.engines}
+            colocated_port = self.port if self.plan.connector is None else None
+            self.engines = {ep.name: self._engine(ep.name, model_dir, colocated_port)
+                            for ep in self.plan.engines}
             shared = self.kind == "vllm" and len({g for ep in self.plan.engines
                                                   for g in ep.gpus}) < len(self.plan.engines)
             if shared:  # one after the other: each must see the other's memory (config notes)
@@ -171,12 +313,13 @@ class Lab:
                 with ThreadPoolExecutor(len(self.engines)) as pool:
                     list(pool.map(lambda e: e.wait_ready(timeout), self.engines.values()))
             report("engines ready; starting the PD proxy", 0.85)
-            self._start_proxy()
+            self._start_proxy(self.port)
             if self.observe:
                 # Bind the readers now: the engines' observer sockets reconnect within ~0.1 s,
                 # so nothing a first request does is missed.
                 self.telemetry()
                 time.sleep(0.3)
+            self._write_state()
             report("ready", 1.0)
         except BaseException:
             self.stop()
@@ -241,6 +384,32 @@ class Lab:
         for eng in list(self.engines.values()):
             eng.stop()
         self._remove_kv_storage()
+        self.state_path.unlink(missing_ok=True)
+        if self.state_path.parent != self.run_dir:
+            with contextlib.suppress(OSError):
+                self.state_path.parent.rmdir()
+
+    @property
+    def state_path(self) -> Path:
+        """This lab's state file, which `labkit status` finds under the run root: in the run
+        dir, or (a run dir elsewhere) in a small folder there named after it."""
+        import hashlib
+
+        from labkit.service import STATE
+
+        if self.run_dir.resolve().parent == run_root().resolve():
+            return self.run_dir / STATE
+        tag = hashlib.sha1(str(self.run_dir.resolve()).encode()).hexdigest()[:10]
+        return run_root() / f"elsewhere-{tag}" / STATE
+
+    def _write_state(self) -> None:
+        from labkit.service import lab_state
+
+        st = {**lab_state(self), "owner": self.owner, "pid": os.getpid()}
+        self.state_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(st, indent=2))
+        tmp.replace(self.state_path)
 
     def _remove_kv_storage(self) -> None:
         """ExampleConnector's KV files (in RAM-backed /dev/shm) go with the lab."""
@@ -356,6 +525,10 @@ def _progress(progress: Progress | bool, title: str) -> Progress:
         return lambda stage, frac: None
     from tqdm.auto import tqdm
 
+    if "notebook" not in tqdm.__module__ and not sys.stderr.isatty():
+        # A log file or a pipe: a bar's redraws would repeat the title at every stage, so
+        # one plain line a stage (the caller has said what starts).
+        return lambda stage, frac: print(f"  {frac:4.0%} {stage}", file=sys.stderr, flush=True)
     bar = tqdm(total=100, desc=title, bar_format="{desc}\n{percentage:3.0f}%|{bar}| {postfix}")
 
     def report(stage: str, frac: float) -> None:

@@ -136,6 +136,17 @@ def down(timeout: float = 30.0) -> int:
     """Stop every running lab; return how many were stopped."""
     labs = running_labs()
     for st in labs:
+        if st.get("owner", "labkit up") != "labkit up":
+            # a Lab inside a Python process (a notebook, the dashboard): stop its engine
+            # groups, not the process (the kernel lives on; the lab sees its engines gone)
+            for e in st["engines"].values():
+                if e.get("pgid"):
+                    try:
+                        os.killpg(int(e["pgid"]), signal.SIGTERM)
+                    except OSError:
+                        pass
+            Path(st["run_dir"], STATE).unlink(missing_ok=True)
+            continue
         try:
             os.kill(int(st["supervisor_pid"]), signal.SIGTERM)
         except OSError:
@@ -143,7 +154,8 @@ def down(timeout: float = 30.0) -> int:
     deadline = time.monotonic() + timeout
     for st in labs:
         pid = int(st["supervisor_pid"])
-        while time.monotonic() < deadline and _alive(pid):
+        while st.get("owner", "labkit up") == "labkit up" and time.monotonic() < deadline \
+                and _alive(pid):
             time.sleep(0.2)
         for e in st["engines"].values():  # belt and braces: no engine group survives `down`
             if e.get("pgid") and pids_in_group(int(e["pgid"])):

@@ -46,7 +46,7 @@ def test_plan_json_in_a_subprocess():
 def test_plan_error_exit_code_and_stderr():
     out = run_cli("plan", "--model", "lab-1b", "--tp", "3", "--sim")
     assert out.returncode == EXIT_CONFIG_ERROR and out.stdout == ""
-    assert "tp=3 cannot shard lab-1b" in out.stderr and "fix: use tp in" in out.stderr
+    assert "--tp 3 cannot shard lab-1b" in out.stderr and "fix: use --tp in" in out.stderr
 
 
 def test_plan_text_report(capsys):

@@ -65,7 +65,7 @@ BAD = {
     "weights do not fit": (
         pd(model="llama-3.1-70b", gpu_type="l4", num_gpus=2),
         r"needs 131\.\d+ GiB weights .* more than its 19\.\d+ GiB share",
-        r"tp=8 \(8 GPUs per engine\)",
+        r"tp=8 with num_gpus=16 \(8 GPUs per engine",
     ),
     "max_model_len KV does not fit": (
         pd(model="llama-3.1-8b", gpu_type="l4", max_model_len=131072),

@@ -26,7 +26,7 @@ LAB_CASES: dict[str, tuple[dict, list[str]]] = {
     "tp does not divide heads": (dict(tp=3), ["tp=3", "16 heads", "use tp in [1, 2, 4"]),
     "tp*pp over the GPUs": (
         dict(tp=2, pp=2, num_gpus=2, connector="example"),
-        ["needs 8 GPUs", "there are 2", "lower tp/pp"],
+        ["needs 8 GPUs", "there are 2", "lower tp and pp"],
     ),
     "weights + one block do not fit": (
         dict(model="llama-3.1-8b", gpu_memory_utilization=0.1),
@@ -123,13 +123,13 @@ def test_mismatched_engines_are_refused(
 @pytest.mark.parametrize(
     "argv,words",
     [
-        (["--tp", "3"], ["tp=3", "fix: use tp in"]),
-        (["--kv-dtype", "fp8", "--gpu-type", "a100"], ["fp8 KV cache", "fix: use kv_cache_dtype"]),
+        (["--tp", "3"], ["--tp 3", "fix: use --tp in"]),
+        (["--kv-dtype", "fp8", "--gpu-type", "a100"], ["fp8 KV cache", "fix: use --kv-cache-dtype"]),
         (["--model", "llama-3.1-8b", "--prefill-util", "0.1"], ["weights", "fix: raise"]),
-        (["--chunk", "8"], ["smaller than block_size=16", "fix: use a chunk"]),
-        (["--pp", "2", "--connector", "nixl", "--gpus", "4"], ["pp > 1", "fix: use pp=1"]),
-        (["--block-size", "24"], ["block_size=24", "fix: use a multiple of 16"]),
-        (["--gpus", "0"], ["num_gpus=0", "fix: use 1..64"]),
+        (["--chunk", "8"], ["smaller than --block-size 16", "fix: use a chunk"]),
+        (["--pp", "2", "--connector", "nixl", "--gpus", "4"], ["--pp > 1", "fix: use --pp 1"]),
+        (["--block-size", "24"], ["--block-size 24", "fix: use a multiple of 16"]),
+        (["--gpus", "0"], ["--num-gpus 0", "fix: use 1..64"]),
     ],
 )
 def test_plan_refuses_in_process(argv: list[str], words: list[str], capsys, tag: str) -> None:
@@ -151,7 +151,7 @@ def test_plan_refuses_as_a_command() -> None:
         timeout=30,
     )
     dt = time.perf_counter() - t0
-    assert r.returncode == 2 and "tp=3 cannot shard" in r.stderr and "fix:" in r.stderr
+    assert r.returncode == 2 and "--tp 3 cannot shard" in r.stderr and "fix:" in r.stderr
     assert r.stdout == ""
     assert dt < 3.0, f"`labkit plan` took {dt:.2f} s (interpreter start included)"
 

@@ -12,11 +12,14 @@ Adding a subcommand = writing those two and appending the first to COMMANDS.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 from labkit.cli import lab, replay
-from labkit.cli.plan import EXIT_CONFIG_ERROR, register_plan
+from labkit.cli.plan import EXIT_CONFIG_ERROR, error_line, register_plan, report
+from labkit.plan import ConfigError
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     register_plan, *lab.COMMANDS, replay.register_record, replay.register_replay,
@@ -25,24 +28,47 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
 __all__ = ["COMMANDS", "EXIT_CONFIG_ERROR", "build_parser", "main"]
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with the CLI's one error line (`error: ... / fix: ...`) instead of usage + text."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_CONFIG_ERROR,
+                  error_line(f"{self.prog}: {message}", f"see `{self.prog} --help`") + "\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="labkit",
         description="PD Lab: prefill/decode "
         "separated vLLM engines (or the simulator), planned and watched",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     for register in COMMANDS:
         register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `labkit` script; returns the exit code."""
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["calibrate"]:  # its own parser takes every flag (argparse REMAINDER cannot)
-        from labkit.bench.calibrate import main as calibrate_main
+    """Entry point of the `labkit` script; returns the exit code.
 
-        return int(calibrate_main(argv[1:]) or 0)
-    args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    Bad input of any subcommand ends here as one `error: ... / fix: ...` line and exit code 2,
+    never a traceback; a reader that closes the pipe early (`labkit plan | head`) is fine.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv[:1] == ["calibrate"]:  # its own parser takes every flag (REMAINDER cannot)
+            from labkit.cli.lab import calibrate
+
+            return calibrate(argv[1:])
+        args = build_parser().parse_args(argv)
+        return int(args.func(args))
+    except ConfigError as exc:
+        return report(exc)
+    except BrokenPipeError:
+        # stdout's reader went away: point stdout at /dev/null so the exit flush is quiet
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from labkit.cli.plan import EXIT_CONFIG_ERROR, add_config_flags, config_from_args
+from labkit.cli.plan import EXIT_CONFIG_ERROR, add_config_flags, config_from_args, error_line
 from labkit.plan import ConfigError
 
 
@@ -28,19 +28,15 @@ def _add_mode_flags(p: argparse.ArgumentParser) -> None:
                       help="real vLLM where GPUs and vLLM are present, else simulated (default)")
     p.add_argument("--speed", type=float, default=1.0,
                    help="simulated seconds per wall second (simulator only; 0 = as fast as possible)")
-    p.add_argument("--num-gpu-blocks", type=int,
-                   help="KV-cache size in blocks (smaller = a block map you can read)")
     p.add_argument("--run-dir", type=Path, help="where logs and connector storage go")
 
 
-def make_lab(a: argparse.Namespace):  # -> labkit.lab.Lab
+def make_lab(a: argparse.Namespace, owner: str):  # -> labkit.lab.Lab
+    """The Lab the flags describe (raises ConfigError before anything starts)."""
     from labkit.lab import Lab
 
-    cfg = config_from_args(a)
-    if getattr(a, "num_gpu_blocks", None):
-        for e in (cfg.prefill, cfg.decode):
-            e.num_gpu_blocks_override = a.num_gpu_blocks
-    return Lab(cfg, mode=a.mode or None, run_dir=a.run_dir, speed=a.speed)
+    return Lab(config_from_args(a), mode=a.mode or None, run_dir=a.run_dir, speed=a.speed,
+               port=getattr(a, "port", None), owner=owner)
 
 
 # ---- labkit up / status / down -------------------------------------------------------------
@@ -48,6 +44,9 @@ def register_up(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("up", help="start a prefill/decode pair and the PD proxy")
     add_config_flags(p)
     _add_mode_flags(p)
+    p.add_argument("--port", type=int,
+                   help="port of the OpenAI endpoint (the PD proxy) on 127.0.0.1 "
+                        "(default: a free one)")
     p.add_argument("--detach", action="store_true",
                    help="return once ready; `labkit down` stops it")
     p.add_argument("--foreground", action="store_true", help=argparse.SUPPRESS)
@@ -58,11 +57,7 @@ def register_up(sub: argparse._SubParsersAction) -> None:
 def cmd_up(a: argparse.Namespace) -> int:
     from labkit import service
 
-    try:
-        lab = make_lab(a)
-    except ConfigError as exc:
-        print(f"labkit up: {exc}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
+    lab = make_lab(a, owner="labkit up")  # a ConfigError: `labkit.cli.main` says it
     if a.detach and not a.foreground:
         argv = [x for x in sys.argv[2:] if x != "--detach"] if sys.argv[1:2] == ["up"] else []
         argv = [x for i, x in enumerate(argv)
@@ -70,7 +65,9 @@ def cmd_up(a: argparse.Namespace) -> int:
         try:
             st = service.up_detached(argv, lab.run_dir)
         except (RuntimeError, TimeoutError) as exc:
-            print(f"labkit up: {exc}", file=sys.stderr)
+            last = str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc)
+            print(error_line(f"labkit up: the lab did not start ({last})",
+                             f"read {lab.run_dir}/supervisor.log"), file=sys.stderr)
             return 1
         print(service.format_state(st))
         print("`labkit status` shows it; `labkit down` stops it.")
@@ -94,11 +91,14 @@ def cmd_status(a: argparse.Namespace) -> int:
         return 0
     for st in labs:
         print(service.format_state(st, with_health=True))
+        print(f"  started : by {st.get('owner', 'labkit up')} (pid "
+              f"{st.get('pid', st.get('supervisor_pid'))})")
     return 0
 
 
 def register_down(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("down", help="stop every lab started with `labkit up --detach`")
+    p = sub.add_parser("down", help="stop every lab `labkit status` lists (a notebook's or "
+                                    "the dashboard's lab: its engines; the kernel lives on)")
     p.set_defaults(func=cmd_down)
 
 
@@ -123,12 +123,23 @@ def register_demo(sub: argparse._SubParsersAction) -> None:
 def cmd_demo(a: argparse.Namespace) -> int:
     from labkit.demo import run_demo
 
+    if a.requests < 0:
+        raise ConfigError(f"--requests {a.requests} is negative", "use --requests 0 or more")
+    import httpx
+
+    lab = make_lab(a, owner="labkit demo")
     try:
-        lab = make_lab(a)
-    except ConfigError as exc:
-        print(f"labkit demo: {exc}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
-    return run_demo(lab, num_requests=a.requests)
+        return run_demo(lab, num_requests=a.requests)
+    except httpx.HTTPStatusError as exc:
+        body = exc.response.text.strip().splitlines()
+        print(error_line(f"a request failed: HTTP {exc.response.status_code} "
+                         f"{body[0][:200] if body else ''}",
+                         f"the engines' logs are in {lab.run_dir}"), file=sys.stderr)
+        return 1
+    except httpx.HTTPError as exc:
+        print(error_line(f"a request failed: {exc!r}", f"the engines' logs are in {lab.run_dir}"),
+              file=sys.stderr)
+        return 1
 
 
 # ---- labkit dashboard -----------------------------------------------------------------------
@@ -206,9 +217,26 @@ def register_calibrate(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_calibrate(a: argparse.Namespace) -> int:
+    return calibrate(a.args)
+
+
+def calibrate(argv: list[str]) -> int:
+    """`labkit calibrate ARGS`: measuring needs a GPU and vLLM (or --url / --probes)."""
     from labkit.bench.calibrate import main as calibrate_main
 
-    return int(calibrate_main(a.args) or 0)
+    if not any(x.startswith(("--url", "--probes", "-h", "--help")) for x in argv):
+        from labkit.hardware import vllm_available
+        from labkit.plan import detect
+
+        if not detect().gpus or not vllm_available():
+            why = "no NVIDIA GPU was found" if not detect().gpus else "vLLM is not importable"
+            raise ConfigError(f"labkit calibrate measures a real vLLM engine, but {why}",
+                              "run it on a GPU machine with labkit[gpu], or refit stored probes "
+                              "with --probes FILE (or --url URL of a running engine)")
+    try:
+        return int(calibrate_main(argv) or 0)
+    except SystemExit as exc:  # its own argparse: usage on stderr already
+        return int(exc.code or 0) if exc.code in (0, None) else EXIT_CONFIG_ERROR
 
 
 COMMANDS.append(register_calibrate)

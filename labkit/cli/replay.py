@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import argparse
-import sys
+import importlib.util
 import time
+from pathlib import Path
 
-from labkit.telemetry.recording import read_recording
-from labkit.telemetry.replay import Replay, summarize
+from labkit.cli.plan import add_config_flags, config_from_args
+from labkit.plan import ConfigError
 
 
 def register_replay(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "replay", help="summarize a recording (labkit.replay(path).show() plays it in a notebook)"
+        "replay", help="summarize a recording: a .lkrec file or a shipped name such as "
+        "real-h200x2-nixl (labkit.replay(name).show() plays it in a notebook)"
     )
-    p.add_argument("path", help="a .lkrec file from `labkit record`")
+    p.add_argument("path", help="a .lkrec file from `labkit record`, or a shipped recording's "
+                                "name (`labkit replay --list`)", nargs="?")
+    p.add_argument("--list", action="store_true", help="list the shipped recordings")
     p.add_argument("--speed", type=float, default=1.0, help="with --play: replay speed")
     p.add_argument(
         "--play", action="store_true", help="play it through, printing one progress line per second"
@@ -23,11 +27,39 @@ def register_replay(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=replay_main)
 
 
+def open_replay(path: str, speed: float = 1.0):  # -> labkit.telemetry.replay.Replay
+    """The Replay of `path` (a file or a shipped name), or a ConfigError saying what is wrong."""
+    from labkit.telemetry.replay import recordings, replay
+
+    if not speed > 0:
+        raise ConfigError(f"--speed {speed} is not a replay speed", "use a speed > 0, e.g. 1 or 4")
+    try:
+        return replay(path, speed=speed)
+    except FileNotFoundError:
+        raise ConfigError(f"no recording {path!r} (no such file, and no shipped recording "
+                          "of that name)",
+                          f"give a .lkrec path or one of: {', '.join(recordings())}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path} is a directory", "give a .lkrec file") from None
+    except (ValueError, OSError, EOFError) as exc:
+        raise ConfigError(f"{path} cannot be read as a recording ({exc})",
+                          "give a .lkrec file written by `labkit record` or labkit.Recorder"
+                          ) from None
+
+
 def replay_main(args: argparse.Namespace) -> int:
-    """`labkit replay PATH [--speed S] [--play] [--json]`."""
+    """`labkit replay PATH|NAME [--speed S] [--play] [--json]`, `labkit replay --list`."""
     import json
 
-    rp = Replay(args.path, speed=args.speed)
+    from labkit.telemetry.replay import recordings
+
+    if args.list or not args.path:
+        if not args.list:
+            raise ConfigError("labkit replay needs a recording",
+                              f"give a .lkrec path or one of: {', '.join(recordings())}")
+        print("\n".join(recordings()))
+        return 0
+    rp = open_replay(args.path, args.speed)
     if args.json:
         print(json.dumps(rp.header, indent=2, default=str))
         return 0
@@ -56,39 +88,33 @@ def register_record(sub: argparse._SubParsersAction) -> None:
         default="auto",
         help="real vLLM where possible (auto), or force one",
     )
-    p.add_argument("--model", default="lab-1b")
-    p.add_argument("--chunk", type=int, help="max_num_batched_tokens")
-    p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--pp", type=int, default=1)
-    p.add_argument("--kv-dtype", default="auto")
-    p.add_argument("--connector", choices=["auto", "example", "nixl"], default="auto")
-    p.add_argument("--gpus", type=int, help="number of GPUs (simulated: default 2)")
-    p.add_argument("--gpu-type", help="simulated GPU type (h100, h200, a100, l4)")
+    add_config_flags(p)
     p.add_argument("--compression", choices=["gzip", "zstd", "none"], default="gzip")
     p.set_defaults(func=record_main)
 
 
 def record_main(args: argparse.Namespace) -> int:
-    """`labkit record --duration S --out PATH [lab options]`: prints the recording's summary."""
+    """`labkit record --duration S --out PATH [lab options]`: prints the recording's summary.
+    Everything that can be checked is checked before the lab starts."""
     from labkit.bench.record_session import record_demo_session
-    from labkit.plan import ConfigError
+    from labkit.telemetry.recording import read_recording
+    from labkit.telemetry.replay import summarize
 
-    knobs = {
-        "model": args.model,
-        "chunk": args.chunk,
-        "tp": args.tp,
-        "pp": args.pp,
-        "kv_cache_dtype": args.kv_dtype,
-        "connector": args.connector,
-        "num_gpus": args.gpus,
-        "gpu_type": args.gpu_type,
-    }
-    try:
-        path = record_demo_session(
-            args.out, args.mode, args.duration, progress=True, compression=args.compression, **knobs
-        )
-    except ConfigError as exc:
-        print(f"error: {exc.problem}\n  fix: {exc.fix}", file=sys.stderr)
-        return 2
+    if args.compression == "zstd" and importlib.util.find_spec("zstandard") is None:
+        raise ConfigError("--compression zstd needs the zstandard package, which is not "
+                          "installed", "pip install zstandard, or use --compression gzip")
+    if not args.duration > 0:
+        raise ConfigError(f"--duration {args.duration} is not a length of time",
+                          "use a number of seconds > 0, e.g. --duration 30")
+    out = Path(args.out)
+    if out.is_dir() or not out.parent.is_dir():
+        raise ConfigError(f"--out {args.out} cannot be written (a directory, or its folder "
+                          "does not exist)", "give a file path in an existing folder")
+    from labkit.lab import Lab
+
+    cfg = config_from_args(args)
+    Lab(cfg, mode=args.mode)  # plans only: a bad config fails here, before anything starts
+    path = record_demo_session(args.out, args.mode, args.duration, progress=True,
+                               compression=args.compression, config=cfg, owner="labkit record")
     print(summarize(read_recording(path)))
     return 0

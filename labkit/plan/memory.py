@@ -111,6 +111,8 @@ def plan_engine(
     util: float,
     first_gpu: int,
     notes: list[str],
+    num_gpus: int | None = None,
+    num_engines: int = 1,
 ) -> EnginePlan:
     """Resolve one engine and count its memory the way vLLM's gpu_worker does:
     available KV = ceil(total * util) - weights - peak activation - non-torch
@@ -144,11 +146,16 @@ def plan_engine(
             for t in valid_tp_sizes(model)
             if t > e.tp and budget - model.weight_bytes(t, e.pp)[0] - act - overhead > pages[0]
         ]
-        more = (
-            f"use tp={fits[0]} ({fits[0] * e.pp} GPUs per engine)"
-            if fits
-            else "use a larger pp or a smaller model"
-        )
+        more = "use a larger pp or a smaller model"
+        if fits:
+            per = fits[0] * e.pp
+            more = f"use tp={fits[0]} ({per} GPUs per engine)"
+            if num_gpus is not None and per * num_engines > num_gpus:
+                # the fix must be one that works: say the GPUs it takes
+                more = (f"use tp={fits[0]} with num_gpus={per * num_engines} ({per} GPUs per "
+                        f"engine, {num_engines} engines)")
+                if per <= num_gpus and num_engines > 1:
+                    more += f", or tp={fits[0]} with colocated=True (one engine, no PD)"
         raise ConfigError(
             f"{name}: {model.name} needs {_gib(weights[worst])} weights + {_gib(act)} activations "
             f"+ {_gib(overhead)} overhead per GPU, more than its {_gib(budget)} share "

@@ -125,7 +125,7 @@ def _machine(cfg: PDConfig, hw: Hardware) -> tuple[GPUType, int, bool, list[str]
     n = cfg.num_gpus
     if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 64):
         raise ConfigError(
-            f"num_gpus={n!r} is out of range", "use 1..64, or None for the GPUs present"
+            f"num_gpus={n!r} is out of range", "use 1..64, or leave num_gpus unset for the GPUs present"
         )
     if hw.simulated or hw.num_gpus == 0 or (cfg.gpu_type and cfg.gpu_type != hw.gpu_type.key):
         key = cfg.gpu_type or (hw.gpu_type.key if hw.gpu_type.key in GPU_TYPES else "h100")
@@ -282,7 +282,7 @@ def validate(cfg: PDConfig, hardware: Hardware | None = None) -> Plan:
         split = " + ".join(f"{n} {e.tp}x{e.pp}" for n, _, e in named)
         raise ConfigError(
             f"{split} (tp x pp) needs {sum(worlds)} GPUs, there are {num_gpus}",
-            "lower tp/pp (both engines at tp=pp=1 share one GPU), or plan a "
+            "lower tp and pp (both engines at tp=1 and pp=1 share one GPU), or plan a "
             f"simulated cluster with num_gpus={sum(worlds)}",
         )
     connector = None if cfg.colocated else _pick_connector(cfg, kind, shared, engines)
@@ -291,7 +291,8 @@ def validate(cfg: PDConfig, hardware: Hardware | None = None) -> Plan:
     for (n, role, e), model, u in zip(named, models, utils, strict=True):
         if connector == "example" and role == "prefill":
             e = _example_prefill(e, model, gpu, u, notes)
-        plans.append(plan_engine(n, role, e, model, gpu, u, 0 if shared else first, notes))
+        plans.append(plan_engine(n, role, e, model, gpu, u, 0 if shared else first, notes,
+                                 num_gpus=num_gpus, num_engines=len(named)))
         first += e.world_size
     gpus = gpu_lines(plans, models[0], gpu, num_gpus)
     if shared:
