@@ -200,3 +200,28 @@ def test_png_render(tmp_path):
     except RuntimeError as e:
         pytest.skip(str(e))
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
+
+
+def test_memory_view_block_count_override_shows_the_pool():
+    """num_gpu_blocks=128: the engine allocates 128 blocks, not the ~71 GiB its log calls
+    available; the KV segment is blocks x block bytes, and the tiny segments are named."""
+    info = SourceInfo.from_dict({
+        "kind": "sim", "gpus": [{"index": 0, "name": "NVIDIA H100", "total_bytes": 80 * GiB}],
+        "engines": [{"name": "prefill", "role": "prefill", "gpus": [0], "num_blocks": 128,
+                     "block_size": 16, "model": "lab-1b"}],
+    })
+    st = MemoryState()
+    view = MemoryView(st, info)
+    block = 16 * 65536  # lab-1b in bf16: 16 layers x 2 x 8 heads x 128 x 2 B per token
+    st.apply_engine_memory(EngineMemory("prefill", 0, 40 * 2**20, 71 * GiB, "prefill", "sim"))
+    st.apply_sample(GpuSample(1.0, 0, 71 * GiB + 40 * 2**20, 80 * GiB,
+                              {"prefill": 71 * GiB + 40 * 2**20}, kind="sim"))
+    view.update()
+    bars = {tr.name: tr for tr in view.figure.data[: len(view.bar_keys)]}
+    assert bars["prefill: KV cache"].y[0] * GiB == pytest.approx(128 * block)
+    assert bars["prefill: KV cache"].text[0] == "128 MiB"
+    assert bars["prefill: weights"].text[0] == "40 MiB"
+    assert bars["free"].y[0] * GiB == pytest.approx(80 * GiB - 40 * 2**20 - 128 * block)
+    note = next(a.text for a in view.figure.layout.annotations if a.name == "segments")
+    assert "weights 40 MiB" in note and "KV 128 MiB (128 blocks × 1 MiB)" in note
+    assert "s since" in view.figure.layout.xaxis2.title.text

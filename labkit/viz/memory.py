@@ -7,10 +7,10 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from labkit.telemetry.source import SourceInfo
+from labkit.telemetry.source import EngineInfo, SourceInfo
 from labkit.viz.base import View
 from labkit.viz.state import MemoryState
-from labkit.viz.style import gib
+from labkit.viz.style import fmt_bytes, gib
 
 CATEGORY_COLORS = {
     "weights": "#1971c2",
@@ -20,6 +20,18 @@ CATEGORY_COLORS = {
     "free": "#e9ecef",
 }
 ENGINE_PATTERNS = ("", "/", "x", ".", "\\", "+", "-", "|")
+
+
+def block_bytes(engine: EngineInfo) -> int:
+    """KV bytes of one block on one GPU of `engine` (block_size x the model's KV per token,
+    the cache in the model's dtype, heads split over the engine's GPUs); 0 when unknown."""
+    from labkit.models import get_model
+
+    try:
+        shape = get_model(engine.model)
+        return engine.block_size * shape.kv_bytes_per_token("auto", tp=max(len(engine.gpus), 1))
+    except (KeyError, ValueError, OSError):
+        return 0
 
 
 class MemoryView(View):
@@ -33,6 +45,12 @@ class MemoryView(View):
         self.gpu_names = {g.index: g.name for g in info.gpus}
         self.physical = {g.index: g.physical for g in info.gpus if g.physical is not None}
         self.engines = [e.name for e in info.engines]
+        self.pool_note: dict[str, str] = {}
+        for e in info.engines:  # what the engine allocated: its pool, not the memory it logs
+            bb = block_bytes(e)
+            state.set_pool(e.name, e.num_blocks, bb)
+            if bb and e.num_blocks:
+                self.pool_note[e.name] = f"{e.num_blocks:,} blocks × {fmt_bytes(bb)}"
         n = len(self.gpus)
         base = make_subplots(
             rows=n, cols=2, column_widths=[0.35, 0.65], horizontal_spacing=0.08,
@@ -49,14 +67,15 @@ class MemoryView(View):
                 fig.add_trace(
                     go.Bar(name=f"{eng}: {cat}", x=[], y=[], marker_color=CATEGORY_COLORS[cat],
                            marker_pattern_shape=ENGINE_PATTERNS[ei % len(ENGINE_PATTERNS)],
-                           hovertemplate=f"{eng} {cat}: %{{y:.2f}} GiB<extra>%{{x}}</extra>"),
+                           hovertemplate=f"{eng} {cat}: %{{text}}<extra>%{{x}}</extra>",
+                           textposition="none"),
                     row=1, col=1,
                 )  # fmt: skip
         for cat in ("other processes", "free"):
             self.bar_keys.append(("", cat))
             fig.add_trace(
-                go.Bar(name=cat, x=[], y=[], marker_color=CATEGORY_COLORS[cat],
-                       hovertemplate=f"{cat}: %{{y:.2f}} GiB<extra>%{{x}}</extra>"), row=1, col=1,
+                go.Bar(name=cat, x=[], y=[], marker_color=CATEGORY_COLORS[cat], textposition="none",
+                       hovertemplate=f"{cat}: %{{text}}<extra>%{{x}}</extra>"), row=1, col=1,
             )  # fmt: skip
         self.area_index: dict[tuple[int, str], int] = {}
         for gi, gpu in enumerate(self.gpus):
@@ -75,7 +94,12 @@ class MemoryView(View):
             )  # fmt: skip
         fig.update_layout(barmode="stack", legend=dict(orientation="h", y=-0.1, yanchor="top"))
         fig.update_xaxes(tickangle=0, row=1, col=1)
-        self._label(fig, height=max(420, 220 * n + 120))
+        fig.update_xaxes(title_text="s since the first sample", col=2, row=n)
+        fig.add_annotation(text="", name="segments", xref="paper", yref="paper", x=0.0, y=-0.09,
+                           xanchor="left", yanchor="top", align="left", showarrow=False,
+                           font=dict(size=10, color="#343a40"))  # fmt: skip
+        self._label(fig, height=max(460, 220 * n + 160))
+        fig.update_layout(margin=dict(b=150), legend=dict(x=0.42, xanchor="left", y=-0.09))
 
     def gpu_label(self, gpu: int) -> str:
         """"GPU k" (the plan's GPU), with NVML's index where it differs: "GPU 0 (physical 2)"
@@ -97,6 +121,19 @@ class MemoryView(View):
         for key, tr in zip(self.bar_keys, self.figure.data, strict=False):
             tr.x = labels
             tr.y = [gib(per_gpu[g].get(key, 0)) for g in self.gpus]
+            tr.text = [fmt_bytes(per_gpu[g].get(key, 0)) for g in self.gpus]
+        # Tiny segments (a 1B model's weights, a 128-block pool) vanish in a bar of 141 GiB:
+        # name every engine's weights and KV in words, per GPU.
+        lines = []
+        for g, label in zip(self.gpus, labels, strict=True):
+            for eng in self.engines:
+                w, kv = per_gpu[g].get((eng, "weights"), 0), per_gpu[g].get((eng, "KV cache"), 0)
+                if w or kv:
+                    pool = f" ({self.pool_note[eng]})" if eng in self.pool_note else ""
+                    lines.append(f"{label} {eng}: weights {fmt_bytes(w)} · KV {fmt_bytes(kv)}{pool}")
+        for a in self.figure.layout.annotations:
+            if a.name == "segments":
+                a.text = "<br>".join(lines[:8])
         for gpu in self.gpus:
             hist = st.history.get(gpu)
             if not hist:

@@ -35,12 +35,31 @@ class MemoryState:
         self.latest: dict[int, GpuSample] = {}
         self.engine_mem: dict[tuple[str, int], EngineMemory] = {}
         self.history: dict[int, deque[tuple[float, tuple[int, ...]]]] = {}
+        self.pools: dict[str, tuple[int, int]] = {}  # engine -> (KV blocks, bytes per block)
         self.maxlen = history
         self.version = 0
 
     def apply_engine_memory(self, m: EngineMemory) -> None:
         self.engine_mem[(m.engine, m.gpu)] = m
         self.version += 1
+
+    def set_pool(self, engine: str, num_blocks: int, block_bytes: int) -> None:
+        """The engine's block pool (its log's "GPU KV cache size", or a block-count override):
+        what it really allocates for KV on each GPU is num_blocks x block_bytes, which may be
+        far less than the "Available KV cache memory" it logs (num_gpu_blocks_override)."""
+        if num_blocks > 0 and block_bytes > 0:
+            self.pools[engine] = (num_blocks, block_bytes)
+            self.version += 1
+
+    def kv_bytes(self, engine: str, gpu: int) -> int:
+        """KV bytes the engine holds on one GPU: the pool where known, capped by its own figure."""
+        m = self.engine_mem.get((engine, gpu))
+        pool = self.pools.get(engine)
+        logged = m.kv_bytes if m else 0
+        if pool is None:
+            return logged
+        allocated = pool[0] * pool[1]
+        return min(allocated, logged) if logged else allocated
 
     def apply_sample(self, s: GpuSample) -> None:
         self.latest[s.gpu] = s
@@ -55,15 +74,20 @@ class MemoryState:
             return []
         rows: list[tuple[str, str, int]] = []
         engines_used = 0
+        device_used = s.used_bytes
         for engine, used in sorted(s.process_bytes.items()):
             m = self.engine_mem.get((engine, gpu))
+            kv_held = self.kv_bytes(engine, gpu)
+            if s.kind == "sim" and m and m.kv_bytes > kv_held:
+                # A simulated sample counts the plan's KV; the engine holds only its pool.
+                used, device_used = used - (m.kv_bytes - kv_held), device_used - (m.kv_bytes - kv_held)
             w = min(m.weights_bytes, used) if m else 0
-            kv = min(m.kv_bytes, used - w) if m else 0
+            kv = min(kv_held, used - w) if m else 0
             rows += [(engine, "weights", w), (engine, "KV cache", kv),
                      (engine, "engine other", max(used - w - kv, 0))]  # fmt: skip
             engines_used += used
-        rows.append(("", "other processes", max(s.used_bytes - engines_used, 0)))
-        rows.append(("", "free", max(s.total_bytes - s.used_bytes, 0)))
+        rows.append(("", "other processes", max(device_used - engines_used, 0)))
+        rows.append(("", "free", max(s.total_bytes - device_used, 0)))
         return rows
 
     def totals(self, gpu: int) -> tuple[int, ...]:

@@ -56,5 +56,14 @@ def short_req(req_id: str, n: int = 10) -> str:
     return req_id if len(req_id) <= n else "…" + req_id[-(n - 1) :]
 
 
+def fmt_bytes(num_bytes: float) -> str:
+    """'4.0 MiB', '1.65 GiB', '512 B': a size a learner reads at a glance."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(num_bytes) >= size:
+            v = num_bytes / size
+            return f"{v:.3g} {unit}" if v < 100 else f"{v:.0f} {unit}"
+    return f"{num_bytes:.0f} B"
+
+
 def gib(num_bytes: float) -> float:
     return num_bytes / 2**30
