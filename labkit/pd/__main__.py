@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from labkit.pd.proxy import CONNECTORS
+from labkit.pd.proxy import CONNECTORS, MAX_BODY_BYTES, MAX_IN_FLIGHT, MAX_QUEUED
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,6 +44,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="S",
         help="seconds to wait for an engine's answer; 0: no limit",
     )
+    parser.add_argument("--max-in-flight", type=int, default=MAX_IN_FLIGHT, metavar="N",
+                        help="requests carried at once (and connections per engine)")
+    parser.add_argument("--max-queued", type=int, default=MAX_QUEUED, metavar="N",
+                        help="requests waiting for a slot; past that: 503 + Retry-After")
+    parser.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES, metavar="B",
+                        help="larger request bodies get 413")
     parser.add_argument("--log-level", default="warning")
     return parser.parse_args(argv)
 
@@ -60,6 +66,9 @@ def main(argv: list[str] | None = None) -> None:
         connector=args.connector,
         connect_timeout=args.connect_timeout,
         read_timeout=args.read_timeout or None,
+        max_in_flight=args.max_in_flight,
+        max_queued=args.max_queued,
+        max_body_bytes=args.max_body_bytes,
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
 

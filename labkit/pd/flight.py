@@ -52,6 +52,10 @@ class ProxyMetrics:
         self.in_flight = Gauge("labkit:proxy_requests_in_flight", "Requests now.", registry=r)
         self.upstream_errors = Counter("labkit:proxy_upstream_errors", "Requests that failed "
                                        "(5xx) at an engine, by role.", ["role"], registry=r)  # fmt: skip
+        self.released = Counter("labkit:proxy_kv_released", "Requests that ended after prefill "
+                                "and before decode read their KV, whose blocks the proxy told "
+                                "prefill to free, by prefill's answer.", ["status"],
+                                registry=r)  # fmt: skip
         for attr, (name, doc) in self.HISTOGRAMS.items():
             setattr(
                 self, attr, Histogram(f"labkit:proxy_{name}", doc, registry=r, buckets=_BUCKETS)

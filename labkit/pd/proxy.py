@@ -52,14 +52,59 @@ from labkit.pd.upstream import (  # noqa: F401  (public names of the proxy modul
     Engine,
     ProxyError,
     SSEScanner,
+    check_for_decode,
     decode_request,
     error_body,
     prefill_request,
+    release_request,
 )
 
 logger = logging.getLogger(__name__)
 CONNECTORS: tuple[str, ...] = ("nixl", "example")
 UPSTREAM_KEEPALIVE_S = 2.0  # < the engines' 5 s keep-alive (see PDProxy._engine)
+# Back-pressure: at most MAX_IN_FLIGHT requests are carried at once (and as many connections
+# per engine); up to MAX_QUEUED more wait their turn; past that the proxy answers 503 with
+# Retry-After. 1,000 requests thrown at an engine at once made its accept queue overflow
+# (ConnectTimeout) and its KV handshakes time out, and every failed request leaked blocks.
+MAX_IN_FLIGHT, MAX_QUEUED, RETRY_AFTER_S = 128, 2048, 1
+MAX_BODY_BYTES = 32 << 20  # a larger body gets 413 before it is read whole
+_PARSE_IN_THREAD = 256 << 10  # bodies above this are parsed off the event loop
+
+
+def _check_unicode(body: dict) -> None:
+    """A lone surrogate (JSON `"\\ud800"`) cannot be sent on as UTF-8: 400, not echoed."""
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ProxyError(400, error_body(
+            f"The request is not valid Unicode: a lone surrogate ({exc.reason}).", 400,
+            "BadRequestError", "prompt")) from None
+
+
+class _ClientGone(Exception):
+    """The client disconnected while the proxy waited for decode."""
+
+
+class _Admission:
+    """A bounded queue in front of a semaphore: `enter()` waits its turn or refuses (503)."""
+
+    def __init__(self, in_flight: int, queued: int) -> None:
+        self.limit, self.queued_max = in_flight, queued
+        self._sem = asyncio.Semaphore(in_flight)
+        self.waiting = 0
+
+    async def enter(self) -> bool:
+        if self.waiting >= self.queued_max and self._sem.locked():
+            return False
+        self.waiting += 1
+        try:
+            await self._sem.acquire()
+        finally:
+            self.waiting -= 1
+        return True
+
+    def leave(self) -> None:
+        self._sem.release()
 
 
 class PDProxy:
@@ -73,7 +118,12 @@ class PDProxy:
         connect_timeout: float = 2.0,
         read_timeout: float | None = 600.0,
         timeline: Timeline | None = None,
+        max_in_flight: int = MAX_IN_FLIGHT,
+        max_queued: int = MAX_QUEUED,
+        max_body_bytes: int = MAX_BODY_BYTES,
     ) -> None:
+        if max_in_flight < 1 or max_queued < 0 or max_body_bytes < 1:
+            raise ValueError("max_in_flight and max_body_bytes must be >= 1, max_queued >= 0")
         if not prefill_urls or not decode_urls:
             raise ValueError("the proxy needs at least one prefill and one decode engine URL")
         if connector not in CONNECTORS:
@@ -81,20 +131,24 @@ class PDProxy:
         self.connector = connector
         self.timeline = timeline if timeline is not None else Timeline()
         self.metrics = ProxyMetrics()
+        self.admission = _Admission(max_in_flight, max_queued)
+        self.max_body_bytes = max_body_bytes
         timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
         self.health_timeout = httpx.Timeout(min(read_timeout or 5.0, 5.0), connect=connect_timeout)
-        self.prefills = [self._engine("prefill", u, timeout) for u in prefill_urls]
-        self.decodes = [self._engine("decode", u, timeout) for u in decode_urls]
+        self.prefills = [self._engine("prefill", u, timeout, max_in_flight) for u in prefill_urls]
+        self.decodes = [self._engine("decode", u, timeout, max_in_flight) for u in decode_urls]
         self._next_prefill = itertools.cycle(self.prefills)
         self._next_decode = itertools.cycle(self.decodes)
 
     @staticmethod
-    def _engine(role: str, url: str, timeout: httpx.Timeout) -> Engine:
+    def _engine(role: str, url: str, timeout: httpx.Timeout, max_conn: int) -> Engine:
         url = url.rstrip("/").removesuffix("/v1")
         # Drop idle connections well before the engine does: vLLM's uvicorn closes them after
         # VLLM_HTTP_TIMEOUT_KEEP_ALIVE (5 s, vllm/envs.py); a POST sent on a connection the
         # engine is closing fails with ReadError (seen under load as a 502).
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None,
+        # Pool sized to the admission limit (+ room for /health and release calls): a request
+        # admitted never waits for a connection, and an engine never sees more at once.
+        limits = httpx.Limits(max_connections=max_conn + 8, max_keepalive_connections=max_conn,
                               keepalive_expiry=UPSTREAM_KEEPALIVE_S)
         client = httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits, trust_env=False)
         return Engine(role, url, client)
@@ -103,22 +157,72 @@ class PDProxy:
         await asyncio.gather(*(e.client.aclose() for e in self.prefills + self.decodes))
 
     async def completions(self, request: Request, route: str) -> Response:
-        """POST /v1/completions or /v1/chat/completions: prefill, then decode."""
+        """POST /v1/completions or /v1/chat/completions: wait for a slot (or 503), then carry."""
+        if not await self.admission.enter():
+            req_id = request.headers.get("x-request-id") or f"pd-{uuid.uuid4().hex}"
+            msg = (f"the PD proxy is at capacity ({self.admission.limit} in flight, "
+                   f"{self.admission.waiting} waiting): retry after {RETRY_AFTER_S} s")
+            self.metrics.requests.labels(route, "503").inc()
+            return JSONResponse(error_body(msg, 503, "ServiceUnavailableError"), status_code=503,
+                                headers={"Retry-After": str(RETRY_AFTER_S), "x-request-id": req_id})
+        released = False
+
+        def leave() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.admission.leave()
+
+        try:
+            resp = await self._carry(request, route, leave)
+        except BaseException:
+            leave()
+            raise
+        if not isinstance(resp, StreamingResponse):
+            leave()
+        return resp
+
+    async def _read_body(self, request: Request) -> bytes:
+        """The body, refused with 413 past `max_body_bytes` (before it is read whole)."""
+        declared = request.headers.get("content-length")
+        too_big = ProxyError(413, error_body(
+            f"the request body is larger than the proxy's limit of {self.max_body_bytes:,} "
+            f"bytes", 413, "RequestEntityTooLarge", "body"))
+        if declared and declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise too_big
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise too_big
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _carry(self, request: Request, route: str, leave: Any) -> Response:
+        """Prefill, then decode; `leave()` frees the admission slot once the request ends."""
         tl = self.timeline
         req_id = request.headers.get("x-request-id") or f"pd-{uuid.uuid4().hex}"
         fl = Flight(tl, self.metrics, req_id, route, tl.now())
         self.metrics.in_flight.inc()
         try:
-            body = json.loads(await request.body())
+            raw = await self._read_body(request)
+            if len(raw) > _PARSE_IN_THREAD:  # a 10 MB body would hold the loop ~0.1 s
+                body = await asyncio.to_thread(json.loads, raw)
+            else:
+                body = json.loads(raw)
             if not isinstance(body, dict):
                 raise ValueError(f"the body must be a JSON object, not {type(body).__name__}")
+            stream = check_for_decode(body, route)
+            _check_unicode(body)
+        except ProxyError as err:
+            tl.record(fl.req_id, "arrival", ts=fl.arrival, route=route)
+            return fl.finish(err.status, err.response(fl.req_id), err)
         except (ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deep
             tl.record(fl.req_id, "arrival", ts=fl.arrival, route=route)
             err = ProxyError(
-                400, error_body(f"Invalid JSON body: {exc}", 400, "Bad Request", "body")
+                400, error_body(f"Invalid JSON body: {str(exc)[:200]}", 400, "Bad Request", "body")
             )
             return fl.finish(err.status, err.response(fl.req_id), err)
-        stream = bool(body.get("stream"))
         tl.record(
             fl.req_id,
             "arrival",
@@ -131,6 +235,8 @@ class PDProxy:
         headers = {"X-Request-Id": fl.req_id}
         if auth := request.headers.get("authorization"):
             headers["Authorization"] = auth
+        prefill_reply: dict | None = None
+        decode_took_it = False
         try:
             prefill_reply = await self._prefill(fl, body, headers)
             fl.decode = decode = next(self._next_decode)
@@ -143,23 +249,41 @@ class PDProxy:
                     json=decode_request(body, prefill_reply, self.connector),
                     headers=headers,
                 )
-                resp = await decode.client.send(upstream, stream=True)
+                resp = await self._until_disconnect(request, decode.client.send(upstream,
+                                                                                stream=True))
+                decode_took_it = resp.status_code < 400
                 if resp.status_code >= 400 or not stream:
                     try:
-                        content = await resp.aread()
+                        content = await self._until_disconnect(request, resp.aread())
                     finally:
                         await resp.aclose()
             if resp.status_code >= 400:
                 raise ProxyError.from_upstream(decode, resp.status_code, content)
         except ProxyError as exc:
+            if prefill_reply is not None and not decode_took_it:
+                await self._release(fl, prefill_reply)
             return fl.finish(exc.status, exc.response(fl.req_id), exc)
+        except _ClientGone:  # decode's work was cancelled with the client's request
+            if prefill_reply is not None and not decode_took_it:
+                await self._release(fl, prefill_reply)
+            err = ProxyError(499, error_body("the client went away", 499, "ClientClosed"))
+            return fl.finish(499, Response(status_code=499), err)
         except Exception as exc:  # a bug: still answer, count and close the request
             logger.exception("request %s failed in the proxy", fl.req_id)
+            if prefill_reply is not None and not decode_took_it:
+                await self._release(fl, prefill_reply)
             err = ProxyError(500, error_body(f"proxy error: {exc!r}", 500, "InternalServerError"))
             return fl.finish(500, err.response(fl.req_id), err)
         if stream:
+            async def relay() -> AsyncIterator[bytes]:
+                try:
+                    async for chunk in fl.relay(resp):
+                        yield chunk
+                finally:
+                    leave()
+
             return StreamingResponse(
-                fl.relay(resp),
+                relay(),
                 status_code=resp.status_code,
                 media_type=resp.headers.get("content-type"),
                 headers={"x-request-id": fl.req_id},
@@ -178,6 +302,44 @@ class PDProxy:
                 headers={"x-request-id": fl.req_id},
             ),
         )
+
+    @staticmethod
+    async def _until_disconnect(request: Request, work: Any) -> Any:
+        """Await `work`, cancelled when the client disconnects (vLLM's `with_cancellation`):
+        a client that leaves a non-streamed request must not keep decode generating."""
+        task = asyncio.ensure_future(work)
+
+        async def gone() -> None:
+            while True:
+                message = await request.receive()
+                if message["type"] == "http.disconnect":
+                    return
+
+        watch = asyncio.ensure_future(gone())
+        try:
+            await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+            raise _ClientGone()
+        return task.result()
+
+    async def _release(self, fl: Flight, prefill_reply: dict) -> None:
+        """The request ends after prefill but before decode read its KV: tell prefill to free
+        the blocks now (NIXL's read notification; vLLM itself frees them only after
+        VLLM_NIXL_ABORT_REQUEST_TIMEOUT, 480 s). A real vLLM prefill answers 404: ignored."""
+        body = release_request(prefill_reply)
+        if body is None or fl.prefill is None or self.connector != "nixl":
+            return
+        try:
+            resp = await fl.prefill.client.post("/labkit/kv/read", json=body, timeout=5.0)
+            self.metrics.released.labels(str(resp.status_code)).inc()
+        except httpx.HTTPError as exc:
+            logger.warning("could not release %s's blocks on %s: %s", fl.req_id, fl.prefill.url,
+                           exc)
 
     async def _prefill(self, fl: Flight, body: dict, headers: dict[str, str]) -> dict:
         """Run the prefill step; returns the prefill engine's JSON answer."""
@@ -257,6 +419,7 @@ def create_app(
     connect_timeout: float = 2.0,
     read_timeout: float | None = 600.0,
     timeline: Timeline | None = None,
+    **limits: int,
 ) -> FastAPI:
     """The proxy as an ASGI app (serve it with uvicorn on 127.0.0.1).
 
@@ -265,10 +428,12 @@ def create_app(
         connector: "nixl" (kv_transfer_params handshake) or "example" (shared storage).
         connect_timeout / read_timeout: seconds per upstream call (read None: no limit).
         timeline: share a Timeline with the caller (a new one by default).
+        limits: max_in_flight, max_queued, max_body_bytes (PDProxy; module defaults).
     Returns:
         A FastAPI app; `app.state.proxy` is the PDProxy, `app.state.timeline` its Timeline.
     """
-    proxy = PDProxy(prefill_urls, decode_urls, connector, connect_timeout, read_timeout, timeline)
+    proxy = PDProxy(prefill_urls, decode_urls, connector, connect_timeout, read_timeout, timeline,
+                    **limits)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -81,6 +81,102 @@ class Engine:
             raise ProxyError(502, error_body(msg, 502, "BadGatewayError")) from exc
 
 
+_BOOL_WORDS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False,
+               "on": True, "off": False, "t": True, "f": False, "y": True, "n": False}
+
+
+def _invalid(loc: tuple, err_type: str, msg: str, value: Any) -> ProxyError:
+    """A 400 in the shape of vLLM's validation handler (one pydantic error, input shortened)."""
+    shown = value if not isinstance(value, str | list | dict) or len(value) <= 64 else "..."
+    err = {"type": err_type, "loc": ("body", *loc), "msg": msg, "input": shown}
+    return ProxyError(400, error_body(f"1 validation error:\n  {err}", 400, "Bad Request",
+                                      ".".join(str(p) for p in loc) or None))
+
+
+def _as_bool(name: str, value: Any) -> bool:
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.lower() in _BOOL_WORDS:
+        return _BOOL_WORDS[value.lower()]
+    raise _invalid((name,), "bool_type", "Input should be a valid boolean", value)
+
+
+def _as_int(name: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise _invalid((name,), "int_type", "Input should be a valid integer", value)
+    return value
+
+
+def check_for_decode(body: dict, route: str) -> bool:
+    """What decode would refuse but the prefill request hides (prefill is sent max_tokens=1,
+    stream=false, no stream_options / min_tokens, one kv_transfer_params): refuse it HERE,
+    before prefill holds blocks for a request decode will never read. vLLM's messages
+    (protocol.py validators, SamplingParams._verify_args). Returns the `stream` flag.
+
+    Raises:
+        ProxyError: 400 in vLLM's error shape.
+    """
+    stream = _as_bool("stream", body.get("stream"))
+    opts = body.get("stream_options")
+    if opts is not None:
+        if not isinstance(opts, dict):
+            raise _invalid(("stream_options",), "model_type", "Input should be a valid "
+                           "dictionary or instance of StreamOptions", opts)
+        for key in ("include_usage", "continuous_usage_stats"):
+            _as_bool(f"stream_options.{key}", opts.get(key))
+        if not stream:
+            raise _invalid((), "value_error", "Value error, Stream options can only be defined "
+                           "when `stream=True`.", "...")
+    names = ("max_completion_tokens", "max_tokens") if route == CHAT else ("max_tokens",)
+    limit = None
+    for name in names:
+        value = _as_int(name, body.get(name))
+        if value is not None and value < 1:
+            raise ProxyError(400, error_body(
+                f"{name} must be at least 1, got {value}. (parameter={name}, value={value})",
+                400, "BadRequestError", name))
+        limit = value if limit is None else limit
+    for name in ("min_tokens", "min_completion_tokens"):
+        low = _as_int(name, body.get(name))
+        if low is not None and (low < 0 or (limit is not None and low > limit)):
+            raise ProxyError(400, error_body(
+                f"min_tokens must be greater than or equal to 0 and less than or equal to "
+                f"max_tokens={limit}, got {low}.", 400, "BadRequestError", name))
+    n = _as_int("n", body.get("n"))
+    if n is not None and n < 1:
+        raise ProxyError(400, error_body(f"n must be at least 1, got {n}.", 400,
+                                         "BadRequestError", "n"))
+    prompt = body.get("prompt")
+    if route == COMPLETIONS and isinstance(prompt, list) and prompt and \
+            isinstance(prompt[0], str | list) and len(prompt) > 1:
+        raise ProxyError(400, error_body(
+            f"the PD proxy serves one prompt per request; this one has {len(prompt)} (prefill "
+            f"would hold the KV of all of them and decode read one): send one request per "
+            f"prompt", 400, "BadRequestError", "prompt"))
+    return stream
+
+
+def release_request(reply: dict) -> dict | None:
+    """The body that tells a (simulated) NIXL prefill engine to free a request's held blocks:
+    the read notification decode would have sent (`POST /labkit/kv/read`); None when prefill
+    holds nothing for a remote decode."""
+    params = reply.get("kv_transfer_params")
+    if not isinstance(params, dict) or not params.get("remote_request_id"):
+        return None
+    blocks = params.get("remote_block_ids") or []
+    if blocks and isinstance(blocks[0], list):
+        blocks = blocks[0]
+    return {"remote_request_id": params["remote_request_id"],
+            "block_ids": [b for b in blocks if isinstance(b, int)],
+            "remote_engine_id": params.get("remote_engine_id")}
+
+
 def prefill_request(body: dict, route: str, connector: str) -> dict:
     """The prefill engine's request: one token, not streamed (vLLM's toy proxy rules)."""
     req = {

@@ -33,6 +33,11 @@ class OpenAIRequest(BaseModel):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     kv_transfer_params: dict[str, Any] | None = None
+    # Typed so that a wrong type gets vLLM's 400 (the simulator samples nothing with them).
+    n: int = 1
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
 
 
 class CompletionRequest(OpenAIRequest):
@@ -74,10 +79,17 @@ def _clean_loc(loc: tuple[Any, ...]) -> str:
     return ".".join(parts or [str(p) for p in loc])
 
 
+def _short(value: Any) -> Any:
+    """An input echoed in an error: long ones cut (a 10 MB prompt is not sent back)."""
+    if isinstance(value, str | list | dict | bytes) and len(value) > 100:
+        return f"{type(value).__name__} of length {len(value)}"
+    return value
+
+
 def validation_error_response(exc: RequestValidationError) -> JSONResponse:
     """server_utils.py validation_exception_handler: "N validation errors:\\n  {err}..."."""
-    errors = [{k: v for k, v in e.items() if k in ("type", "loc", "msg", "input", "ctx")}
-              for e in exc.errors()]
+    errors = [{k: (_short(v) if k == "input" else v) for k, v in e.items()
+               if k in ("type", "loc", "msg", "input", "ctx")} for e in exc.errors()]
     n = len(errors)
     message = (f"{n} validation {'error' if n == 1 else 'errors'}:\n"
                + "".join(f"  {e}\n" for e in errors)).rstrip() if errors else "Validation error"

@@ -30,6 +30,7 @@ from labkit.engines.sim.runner import EngineRunner
 from labkit.engines.sim.transport import KVLoadError
 
 logger = logging.getLogger("labkit.sim.server")
+_TOKENIZE_INLINE = 16 << 10  # characters; longer text is tokenized off the event loop
 
 
 @dataclass
@@ -49,6 +50,7 @@ class OpenAIServing:
         self.runner = runner
         self.created = int(time.time())
         self.fingerprint = f"vllm-{VLLM_VERSION}-sim{uuid.uuid4().hex[:5]}"
+        self._max_token_chars: int | None = None
 
     # -------------------------------------------------------------- shared checks
     def _check_model(self, model: str | None) -> None:
@@ -76,15 +78,53 @@ class OpenAIServing:
                 f"(parameter=input_tokens, value={prompt_len})", param="input_tokens")
         return requested
 
-    def _prompts(self, prompt: Any) -> list[list[int]]:
+    def _longest_token(self) -> int:
+        """Characters of the longest vocabulary entry (byte-level: its bytes)."""
+        if self._max_token_chars is None:
+            vocab = getattr(self.runner.tokenizer, "get_vocab", lambda: {})()
+            self._max_token_chars = max((len(t) for t in vocab), default=64) or 64
+        return self._max_token_chars
+
+    def _check_text(self, texts: list[str]) -> None:
+        """Refuse text that cannot fit before tokenizing it: C characters make at least
+        C / (longest token) tokens, so a 10 MB prompt is answered at once, not after ~14 s
+        of tokenizer work; and a lone surrogate gets a 400, not a 500 echoing the body."""
+        limit = self.runner.engine.max_model_len
+        for text in texts:
+            at_least = -(-len(text) // self._longest_token())
+            if at_least > limit:
+                raise APIError(f"This model's maximum context length is {limit} tokens. However, "
+                               f"your request has at least {at_least} input tokens "
+                               f"({len(text):,} characters). Please reduce the length of the "
+                               f"input prompt. (parameter=input_tokens, value={at_least})",
+                               param="input_tokens")
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise APIError(f"The prompt is not valid Unicode: a lone surrogate at character "
+                               f"{exc.start} ({exc.reason}).", param="prompt") from None
+
+    async def _prompts(self, prompt: Any) -> list[list[int]]:
         tok = self.runner.tokenizer
-        if isinstance(prompt, str):
-            return [tok.encode(prompt).ids]
-        if prompt and isinstance(prompt[0], str):
-            return [tok.encode(p).ids for p in prompt]
+        texts = [prompt] if isinstance(prompt, str) else (
+            list(prompt) if prompt and isinstance(prompt[0], str) else None)
+        if texts is not None:
+            self._check_text(texts)
+            if sum(map(len, texts)) < _TOKENIZE_INLINE:
+                return [tok.encode(t).ids for t in texts]
+            # encode_batch releases the GIL: /health and running streams go on meanwhile
+            return [e.ids for e in await asyncio.to_thread(tok.encode_batch, texts)]
         if prompt and isinstance(prompt[0], list):
             return [list(p) for p in prompt]
         return [list(prompt)]
+
+    def _check_sampling(self, body: OpenAIRequest) -> None:
+        """SamplingParams._verify_args's check of n (the simulator makes one choice)."""
+        if body.n < 1:
+            raise APIError(f"n must be at least 1, got {body.n}.", param="n")
+        if body.n > 1:
+            raise APIError(f"n={body.n}: the simulated engine makes one choice per prompt "
+                           f"(n=1)", param="n")
 
     async def _run(self, req_id: str, index: int, prompt: list[int], max_tokens: int,
                    body: OpenAIRequest) -> AsyncIterator[tuple[_Choice, RequestOutput]]:
@@ -112,6 +152,8 @@ class OpenAIServing:
         except KVLoadError as exc:
             logger.error("%s", exc)
             raise APIError(str(exc), 500, "InternalServerError", "kv_transfer_params") from None
+        except ValueError as exc:  # an address that is not one of the lab's engines
+            raise APIError(str(exc), 400, "BadRequestError", "kv_transfer_params") from None
 
     def _usage(self, choices: list[_Choice]) -> dict[str, int]:
         p = sum(c.prompt_len for c in choices)
@@ -181,6 +223,7 @@ class OpenAIServing:
     def _start(self, prefix: str, prompts: list[list[int]], requested: int | None, body: OpenAIRequest
                ) -> tuple[str, list[AsyncIterator[tuple[_Choice, RequestOutput]]]]:
         self._check_model(body.model)
+        self._check_sampling(body)
         if not prompts or any(len(p) == 0 for p in prompts):
             raise APIError("Prompt cannot be empty", param="prompt")
         top = max(max(p) for p in prompts)
@@ -193,7 +236,8 @@ class OpenAIServing:
         return rid, runs
 
     async def completions(self, body: CompletionRequest) -> Any:
-        rid, runs = self._start("cmpl", self._prompts(body.prompt), body.max_tokens, body)
+        self._check_model(body.model)
+        rid, runs = self._start("cmpl", await self._prompts(body.prompt), body.max_tokens, body)
         await self._reach_kv_source(body)
         created = int(time.time())
         model = self.runner.served_model_name
@@ -239,6 +283,8 @@ class OpenAIServing:
         yield "data: [DONE]\n\n"
 
     async def chat(self, body: ChatCompletionRequest) -> Any:
+        self._check_text([m["content"] for m in body.messages
+                          if isinstance(m.get("content"), str)])
         prompt = self.runner.render_chat(body.messages)
         requested = body.max_completion_tokens or body.max_tokens
         rid, runs = self._start("chatcmpl", [prompt], requested, body)

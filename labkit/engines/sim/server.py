@@ -15,6 +15,8 @@ vLLM's error shape in openai_protocol.py, the OpenAI routes' work in openai_serv
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -36,6 +38,71 @@ from labkit.engines.sim.openai_serving import OpenAIServing
 from labkit.engines.sim.runner import EngineRunner, SimServerArgs
 
 logger = logging.getLogger("labkit.sim.server")
+MAX_BODY_BYTES = 32 << 20  # a larger request body is answered 413 before it is read whole
+
+
+class BodyLimit:
+    """ASGI middleware: 413 (vLLM's error shape) for a body over `limit` bytes, judged by its
+    Content-Length or, without one, by the bytes received so far."""
+
+    def __init__(self, app: Any, limit: int = MAX_BODY_BYTES) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(send)
+        seen = 0
+
+        async def counted() -> Any:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge()
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except _TooLarge:
+            await self._refuse(send)
+
+    async def _refuse(self, send: Any) -> None:
+        err = APIError(f"the request body is larger than the limit of {self.limit:,} bytes",
+                       413, "RequestEntityTooLarge", "body").response()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(err.body)).encode())]})
+        await send({"type": "http.response.body", "body": err.body})
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def with_cancellation(request: Request, work: Any) -> Any:
+    """Run a handler's `work`, cancelled if the client disconnects first (vLLM's
+    `with_cancellation`): a non-streamed request whose client left stops generating."""
+    task = asyncio.ensure_future(work)
+
+    async def gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watch = asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        return Response(status_code=499)
+    return task.result()
 
 
 def create_app(args: SimServerArgs) -> FastAPI:
@@ -51,6 +118,7 @@ def create_app(args: SimServerArgs) -> FastAPI:
 
     app = FastAPI(title="labkit simulated vLLM engine", lifespan=lifespan)
     app.state.runner = runner
+    app.add_middleware(BodyLimit)
     api = OpenAIServing(runner)
 
     @app.exception_handler(APIError)
@@ -87,12 +155,16 @@ def create_app(args: SimServerArgs) -> FastAPI:
         return api.models()
 
     @app.post("/v1/completions", response_model=None)
-    async def completions(req: CompletionRequest) -> Any:
-        return await api.completions(req)
+    async def completions(req: CompletionRequest, raw: Request) -> Any:
+        if req.stream:
+            return await api.completions(req)
+        return await with_cancellation(raw, api.completions(req))
 
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat(req: ChatCompletionRequest) -> Any:
-        return await api.chat(req)
+    async def chat(req: ChatCompletionRequest, raw: Request) -> Any:
+        if req.stream:
+            return await api.chat(req)
+        return await with_cancellation(raw, api.chat(req))
 
     @app.post("/labkit/kv/read")
     async def kv_read(req: KVReadRequest) -> dict[str, Any]:

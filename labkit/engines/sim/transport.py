@@ -57,6 +57,25 @@ def check_storage_path(path: str | Path, root: str | Path | None = None) -> Path
     return resolved
 
 
+_LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def kv_peer(host: Any, port: Any) -> tuple[str, int]:
+    """The (host, port) a decode engine may reach for KV: a bare loopback host (the lab's
+    engines bind 127.0.0.1 only) and a port number, nothing else: a client's
+    kv_transfer_params naming `127.0.0.1:PORT/anything?x=` must not make the engine call it.
+
+    Raises:
+        ValueError: anything else, with what was expected.
+    """
+    ok_port = isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536
+    if not (isinstance(host, str) and host in _LOOPBACK and ok_port):
+        raise ValueError(f"kv_transfer_params must name a prefill engine of this lab by "
+                         f"remote_host (one of {sorted(_LOOPBACK)}) and remote_port (1-65535); "
+                         f"got host {str(host)[:64]!r}, port {str(port)[:16]!r}")
+    return host, port
+
+
 class KVLoadError(RuntimeError):
     """A decode request's KV cannot be read: its prefill engine is gone, silent or another."""
 
@@ -135,7 +154,10 @@ class NetworkTransport(KVTransport):
         engine, host, port = (params.get("remote_engine_id"), params.get("remote_host"),
                               params.get("remote_port"))
         if engine and host and port:
-            self._remotes[str(engine)] = (str(host), int(port))
+            try:
+                self._remotes[str(engine)] = kv_peer(host, port)
+            except ValueError as exc:
+                logger.warning("%s", exc)
         rid = params.get("remote_request_id")
         blocks = params.get("remote_block_ids") or []
         if rid is not None:
@@ -154,6 +176,7 @@ class NetworkTransport(KVTransport):
         Raises:
             KVLoadError: no answer within `timeout` s, or the engine there has another id
                 (it restarted: the blocks are gone).
+            ValueError: the address is not a loopback host and a port (`kv_peer`).
         """
         if not params or not params.get("do_remote_prefill"):
             return
@@ -161,6 +184,7 @@ class NetworkTransport(KVTransport):
                               params.get("remote_port"))
         if not (engine and host and port):
             return
+        host, port = kv_peer(host, port)
         where = f"prefill engine {engine} at {host}:{port}"
         rid = params.get("remote_request_id")
         try:
