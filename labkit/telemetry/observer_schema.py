@@ -130,9 +130,38 @@ class KVTransfer(msgspec.Struct, tag=True):
     connector: str
 
 
+class HostTierSnapshot(msgspec.Struct, tag=True):
+    """The CPU tier of vLLM's KV offload (--kv-offloading-size), one byte per CPU block
+    (labkit.vocab HOST_* values: free, stored, storing, loading); <= 4 Hz, like PoolSnapshot.
+    `num_stored`: readable blocks (a prefix hit can load them back)."""
+
+    ts: float
+    num_blocks: int
+    num_free: int
+    num_stored: int
+    block_state: bytes
+
+
+class OffloadTransfer(msgspec.Struct, tag=True):
+    """One finished GPU<->CPU copy job of the offload connector; `transfer_type` is vLLM's
+    label: "GPU_to_CPU" (a store) | "CPU_to_GPU" (a load after a CPU-tier hit). `step` is
+    the scheduler step it was built in (-1: unknown)."""
+
+    ts: float
+    req_id: str
+    transfer_type: str
+    num_blocks: int
+    num_bytes: int
+    start: float
+    end: float
+    gpu_block_ids: list[int] = []
+    cpu_block_ids: list[int] = []
+    step: int = -1
+
+
 ObsEvent = (
     StepScheduled | RequestAllocated | RequestFinished | PoolSnapshot | LayerTiming | KVTransfer
-    | RequestAdded | EngineSettings
+    | RequestAdded | EngineSettings | HostTierSnapshot | OffloadTransfer
 )
 
 
