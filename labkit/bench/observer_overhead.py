@@ -7,8 +7,15 @@ Lab wires it. The workload (fixed prompt/output lengths, closed loop at a fixed 
 runs against each in turn, alternating for `rounds` rounds after a warm-up, and the table
 gives throughput and latency of each with the observed/plain ratio.
 
+Each round gives one observed/plain ratio per figure (both variants ran the same prompts,
+back to back, in alternating order); the 95 % interval of the ratio is a t-interval over the
+rounds' log-ratios (`ratio_ci`). With `--ci-width W` the rounds go on past `--rounds` until
+the interval of the throughput ratio and of the ITL ratio are both narrower than W (or
+`--max-rounds` / `--budget-s` is reached; the table says which).
+
     python -m labkit.bench.observer_overhead --gpu 0 --requests 64 --prompt 512 \\
         --output 64 --concurrency 16 --rounds 3 --json overhead.json
+    python -m labkit.bench.observer_overhead --rounds 8 --ci-width 0.02 --budget-s 200
 
 Needs real vLLM and an NVIDIA GPU (it measures the real engine; there is nothing to simulate).
 """
@@ -16,7 +23,9 @@ Needs real vLLM and an NVIDIA GPU (it measures the real engine; there is nothing
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -25,6 +34,58 @@ from pathlib import Path
 from typing import Any
 
 VARIANTS = ("plain", "observed")
+CI_FIGURES = ("total_tok_s", "itl_p50_ms")  # what --ci-width waits on: throughput and ITL
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+         9: 2.262, 10: 2.228}
+
+
+def t_quantile(df: int, level: float = 0.95) -> float:
+    """Two-sided Student-t quantile (t such that P(|T| <= t) = level) for `df` degrees of
+    freedom: exact table for level 0.95 and df <= 10, else the Cornish-Fisher expansion
+    (error < 1e-3 for df >= 5)."""
+    if df < 1:
+        return math.inf
+    if abs(level - 0.95) < 1e-12 and df in _T975:
+        return _T975[df]
+    z = statistics.NormalDist().inv_cdf(0.5 + level / 2)
+    g1 = (z ** 3 + z) / 4
+    g2 = (5 * z ** 5 + 16 * z ** 3 + 3 * z) / 96
+    g3 = (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / 384
+    return z + g1 / df + g2 / df ** 2 + g3 / df ** 3
+
+
+def round_ratios(runs: dict[str, list[dict[str, float]]], key: str) -> list[float]:
+    """observed/plain of figure `key`, one per round (rounds where both are > 0)."""
+    pairs = zip(runs.get("plain", []), runs.get("observed", []), strict=False)
+    return [o[key] / p[key] for p, o in pairs
+            if p.get(key, 0) > 0 and o.get(key, 0) > 0
+            and math.isfinite(p[key]) and math.isfinite(o[key])]
+
+
+def ratio_ci(runs: dict[str, list[dict[str, float]]], key: str,
+             level: float = 0.95) -> dict[str, float]:
+    """The observed/plain ratio of `key` with its `level` confidence interval: a t-interval
+    over the rounds' log-ratios, back-transformed (geometric mean; the interval is not
+    symmetric around it). `width` = hi - lo in ratio units (0.02 = 2 %)."""
+    r = round_ratios(runs, key)
+    n = len(r)
+    if n == 0:
+        return {"n": 0, "ratio": float("nan"), "lo": float("nan"), "hi": float("nan"),
+                "width": float("inf")}
+    logs = [math.log(x) for x in r]
+    m = statistics.fmean(logs)
+    if n == 1:
+        return {"n": 1, "ratio": math.exp(m), "lo": float("nan"), "hi": float("nan"),
+                "width": float("inf")}
+    half = t_quantile(n - 1, level) * statistics.stdev(logs) / math.sqrt(n)
+    lo, hi = math.exp(m - half), math.exp(m + half)
+    return {"n": n, "ratio": math.exp(m), "lo": lo, "hi": hi, "width": hi - lo}
+
+
+def ci_reached(runs: dict[str, list[dict[str, float]]], width: float,
+               keys: tuple[str, ...] = CI_FIGURES) -> bool:
+    """True when every figure in `keys` has a 95 % interval narrower than `width`."""
+    return all(ratio_ci(runs, k)["width"] < width for k in keys)
 
 
 def _engine(name: str, plan: Any, model_dir: str, run_dir: Path, gpu: int,
@@ -59,8 +120,18 @@ def _figures(records: list[Any], duration: float) -> dict[str, float]:
 
 def run(gpu: int = 0, model: str = "lab-1b", requests: int = 64, prompt: int = 512,
         output: int = 64, concurrency: int = 16, rounds: int = 3, util: float = 0.4,
-        run_dir: Path | None = None) -> dict[str, Any]:
-    """Start both engines, run the workload `rounds` times on each (alternating), stop them."""
+        run_dir: Path | None = None, ci_width: float | None = None, max_rounds: int = 200,
+        budget_s: float | None = None, num_gpu_blocks: int | None = None,
+        go_file: Path | None = None) -> dict[str, Any]:
+    """Start both engines, run the workload `rounds` times on each (alternating), stop them.
+
+    With `ci_width`, go on after `rounds` until `ci_reached(runs, ci_width)`, `max_rounds`
+    rounds, or `budget_s` seconds of rounds (a round is started only if the last one's time
+    still fits). With `num_gpu_blocks` both engines get exactly that many KV blocks
+    (`--num-gpu-blocks-override` and `--kv-cache-memory-bytes`: no memory profiling) and start
+    together. With `go_file` the engines start now and the warm-up and rounds wait until
+    that file exists (a batch starts them beside other work, then measures alone); a number
+    in that file replaces `budget_s`."""
     from labkit.bench.loadgen import run_load
     from labkit.bench.workloads import fixed
     from labkit.lab import build_config
@@ -70,7 +141,15 @@ def run(gpu: int = 0, model: str = "lab-1b", requests: int = 64, prompt: int = 5
     from labkit.plan.ports import free_port
     from labkit.telemetry.subscriber import ObserverSubscriber
 
-    plan = validate(build_config(model, colocated=True, num_gpus=1, gpu_memory_utilization=util))
+    cfg = build_config(model, colocated=True, num_gpus=1, gpu_memory_utilization=util,
+                       num_gpu_blocks=num_gpu_blocks)
+    plan = validate(cfg)
+    if num_gpu_blocks and plan.kind == "vllm":  # exact KV bytes: no profiling, start together
+        extra = ["--kv-cache-memory-bytes", str(plan.engines[0].page_bytes * num_gpu_blocks)]
+        cfg = dataclasses.replace(
+            cfg, prefill=dataclasses.replace(cfg.prefill, extra_args=extra),
+            decode=dataclasses.replace(cfg.decode, extra_args=extra))
+        plan = validate(cfg)
     if plan.kind != "vllm":
         raise SystemExit("observer_overhead measures real vLLM: no GPU or no vLLM here")
     run_dir = run_dir or Path(tempfile.mkdtemp(prefix="labkit-overhead-"))
@@ -84,21 +163,58 @@ def run(gpu: int = 0, model: str = "lab-1b", requests: int = 64, prompt: int = 5
     out: dict[str, Any] = {"gpu": gpu, "cuda_visible_devices": cuda_visible_devices([gpu]),
                            "model": plan.model.name, "requests": requests,
                            "prompt": prompt, "output": output, "concurrency": concurrency,
-                           "rounds": rounds, "runs": {v: [] for v in VARIANTS}}
+                           "rounds": rounds, "ci_width_target": ci_width,
+                           "runs": {v: [] for v in VARIANTS}}
     try:
-        for eng in engines.values():  # one after the other: they share the GPU
-            eng.start()
+        if num_gpu_blocks:  # fixed pools: start together
+            for eng in engines.values():
+                eng.start()
+        for eng in engines.values():  # else one after the other: they share the GPU
+            if not num_gpu_blocks:
+                eng.start()
             out[f"{eng.name}_start_s"] = round(eng.wait_ready(600), 1)
+        if go_file is not None:
+            print(f"engines ready; waiting for {go_file}", file=sys.stderr, flush=True)
+            t_wait = time.perf_counter()
+            while not Path(go_file).exists():
+                if time.perf_counter() - t_wait > 1800:
+                    raise SystemExit(f"{go_file} did not appear in 30 minutes")
+                time.sleep(0.2)
+            out["waited_s"] = round(time.perf_counter() - t_wait, 1)
+            try:  # a number in the file is the rounds' budget in seconds (the batch's time left)
+                budget_s = float(Path(go_file).read_text().strip())
+            except ValueError:
+                pass
+            out["budget_s"] = budget_s
         warm = fixed(concurrency, prompt, output, seed=99)
         for eng in engines.values():
             run_load(eng.base_url, warm, model=plan.model.name, max_concurrency=concurrency)
-        for i in range(rounds):  # fresh prompts each round: no prefix-cache hits across rounds
+        t_rounds, last, i, out["stopped_by"] = time.perf_counter(), 0.0, 0, "rounds"
+        last_round = max(rounds, max_rounds) if ci_width else rounds
+        while i < last_round:  # fresh prompts each round: no prefix-cache hits across rounds
+            if ci_width and i >= rounds and ci_reached(out["runs"], ci_width):
+                out["stopped_by"] = "ci_width"
+                break
+            spent = time.perf_counter() - t_rounds
+            if budget_s is not None and i >= 2 and spent + last > budget_s:
+                out["stopped_by"] = "budget_s"
+                break
+            t_round = time.perf_counter()
             w = fixed(requests, prompt, output, seed=i, name=f"fixed-{prompt}x{output}")
             for name in (VARIANTS if i % 2 == 0 else VARIANTS[::-1]):
                 t0 = time.perf_counter()
                 res = run_load(engines[name].base_url, w, model=plan.model.name,
                                vocab_size=plan.model.vocab_size, max_concurrency=concurrency)
                 out["runs"][name].append(_figures(res.records, time.perf_counter() - t0))
+            last, i = time.perf_counter() - t_round, i + 1
+            pl, ob = out["runs"]["plain"][-1], out["runs"]["observed"][-1]
+            print(f"round {i}: total tok/s plain {pl['total_tok_s']:.0f} observed "
+                  f"{ob['total_tok_s']:.0f}; ITL p50 {pl['itl_p50_ms']:.2f} / "
+                  f"{ob['itl_p50_ms']:.2f} ms; {last:.1f} s", file=sys.stderr, flush=True)
+        else:
+            out["stopped_by"] = "max_rounds" if ci_width else "rounds"
+        out["rounds"] = i
+        out["rounds_s"] = round(time.perf_counter() - t_rounds, 1)
         out["observer_batches"] = batches[0]
     finally:
         for eng in engines.values():
@@ -108,13 +224,16 @@ def run(gpu: int = 0, model: str = "lab-1b", requests: int = 64, prompt: int = 5
     return out
 
 
-def summarize_runs(runs: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, float]]:
-    """Median of each figure over the rounds, per variant, and observed/plain ratios."""
-    med = {v: {k: statistics.median(r[k] for r in rs) for k in rs[0]}
-           for v, rs in runs.items() if rs}
+def summarize_runs(runs: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, Any]]:
+    """Median of each figure over the rounds, per variant, observed/plain ratios of the
+    medians, and ("ci") each figure's per-round ratio with its 95 % interval (`ratio_ci`)."""
+    med: dict[str, dict[str, Any]] = {v: {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+                                      for v, rs in runs.items() if rs}
     if "plain" in med and "observed" in med:
+        keys = [k for k in med["plain"] if k not in ("ok", "errors")]
         med["ratio"] = {k: (med["observed"][k] / med["plain"][k] if med["plain"][k] else
-                            float("nan")) for k in med["plain"] if k not in ("ok", "errors")}
+                            float("nan")) for k in keys}
+        med["ci"] = {k: ratio_ci(runs, k) for k in keys}
     return med
 
 
@@ -130,7 +249,18 @@ def format_table(result: dict[str, Any]) -> str:
         if row in s:
             fmt = "{:>13.3f}" if row == "ratio" else "{:>13.1f}"
             lines.append(f"{row:>9}" + "".join(fmt.format(s[row][c]) for c in cols))
+    ci = s.get("ci")
+    if ci:  # per-round ratios: geometric mean, 95 % t-interval, its width
+        for label, field in (("r (gmean)", "ratio"), ("95% lo", "lo"), ("95% hi", "hi"),
+                             ("95% width", "width")):
+            lines.append(f"{label:>9}" + "".join(
+                f"{ci[c][field]:>13.4f}" if c in ci else f"{'':>13}" for c in cols))
     lines.append(f"observer batches received: {result.get('observer_batches', 0)}")
+    if result.get("ci_width_target"):
+        ok = ci_reached(result["runs"], result["ci_width_target"])
+        lines.append(f"95 % interval narrower than {result['ci_width_target']:.3f} for "
+                     f"{', '.join(CI_FIGURES)}: {'yes' if ok else 'NO'} after "
+                     f"{result['rounds']} rounds (stopped by {result.get('stopped_by')})")
     return "\n".join(lines)
 
 
@@ -146,11 +276,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--util", type=float, default=0.4, help="gpu_memory_utilization of each")
+    p.add_argument("--ci-width", type=float, default=None,
+                   help="go on after --rounds until the 95 %% interval of the throughput and "
+                        "ITL ratios is narrower than this (0.02 = 2 %%)")
+    p.add_argument("--max-rounds", type=int, default=200)
+    p.add_argument("--num-gpu-blocks", type=int, default=None,
+                   help="KV blocks of each engine (fixed); the engines then start together")
+    p.add_argument("--go-file", type=Path, default=None,
+                   help="start the engines, then wait for this file before measuring; a "
+                        "number in it replaces --budget-s")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="stop starting rounds after this many seconds of rounds")
     p.add_argument("--run-dir", type=Path)
     p.add_argument("--json", type=Path, help="write the result here")
     a = p.parse_args(argv)
     result = run(a.gpu, a.model, a.requests, a.prompt, a.output, a.concurrency, a.rounds,
-                 a.util, a.run_dir)
+                 a.util, a.run_dir, a.ci_width, a.max_rounds, a.budget_s, a.num_gpu_blocks,
+                 a.go_file)
     print(format_table(result), flush=True)
     if a.json:
         a.json.write_text(json.dumps(result, indent=1))

@@ -1,0 +1,54 @@
+"""labkit.bench.observer_overhead's statistics: per-round ratios and their 95 % interval
+(the GPU run itself is in docs/gpu-runs.md; nothing here needs vLLM)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from labkit.bench import observer_overhead as oo
+
+
+def _runs(plain: list[float], observed: list[float]) -> dict[str, list[dict[str, float]]]:
+    def row(t: float) -> dict[str, float]:
+        return {"ok": 64, "errors": 0, "req_s": t / 576, "out_tok_s": t / 9, "total_tok_s": t,
+                "ttft_p50_ms": 700.0, "itl_p50_ms": 6.2}
+    return {"plain": [row(t) for t in plain], "observed": [row(t) for t in observed]}
+
+
+def test_t_quantile_matches_tables():
+    assert oo.t_quantile(1) == pytest.approx(12.706)
+    assert oo.t_quantile(4) == pytest.approx(2.776)
+    assert oo.t_quantile(20) == pytest.approx(2.086, abs=2e-3)
+    assert oo.t_quantile(60) == pytest.approx(2.000, abs=2e-3)
+    assert oo.t_quantile(10_000) == pytest.approx(1.960, abs=1e-3)
+    assert math.isinf(oo.t_quantile(0))
+
+
+def test_ratio_ci_is_a_t_interval_over_log_ratios():
+    runs = _runs([100, 110, 90, 105], [99, 109, 89.2, 104])
+    ci = oo.ratio_ci(runs, "total_tok_s")
+    logs = [math.log(o / p) for p, o in zip([100, 110, 90, 105], [99, 109, 89.2, 104],
+                                            strict=True)]
+    m = sum(logs) / 4
+    sd = math.sqrt(sum((x - m) ** 2 for x in logs) / 3)
+    assert ci["n"] == 4 and ci["ratio"] == pytest.approx(math.exp(m))
+    assert ci["lo"] == pytest.approx(math.exp(m - 3.182 * sd / 2))
+    assert ci["hi"] == pytest.approx(math.exp(m + 3.182 * sd / 2))
+    assert ci["width"] == pytest.approx(ci["hi"] - ci["lo"])
+    # the rounds' spread in absolute throughput (90..110) does not widen it: ratios are paired
+    assert ci["width"] < 0.02
+    assert oo.ci_reached(runs, 0.02)  # ITL identical in every round: width 0
+    assert not oo.ci_reached(_runs([100, 100], [90, 110]), 0.02)
+    assert oo.ratio_ci(_runs([100], [99]), "total_tok_s")["width"] == math.inf
+
+
+def test_table_prints_the_interval():
+    runs = _runs([100, 110, 90, 105], [99, 109, 89.2, 104])
+    result = {"model": "lab-1b", "requests": 64, "prompt": 512, "output": 64, "concurrency": 16,
+              "rounds": 4, "gpu": 0, "runs": runs, "ci_width_target": 0.02,
+              "stopped_by": "ci_width", "summary": oo.summarize_runs(runs)}
+    text = oo.format_table(result)
+    assert "95% lo" in text and "95% width" in text
+    assert "narrower than 0.020" in text and ": yes after 4 rounds" in text
