@@ -101,3 +101,48 @@ def test_simulated_lab_one_row_per_request(tmp_path):
                 break
             time.sleep(0.1)
     assert check_one_truth(deltas) == 3
+
+
+def test_block_map_at_255k_blocks_shows_cached_and_in_use_and_zooms_to_blocks():
+    """The TP=2 REAL recording (253,995 blocks per engine): super-cells keep cached and in-use
+    regions visible, and zooming shows single blocks in their request's colour."""
+    import numpy as np
+
+    from labkit.telemetry.source import SourceInfo
+    from labkit.viz.blocks import MAX_CELLS, Z_REQ0, BlockMapView
+    from labkit.viz.state import BlockMapState
+
+    rp = Replay(RECORDINGS / "real-h200x4-nixl-tp2.lkrec", speed=None)
+    info = SourceInfo.from_dict(rp.describe())
+    blocks = BlockMapState({e.name: (e.role, e.kind, e.num_blocks, e.block_size) for e in info.engines})
+    transfers = TransferState()
+    view = BlockMapView(blocks, ids=transfers.ids)
+    assert max(e.num_blocks for e in info.engines) > 250_000
+    seen = None
+    for d in rp:
+        for b in d.observer:
+            blocks.apply(b)
+            transfers.apply(b)
+        for ev in d.timeline:
+            transfers.apply_timeline(ev)
+        counts = blocks.engines["decode"].counts()
+        if counts[1] > 0 and counts[2] > 0:  # cached and in-use blocks at once
+            seen = blocks.engines["decode"].state.copy()
+            break
+    assert seen is not None
+    assert list(blocks.engines) == ["prefill", "decode"]  # worker ranks get no map of their own
+    view.update()
+    z = np.asarray(view.figure.data[1].z)
+    assert len(z) <= MAX_CELLS
+    assert ((z >= 1) & (z <= 4)).any(), "cached super-cells are visible"
+    assert ((z >= 5) & (z <= 12)).any(), "in-use super-cells are visible"
+    used = int(np.flatnonzero(seen == 2)[0])
+    view.zoom("decode", used - 10)
+    fine = np.asarray(view.figure.data[1].z)
+    text = view.figure.data[1].text
+    assert len(fine) == MAX_CELLS and text[10].startswith(f"block {used}<br>request #")
+    assert fine[10] >= Z_REQ0  # one block, in its request's colour
+    owner = blocks.engines["decode"].req_names[blocks.engines["decode"].owner[used]]
+    from labkit.viz.style import REQUEST_COLORS
+    assert REQUEST_COLORS[int(fine[10]) - Z_REQ0] == transfers.ids.color(owner)
+    assert transfers.ids.resolve(owner) in transfers.requests  # the Gantt's row of that request

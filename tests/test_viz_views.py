@@ -48,8 +48,10 @@ def test_block_map_follows_allocation_sharing_and_free():
     assert z1[1] == z1[2] == 2, "shared-prefix blocks have their own colour"
     assert z1[3] >= Z_REQ0 and z1[4] >= Z_REQ0, "in-use blocks take their request's colour"
     text = view.figure.data[0].text
-    assert "a (shared prefix)" in text[1] and "16 tokens" in text[1] and text[4].startswith("block 4<br>b")
-    assert "4 in use (2 shared)" in view.figure.layout.annotations[0].text
+    assert "shared by a, b" in text[1] and "16 tokens" in text[1] and text[4].startswith("block 4<br>request b")
+    assert "in use 4 (shared 2)" in view.figure.layout.annotations[0].text
+    legend = [tr.name for tr in view.figure.data if tr.showlegend is not False and tr.name]
+    assert {"free", "cached (evictable)", "shared prefix"} <= set(legend)
     st.apply(ob([RequestFinished(3.0, "a", [1, 2, 3], False)]))
     st.apply(ob([step(3, 64, {}, {}, {}, finished=["b"])]))
     assert view.update()
@@ -70,7 +72,9 @@ def test_block_map_100k_blocks_is_bounded_super_cells():
     st.apply(ob([PoolSnapshot(0.0, n, n // 2, state.tobytes())], engine="d", role="decode", kind="vllm"))
     grid = block_grid(st.engines["d"])
     assert grid.num_cells <= MAX_CELLS and grid.blocks_per_cell == 25
-    assert grid.z[0] == pytest.approx(1.0) and grid.z[-1] == pytest.approx(0.0)
+    assert grid.z[0] == 1 + 4 * 1 + 3 and grid.z[-1] == 0  # all in use: full shade; free
+    cached = grid.z[(n // 2) // 25 + 1]  # a super-cell of 25 cached blocks
+    assert cached == 1 + 4 * 0 + 3
     assert grid.counts.tolist() == [n // 2 - 1000, 1000, n // 2 - 1, 0]
     view = BlockMapView(st)
     view.update()
@@ -80,7 +84,13 @@ def test_block_map_100k_blocks_is_bounded_super_cells():
     st.apply(ob([PoolSnapshot(1.0, n, 0, churn.tobytes())], engine="d", role="decode", kind="vllm"))
     view.update()
     z = np.asarray(view.figure.data[0].z)
-    assert 0.3 < z.mean() < 0.7  # about half of random states are 2 or 3
+    assert set(np.unique(z).tolist()) <= set(range(13)) and (z > 0).all()  # every cell has a mix
+    view.zoom("d", 5000)
+    fine = np.asarray(view.figure.data[0].z)
+    assert len(fine) == MAX_CELLS and view.figure.data[0].text[0].startswith("block 5000<br>")
+    assert "zoom: blocks 5,000" in view.figure.layout.annotations[0].text
+    view.zoom("d", None)
+    assert len(view.figure.data[0].z) == grid.num_cells
 
 
 def test_streaming_view_bars_appear():
@@ -147,13 +157,24 @@ def test_schedule_view_chunks_fit_the_budget():
                  step(3, budget, {"x": 1, "y": 1, "long": 280}, {}, {"x": 92, "y": 42, "long": 1020})]))
     view.update()
     pre, dec, bud = view.figure.data
-    assert list(pre.x) == [1, 2, 3] and list(pre.y) == [510, 510, 280]
+    assert list(pre.x) == [0.0, 1.0, 2.0] and list(pre.y) == [510, 510, 280]  # s since the first step
+    assert pre.text[0].startswith("step 1<br>request long: prefill chunk 510")
     assert list(dec.y) == [2, 2, 2] and list(dec.base) == [510, 510, 280], "decodes sit on the chunk"
     assert list(bud.y) == [budget] * 3
-    for s in (1, 2, 3):
+    for s in (0.0, 1.0, 2.0):
         total = sum(y for x, y in zip(pre.x, pre.y, strict=True) if x == s) + sum(y for x, y in zip(dec.x, dec.y, strict=True) if x == s)
         assert total <= budget
     assert "SIMULATED" in view.figure.layout.title.text
+
+
+def test_schedule_view_engines_share_one_time_axis():
+    st = ScheduleState()
+    view = ScheduleView(st, [("p", "prefill", "vllm"), ("d", "decode", "vllm")])
+    st.apply(ob([StepScheduled(900, 100.0, 512, {"a": 512}, {}, {"a": 0}, [], [])], engine="p", role="prefill"))
+    st.apply(ob([StepScheduled(5, 100.5, 512, {"b": 1}, {}, {"b": 9}, [], [])], engine="d", role="decode"))
+    view.update()
+    assert list(view.figure.data[0].x) == [0.0] and list(view.figure.data[4].x) == [0.5]
+    assert view.figure.layout.xaxis.matches == "x2" or view.figure.layout.xaxis2.matches == "x"
 
 
 def test_schedule_view_decode_engine_budget_off_scale():

@@ -1,15 +1,19 @@
 """KV-cache block allocation map: each engine's physical blocks as a grid heatmap.
 
 Up to MAX_CELLS blocks, one cell is one block, coloured by state and, when in use, by the
-request that holds it (same colour as in the other views). Above that, cells become
-super-cells of `k` consecutive blocks coloured by the fraction in use, so a 100k-block cache
-costs one bincount and a 4k-cell heatmap per redraw.
+request that holds it (same colour and number as in the Gantt and the schedule). Above that,
+cells become super-cells of `k` consecutive blocks, so a 255k-block cache costs one bincount
+and a 4k-cell heatmap per redraw. A super-cell shows its mix: the hue of the most common
+non-free state in it (cached, in use, shared), in four shades by the share of its blocks in
+that state, so a few cached blocks among free ones still show; hover gives the whole mix.
+Click a super-cell (or `zoom(engine, first_block)`) to see its neighbourhood block by block.
 
-    block id = (row * cols + col) * k          (row 0 at the top)
+    block id = first + (row * cols + col) * k          (row 0 at the top; first = zoom start)
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,12 +22,8 @@ from plotly.subplots import make_subplots
 
 from labkit.viz.base import View
 from labkit.viz.blockstate import BlockMapState, EngineBlocks
-from labkit.viz.style import (
-    REQUEST_COLORS,
-    STATE_COLORS,
-    kind_label,
-    request_color_index,
-)
+from labkit.viz.requests import RequestIds
+from labkit.viz.style import REQUEST_COLORS, STATE_COLORS, kind_label
 from labkit.vocab import BLOCK_STATE_NAMES
 
 MAX_CELLS = 4096
@@ -32,7 +32,19 @@ MAX_CELLS = 4096
 Z_FREE, Z_CACHED, Z_SHARED, Z_USED = 0, 1, 2, 3
 Z_REQ0 = 4
 _FINE_COLORS = [STATE_COLORS[0], STATE_COLORS[1], STATE_COLORS[3], STATE_COLORS[2], *REQUEST_COLORS]
-_COARSE_SCALE = [[0.0, STATE_COLORS[0]], [0.5, "#8ce99a"], [1.0, "#1b5e20"]]
+# Super-cell codes: 0 free; 1 + 4 * (state - 1) + shade for state 1..3 (cached, in use,
+# shared) and shade 0..3 (share of the cell's blocks in that state: <25 %, <50 %, <75 %, more).
+_SHADES = (0.35, 0.55, 0.78, 1.0)
+_HUES = (STATE_COLORS[1], STATE_COLORS[2], STATE_COLORS[3])
+
+
+def _mix(hex_color: str, weight: float, base: str = STATE_COLORS[0]) -> str:
+    a = [int(base[i : i + 2], 16) for i in (1, 3, 5)]
+    b = [int(hex_color[i : i + 2], 16) for i in (1, 3, 5)]
+    return "#" + "".join(f"{round(x + (y - x) * weight):02x}" for x, y in zip(a, b, strict=True))
+
+
+_COARSE_COLORS = [STATE_COLORS[0]] + [_mix(h, w) for h in _HUES for w in _SHADES]
 _HOVER = "%{text}<extra></extra>"
 
 
@@ -73,99 +85,165 @@ def grid_shape(num_cells: int) -> tuple[int, int]:
     return max(1, math.ceil(num_cells / cols)), cols
 
 
-def block_grid(eng: EngineBlocks, max_cells: int = MAX_CELLS) -> BlockGrid:
-    """Lay out one engine's pool as a grid (fine <= max_cells blocks, else super-cells)."""
-    n = max(eng.num_blocks, 1)
-    state = eng.state if eng.num_blocks else np.zeros(1, np.uint8)
-    counts = np.bincount(state[1:], minlength=4)[:4]
+def block_grid(eng: EngineBlocks, max_cells: int = MAX_CELLS, ids: RequestIds | None = None,
+               first: int = 0) -> BlockGrid:  # fmt: skip
+    """Lay out one engine's pool as a grid (fine <= max_cells blocks, else super-cells).
+
+    `first`: a zoomed view starts at this block and shows max_cells blocks one per cell."""
+    ids = ids if ids is not None else RequestIds()
+    n_all = max(eng.num_blocks, 1)
+    state_all = eng.state if eng.num_blocks else np.zeros(1, np.uint8)
+    counts = np.bincount(state_all[1:], minlength=4)[:4]
+    first = max(0, min(first, n_all - 1))
+    stop = min(n_all, first + max_cells) if first else n_all
+    state = state_all[first:stop]
+    n = len(state)
     k = max(1, math.ceil(n / max_cells))
     cells = math.ceil(n / k)
     rows, cols = grid_shape(cells)
-    ids = np.arange(cells, dtype=np.int32)
-    x, y = ids % cols, ids // cols
+    cell_ids = np.arange(cells, dtype=np.int32)
+    x, y = cell_ids % cols, cell_ids // cols
     if k == 1:
         z = np.choose(state, [Z_FREE, Z_CACHED, Z_USED, Z_SHARED]).astype(np.float32)
-        owner = eng.owner if eng.num_blocks else np.full(1, -1, np.int32)
+        owner = eng.owner[first:stop] if eng.num_blocks else np.full(1, -1, np.int32)
         colored = (owner >= 0) & (state == 2)
         if colored.any():
-            z[colored] = Z_REQ0 + _color_codes(eng)[owner[colored]]
-        names = [*eng.req_names, ""]
-        tokens = eng.tokens_per_block() if eng.num_blocks else np.zeros(1, np.int64)
-        text = [
-            f"block {b}<br>{BLOCK_STATE_NAMES[s] if o < 0 else names[o]}"
-            f"{' (shared prefix)' if s == 3 else ''}<br>{t} tokens"
-            for b, s, o, t in zip(range(n), state.tolist(), owner.tolist(), tokens.tolist(), strict=True)
-        ]
+            codes = np.unique(owner[colored])
+            lut = np.zeros(int(codes.max()) + 1, np.int64)
+            lut[codes] = [REQUEST_COLORS.index(ids.color(eng.req_names[c])) for c in codes]
+            z[colored] = Z_REQ0 + lut[owner[colored]]
+        names = [ids.label(r) for r in eng.req_names] + [""]
+        tokens = (eng.tokens_per_block() if eng.num_blocks else np.zeros(1, np.int64))[first:stop]
+        text = []
+        for b, st_, o, t in zip(range(first, stop), state.tolist(), owner.tolist(), tokens.tolist(),
+                                strict=True):  # fmt: skip
+            if st_ == 3 and b in eng.holders:
+                who = "shared by " + ", ".join(ids.label(h) for h in eng.holders[b])
+            elif o >= 0:
+                who = f"request {names[o]}" + (" (shared prefix)" if st_ == 3 else "")
+            else:
+                who = BLOCK_STATE_NAMES[st_]
+            text.append(f"block {b}<br>{who}<br>{t} tokens")
         return BlockGrid(z, x, y, text, 1, rows, cols, counts)
     cell = np.arange(n) // k
     per = np.bincount(cell * 4 + state, minlength=cells * 4).reshape(cells, 4)
-    frac = per / per.sum(axis=1, keepdims=True)
-    used = (frac[:, 2] + frac[:, 3]).astype(np.float32)
-    first = np.arange(cells) * k
-    last = np.minimum(first + k, n) - 1
-    pct = np.rint(100 * frac).astype(np.int32).tolist()
+    size = per.sum(axis=1)
+    frac = per / np.maximum(size, 1)[:, None]
+    busy = per[:, 1:]  # cached, in use, shared
+    top = np.argmax(busy[:, ::-1], axis=1)  # ties go to the rarer state: shared, in use, cached
+    top = 2 - top
+    share = frac[np.arange(cells), top + 1]
+    shade = np.minimum((share * 4).astype(np.int32), 3)
+    z = np.where(busy.sum(axis=1) > 0, 1 + 4 * top + shade, 0).astype(np.float32)
+    starts = first + np.arange(cells) * k
+    last = np.minimum(starts + k, first + n) - 1
     text = [
-        f"blocks {a}–{b}<br>in use {p[2] + p[3]}% (shared {p[3]}%)<br>cached {p[1]}%<br>free {p[0]}%"
-        for a, b, p in zip(first.tolist(), last.tolist(), pct, strict=True)
+        f"blocks {a}–{b} (click: block by block)<br>in use {p[2]} · shared {p[3]}"
+        f"<br>cached {p[1]} · free {p[0]}"
+        for a, b, p in zip(starts.tolist(), last.tolist(), per.tolist(), strict=True)
     ]
-    return BlockGrid(used, x, y, text, k, rows, cols, counts)
+    return BlockGrid(z, x, y, text, k, rows, cols, counts)
 
 
-def _color_codes(eng: EngineBlocks) -> np.ndarray:
-    """Colour index per request code, cached on the engine and extended as requests appear."""
-    cached = getattr(eng, "_viz_color_codes", np.zeros(0, np.int64))
-    if len(cached) < len(eng.req_names):
-        extra = [request_color_index(r) for r in eng.req_names[len(cached) :]]
-        cached = np.concatenate([cached, np.asarray(extra, np.int64)])
-        eng._viz_color_codes = cached  # type: ignore[attr-defined]
-    return cached
-
-
-def summary(eng: EngineBlocks, grid: BlockGrid) -> str:
-    """Subplot title: engine, role, kind and the counts."""
+def summary(eng: EngineBlocks, grid: BlockGrid, first: int = 0) -> str:
+    """Subplot title (two short lines, so a narrow cell does not cut it): engine, role, kind,
+    the counts, and what one cell stands for."""
     free, cached, used, shared = (int(c) for c in grid.counts)
-    cells = "" if grid.blocks_per_cell == 1 else f" · {grid.blocks_per_cell} blocks/cell"
+    if first:
+        cells = f" · zoom: blocks {first:,}–{first + grid.num_cells - 1:,}, one per cell"
+    else:
+        cells = "" if grid.blocks_per_cell == 1 else f" · {grid.blocks_per_cell} blocks per cell"
     return (
-        f"<b>{eng.name}</b> ({eng.role}, {kind_label(eng.kind)}): {used + shared} in use"
-        f" ({shared} shared) · {cached} cached · {free} free of {max(eng.num_blocks - 1, 0)}{cells}"
+        f"<b>{eng.name}</b> ({eng.role}, {kind_label(eng.kind)}): {max(eng.num_blocks - 1, 0):,} blocks{cells}"
+        f"<br>in use {used + shared:,} (shared {shared:,}) · cached {cached:,} · free {free:,}"
     )
 
 
 class BlockMapView(View):
-    """One heatmap per engine, stacked; hover names block ids, request and tokens."""
+    """One heatmap per engine, stacked; hover names block ids, owners and tokens; a legend of
+    the states; click a super-cell to zoom to its blocks, click again to zoom out."""
 
     title = "KV-cache block allocation"
 
-    def __init__(self, state: BlockMapState, max_cells: int = MAX_CELLS) -> None:
+    def __init__(self, state: BlockMapState, max_cells: int = MAX_CELLS,
+                 ids: RequestIds | Callable[[], RequestIds] | None = None) -> None:  # fmt: skip
         super().__init__(state, [e.kind for e in state.engines.values()])
         self.max_cells = max_cells
+        self._ids = ids if ids is not None else RequestIds()
         self.names = list(state.engines)
+        self.zoomed: dict[str, int] = {}  # engine -> first block shown, one per cell
         n = max(len(self.names), 1)
         base = make_subplots(
-            rows=n, cols=1, vertical_spacing=0.12 / n,
+            rows=n, cols=1, vertical_spacing=0.16 / n,
             subplot_titles=[summary(e, block_grid(e, 1)) for e in state.engines.values()] or [""],
         )  # fmt: skip
         self.figure = go.FigureWidget(base)
         for i, _ in enumerate(self.names):
             self.figure.add_trace(
                 go.Heatmap(z=[], x=[], y=[], showscale=False, hoverongaps=False,
-                           hovertemplate=_HOVER),
+                           hovertemplate=_HOVER, showlegend=False),
                 row=i + 1, col=1,
             )  # fmt: skip
             self.figure.update_yaxes(autorange="reversed", showticklabels=False, row=i + 1, col=1)
             self.figure.update_xaxes(showticklabels=False, row=i + 1, col=1)
-        self._label(self.figure, height=260 * n + 80)
+        # The legend of the states (and of request colours) as marker-only entries.
+        legend = [(BLOCK_STATE_NAMES[0], STATE_COLORS[0]), (BLOCK_STATE_NAMES[1], STATE_COLORS[1]),
+                  (BLOCK_STATE_NAMES[2] + " (request unknown)", STATE_COLORS[2]),
+                  (BLOCK_STATE_NAMES[3], STATE_COLORS[3]),
+                  ("in use by request #n: its colour in every view", REQUEST_COLORS[0])]  # fmt: skip
+        for name, color in legend:
+            self.figure.add_trace(go.Scatter(
+                x=[None], y=[None], mode="markers", name=name, hoverinfo="skip",
+                marker=dict(symbol="square", size=12, color=color, line=dict(color="#868e96", width=1))))
+        self._label(self.figure, height=300 * n + 110)
+        self.figure.update_layout(margin=dict(t=90), legend=dict(y=-0.04, yanchor="top"))
+        for tr in self.figure.data[: len(self.names)]:
+            tr.on_click(self._clicked)
         self._modes: dict[str, bool] = {}
         self._shapes: dict[str, tuple[int, int, int]] = {}
+        self._grids: dict[str, BlockGrid] = {}
+        self._bump = 0
+
+    @property
+    def ids(self) -> RequestIds:
+        """The request names and colours shared with the other views (a dashboard passes a
+        getter: its reducers, and so its RequestIds, are new after a replay seeks back)."""
+        return self._ids() if callable(self._ids) else self._ids
 
     def state_version(self) -> int:
-        return sum(e.version for e in self.state.engines.values())
+        return sum(e.version for e in self.state.engines.values()) + self.ids.version + self._bump
 
+    # -- zoom ------------------------------------------------------------------------------
+    def zoom(self, engine: str, first_block: int | None) -> None:
+        """Show `max_cells` blocks of `engine` one per cell from `first_block` (None: all)."""
+        if first_block is None:
+            self.zoomed.pop(engine, None)
+        else:
+            self.zoomed[engine] = max(1, int(first_block))
+        self._bump += 1
+        self.update()
+
+    def _clicked(self, trace, points, _state=None) -> None:
+        """A click on a super-cell zooms to its neighbourhood; on a zoomed map, zooms out."""
+        if not points.point_inds:
+            return
+        i = next((j for j, t in enumerate(self.figure.data) if t is trace), 0)
+        name = self.names[i]
+        grid = self._grids.get(name)
+        if name in self.zoomed or grid is None or grid.blocks_per_cell == 1:
+            self.zoom(name, None)
+            return
+        cell = int(points.ys[0]) * grid.cols + int(points.xs[0])
+        center = cell * grid.blocks_per_cell + grid.blocks_per_cell // 2
+        self.zoom(name, center - self.max_cells // 2)
+
+    # -- drawing ---------------------------------------------------------------------------
     def draw(self) -> None:
         self.set_kinds(e.kind for e in self.state.engines.values())
         for i, name in enumerate(self.names):
             eng = self.state.engines[name]
-            grid = block_grid(eng, self.max_cells)
+            first = self.zoomed.get(name, 0)
+            grid = self._grids[name] = block_grid(eng, self.max_cells, self.ids, first)
             tr = self.figure.data[i]
             fine = grid.blocks_per_cell == 1
             if self._modes.get(name) != fine:
@@ -174,10 +252,11 @@ class BlockMapView(View):
                     tr.update(colorscale=_discrete_scale(_FINE_COLORS), zmin=-0.5,
                               zmax=len(_FINE_COLORS) - 0.5, xgap=1, ygap=1)  # fmt: skip
                 else:
-                    tr.update(colorscale=_COARSE_SCALE, zmin=0.0, zmax=1.0, xgap=0, ygap=0)
+                    tr.update(colorscale=_discrete_scale(_COARSE_COLORS), zmin=-0.5,
+                              zmax=len(_COARSE_COLORS) - 0.5, xgap=0, ygap=0)  # fmt: skip
             if self._shapes.get(name) != (grid.rows, grid.cols, grid.num_cells):
                 self._shapes[name] = (grid.rows, grid.cols, grid.num_cells)
                 tr.x, tr.y = grid.x, grid.y
             tr.z = grid.z
             tr.text = np.asarray(grid.text)  # a str array: validated in C, not per item
-            self.figure.layout.annotations[i].text = summary(eng, grid)
+            self.figure.layout.annotations[i].text = summary(eng, grid, first)

@@ -196,6 +196,11 @@ class BlockMapState:
 
     def apply(self, batch) -> None:
         """Fold one ObserverBatch."""
+        if batch.engine_id not in self.engines and not any(
+            isinstance(ev, (StepScheduled, RequestAllocated, RequestFinished, PoolSnapshot))
+            for ev in batch.events
+        ):
+            return  # a TP/PP worker rank ("prefill/rank1") reports layers only: no pool of its own
         eng = self.engine(batch.engine_id, batch.role, batch.kind)
         eng.kind = batch.kind
         for ev in batch.events:

@@ -46,10 +46,12 @@ class MemoryView(View):
         self.physical = {g.index: g.physical for g in info.gpus if g.physical is not None}
         self.engines = [e.name for e in info.engines]
         self.pool_note: dict[str, str] = {}
+        self.pools: dict[str, tuple[int, int]] = {}
         for e in info.engines:  # what the engine allocated: its pool, not the memory it logs
             bb = block_bytes(e)
-            state.set_pool(e.name, e.num_blocks, bb)
             if bb and e.num_blocks:
+                self.pools[e.name] = (e.num_blocks, bb)
+                state.set_pool(e.name, e.num_blocks, bb)
                 self.pool_note[e.name] = f"{e.num_blocks:,} blocks × {fmt_bytes(bb)}"
         n = len(self.gpus)
         base = make_subplots(
@@ -110,6 +112,8 @@ class MemoryView(View):
 
     def draw(self) -> None:
         st: MemoryState = self.state
+        for name, pool in self.pools.items():  # a fresh state (a replay seeked back) learns them
+            st.pools.setdefault(name, pool)
         kinds = {s.kind for s in st.latest.values()}
         self.set_kinds(kinds or self.kinds)
         labels = [self.gpu_label(g) for g in self.gpus]  # no model name: it hits the legend
