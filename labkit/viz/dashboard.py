@@ -71,10 +71,10 @@ class Dashboard:
         self._new_states()
         kinds = [self.info.kind, *(k for _, _, k in engines)]
         self.views: dict[str, View] = {
-            "blocks": BlockMapView(self.blocks, max_cells=max_cells),
+            "blocks": BlockMapView(self.blocks, max_cells=max_cells, ids=lambda: self.transfers.ids),
             "streaming": StreamingView(self.transfers, kinds, link=self.info.link),
             "memory": MemoryView(self.memory, self.info),
-            "schedule": ScheduleView(self.schedule, engines),
+            "schedule": ScheduleView(self.schedule, engines, ids=lambda: self.transfers.ids),
             "latency": LatencyView(self.latency, engines, self.info.kind),
         }
         if self.info.kind == "replay":
