@@ -10,6 +10,7 @@ engine group still alive after that is killed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -28,10 +29,41 @@ from labkit.vocab import run_root
 STATE = "state.json"
 
 
+def _identity(pid: int) -> dict[str, Any] | None:
+    """A process's start time and command line (psutil), or None when it is gone."""
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        return {"create_time": proc.create_time(), "cmdline": proc.cmdline()}
+    except (psutil.Error, OSError):
+        return None
+
+
+def _is_supervisor(st: dict[str, Any]) -> bool:
+    """Whether the pid in a state file is still the process that wrote it (`labkit up`'s
+    supervisor, or a notebook's kernel): the same start time. A SIGKILLed supervisor leaves a
+    state file whose pid the system may give to any other process."""
+    try:
+        pid = int(st["supervisor_pid"])
+    except (KeyError, TypeError, ValueError):
+        return False
+    found = _identity(pid)
+    if found is None:
+        return False
+    started = st.get("supervisor_started")
+    if isinstance(started, int | float):
+        return abs(found["create_time"] - started) <= 0.05
+    written = st.get("started")  # an older state file: its writer started before writing it
+    return not isinstance(written, int | float) or found["create_time"] <= written + 1.0
+
+
 def lab_state(lab: Any) -> dict[str, Any]:
     """What `status` and `down` need to find a running lab again."""
+    me = _identity(os.getpid()) or {}
     return {
         "supervisor_pid": os.getpid(),
+        "supervisor_started": me.get("create_time"),
         "run_dir": str(lab.run_dir),
         "kind": lab.kind,
         "describe": lab.describe(),
@@ -98,36 +130,76 @@ def up_detached(argv: list[str], run_dir: Path, timeout: float = 900.0) -> dict[
     raise TimeoutError(f"the lab was not ready after {timeout:.0f} s (log: {run_dir})")
 
 
-def running_labs() -> list[dict[str, Any]]:
-    """State of every lab whose supervisor is alive (stale state files are ignored)."""
-    out = []
+def running_labs(clean: bool = True) -> list[dict[str, Any]]:
+    """State of every lab whose supervisor is alive. A stale state file (its supervisor gone,
+    or its pid now another process's) is removed when `clean`, and never reported."""
+    out: list[dict[str, Any]] = []
     base = run_root()
     if not base.is_dir():
         return out
     for path in sorted(base.glob(f"*/{STATE}")):
         try:
             st = json.loads(path.read_text())
-            os.kill(int(st["supervisor_pid"]), 0)
-        except (OSError, ValueError, KeyError):
-            continue
-        out.append(st)
+            assert isinstance(st, dict)
+        except (OSError, ValueError, AssertionError):
+            st = {}
+        if st and _is_supervisor(st):
+            out.append(st)
+        elif clean:
+            with contextlib.suppress(OSError):
+                path.unlink()
     return out
 
 
-def health(url: str | None) -> str:
+def _gauges(url: str) -> dict[str, float]:
+    """vLLM's scheduler gauges and progress counters from an engine's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    want = {"vllm:kv_cache_usage_perc", "vllm:num_requests_waiting", "vllm:num_requests_running",
+            "vllm:prompt_tokens_total", "vllm:generation_tokens_total"}
+    out: dict[str, float] = {}
+    text = httpx.get(f"{url}/metrics", timeout=2).text
+    for fam in text_string_to_metric_families(text):
+        for sample in fam.samples:
+            if sample.name in want:
+                out[sample.name] = out.get(sample.name, 0.0) + sample.value
+    return out
+
+
+def health(url: str | None, engine: bool = False, window: float = 1.0) -> str:
+    """healthy / unhealthy / down; for an engine also "wedged" when requests wait, its KV
+    cache is full and no token was computed over `window` s (/health alone says 200 then)."""
     if not url:
         return "-"
     try:
-        return "healthy" if httpx.get(f"{url}/health", timeout=2).status_code == 200 else "unhealthy"
+        if httpx.get(f"{url}/health", timeout=2).status_code != 200:
+            return "unhealthy"
+        if not engine:
+            return "healthy"
+        first = _gauges(url)
+        if first.get("vllm:num_requests_waiting", 0) <= 0:
+            return "healthy"
+        time.sleep(window)
+        second = _gauges(url)
     except httpx.HTTPError:
         return "down"
+    except ValueError:  # /metrics not Prometheus text
+        return "healthy"
+    progress = sum(second.get(k, 0) - first.get(k, 0)
+                   for k in ("vllm:prompt_tokens_total", "vllm:generation_tokens_total"))
+    waiting = int(second.get("vllm:num_requests_waiting", 0))
+    usage = second.get("vllm:kv_cache_usage_perc", 0.0)
+    if waiting > 0 and progress <= 0 and usage >= 0.99:
+        return (f"WEDGED: KV cache {usage:.0%} full, {waiting} waiting, no token computed "
+                f"in {window:g} s")
+    return "healthy"
 
 
 def format_state(st: dict[str, Any], with_health: bool = False) -> str:
     lines = [st["describe"], f"  run dir : {st['run_dir']}",
              f"  OpenAI  : {st['url']}/v1" + (f"  [{health(st['url'])}]" if with_health else "")]
     for name, e in st["engines"].items():
-        h = f"  [{health(e['url'])}]" if with_health else ""
+        h = f"  [{health(e['url'], engine=name != 'proxy')}]" if with_health else ""
         lines.append(f"  {name:<8}: {e['url']}  (log {e['log']}){h}")
     return "\n".join(lines)
 
