@@ -94,6 +94,7 @@ def run_demo(lab: Any, num_requests: int = 12, seed: int = 0) -> int:
     lab.start(progress=True)
     try:
         tel = lab.telemetry()
+        tel.wait_connected(10.0)  # at once if Lab.start already connected it
         model, url = lab.plan.model.name, lab.url
         vocab = min(lab.plan.model.vocab_size, 30000)
         rng = random.Random(seed)
@@ -116,13 +117,25 @@ def run_demo(lab: Any, num_requests: int = 12, seed: int = 0) -> int:
                 _fold(tel.poll(), peak, kv)
                 time.sleep(0.1)
             results += [f.result() for f in futs]
-        time.sleep(1.0)  # the last scrape and snapshots
-        _fold(tel.poll(), peak, kv)
+        _settle(tel, peak, kv)
         _report(lab, results, peak, kv)
         return 0
     finally:
         lab.stop()
         print("\nstopped: every engine and the proxy are gone.", flush=True)
+
+
+def _settle(tel: Any, peak: dict[str, tuple[int, bytes]], kv: list[tuple[str, Any]],
+            quiet_s: float = 0.5, max_s: float = 3.0) -> None:
+    """Fold polls until the engines have said nothing new for `quiet_s` (the last steps,
+    frees, pool snapshots and transfers are in), at most `max_s` seconds."""
+    start = last = time.monotonic()
+    while time.monotonic() - last < quiet_s and time.monotonic() - start < max_s:
+        delta = tel.poll()
+        if delta.observer:
+            last = time.monotonic()
+        _fold(delta, peak, kv)
+        time.sleep(0.1)
 
 
 def _fold(delta: Any, peak: dict[str, tuple[int, bytes]], kv: list[tuple[str, Any]]) -> None:

@@ -243,6 +243,7 @@ class Lab:
         self.observe = observe
         self.port = port
         self.owner = owner
+        self.kv_cache_memory = kv_cache_memory if config is None else None
         for what, t in (("read_timeout", read_timeout), ("kv_load_timeout", kv_load_timeout)):
             if t is not None and not (isinstance(t, (int, float)) and 0 < t < math.inf):
                 raise ConfigError(f"{what}={t!r} is not a positive number of seconds",
@@ -315,10 +316,12 @@ class Lab:
             report("engines ready; starting the PD proxy", 0.85)
             self._start_proxy(self.port)
             if self.observe:
-                # Bind the readers now: the engines' observer sockets reconnect within ~0.1 s,
+                # Bind the readers now and wait until every engine's publishers reach them,
                 # so nothing a first request does is missed.
-                self.telemetry()
-                time.sleep(0.3)
+                report("connecting the telemetry", 0.95)
+                if not self.telemetry().wait_connected(10.0):
+                    print("labkit: not every engine's telemetry connected within 10 s; the "
+                          "views may miss the first events", file=sys.stderr)
             self._write_state()
             report("ready", 1.0)
         except BaseException:
@@ -441,8 +444,12 @@ class Lab:
         old.stop()
         eng = self._engine(name, self._model_path, old.port, old.kv_events_endpoint)
         self.engines[name] = eng
+        if self._telemetry is not None:
+            self._telemetry.reconnecting(name)
         eng.start()
         eng.wait_ready(timeout)
+        if self._telemetry is not None:
+            self._telemetry.wait_connected(10.0)
         return eng
 
     def __enter__(self) -> Lab:

@@ -78,3 +78,57 @@ def test_observer_drops_follow_each_engines_running_total(tel) -> None:
         tel._on_observer(ObserverBatch(engine_id=engine, role=engine, kind="vllm", ts=0.0,
                                        events=[], num_dropped=n))
     assert tel.observer_drops() == {"decode": 5}  # a late, older batch does not lower it
+
+
+def test_wait_connected_waits_for_every_engines_publishers() -> None:
+    """ZMQ's late join: a publisher's hello (ObserverPublisher.greet) tells the lab that it
+    is heard; what it sends after that arrives."""
+    import threading
+    import time
+
+    from labkit.telemetry.kv_events import KVEventPublisher
+    from labkit.telemetry.observer_schema import ObserverPublisher
+
+    kv_pub = KVEventPublisher("tcp://127.0.0.1:*")
+    taps = [EngineTap(name=n, role=n, kind="sim", base_url="http://127.0.0.1:9", gpus=[0],
+                      num_blocks=4, block_size=16, model="m",
+                      kv_events_endpoint=kv_pub.endpoint if n == "prefill" else None)
+            for n in ("prefill", "decode")]
+    tel = LiveTelemetry("sim", taps, observer_endpoint="tcp://127.0.0.1:*", interval=60)
+    stop = threading.Event()
+    greeted: list[str] = []
+
+    def engine(engine_id: str) -> None:  # an idle engine's publishing thread
+        pub = ObserverPublisher(tel.obs_sub.endpoint, engine_id=engine_id, bind=False)
+        while not stop.is_set():
+            if pub.greet():
+                greeted.append(engine_id)
+                pub.publish([PoolSnapshot(time.time(), 4, 4, bytes(4))])  # right after: heard
+            time.sleep(0.02)
+        pub.close()
+
+    threads = [threading.Thread(target=engine, args=("prefill",), daemon=True)]
+    try:
+        threads[0].start()
+        assert tel.wait_connected(0.5) is False  # decode says nothing yet
+        threads.append(threading.Thread(target=engine, args=("decode/rank0",), daemon=True))
+        threads[1].start()
+        assert tel.wait_connected(10.0) is True
+        assert tel.kv_subs["prefill"].connected.is_set()
+        deadline = time.monotonic() + 10
+        got = []
+        while len(got) < 2:
+            assert time.monotonic() < deadline, got
+            got += tel.poll().observer
+            time.sleep(0.02)
+        # one snapshot each, the hellos (empty batches) are not handed to the views
+        assert sorted(b.engine_id for b in got) == ["decode/rank0", "prefill"]
+        assert sorted(greeted) == ["decode/rank0", "prefill"]
+        tel.reconnecting("decode")  # a restarted engine must be heard again
+        assert tel.wait_connected(0.3) is False
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(5)
+        tel.close()
+        kv_pub.close()

@@ -11,6 +11,7 @@ import atexit
 import os
 import signal
 import subprocess
+import sys
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -311,8 +312,9 @@ def _stop_all() -> None:  # pragma: no cover - interpreter exit
     for engine in list(_LIVE):
         try:
             engine.stop(timeout=5)
-        except Exception:
-            pass
+        except Exception as exc:  # stop the others all the same; say which one is left
+            print(f"labkit: could not stop {engine.name} (pid {engine.pid}): {exc}",
+                  file=sys.stderr)
 
 
 atexit.register(_stop_all)

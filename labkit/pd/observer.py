@@ -259,6 +259,8 @@ class Outbox:
                         self.num_sent += len(events)
                     else:
                         self._dropped("zmq_send", len(events))
+                else:
+                    pub.greet(self._total_dropped())  # a lab that just joined hears us
                 if stopping and not self._q:
                     return
         finally:

@@ -168,10 +168,8 @@ def send(
 ) -> Trace:
     """Send one completion of `prompt_len` tokens through `lab` and collect what its
     telemetry reports until every engine is done with it (or `wait_s` passes)."""
-    first = getattr(lab, "_telemetry", None) is None
     tel = lab.telemetry()
-    if first:
-        time.sleep(1.0)  # ZMQ subscribers join late: let the engines' publishers connect
+    tel.wait_connected(10.0)  # ZMQ joins late; at once when the readers are already connected
     tel.poll()  # drop what came before
     t = time.monotonic()
     response = lab.complete(token_prompt(prompt_len, seed), max_tokens=max_tokens)

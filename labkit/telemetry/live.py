@@ -135,7 +135,10 @@ class LiveTelemetry:
         self._gpu = _Drain("gpu", GPU_SAMPLES_KEPT)
         self._kv: deque[tuple[str, KVEventMessage]] = deque(maxlen=KV_EVENTS_KEPT)
         self._observer_drops: dict[str, int] = {}
+        self._heard: set[str] = set()  # engines whose observer reached us (any batch)
+        self._heard_cv = threading.Condition()
         self._memory_sent = False
+        self.num_gpu_errors = 0
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._closers: list[Any] = []
@@ -165,7 +168,13 @@ class LiveTelemetry:
         self._threads.append(t)
 
     def _on_observer(self, batch: Any) -> None:
-        self._observer.put(batch)
+        if batch.events:  # an empty batch is a publisher's hello (ObserverPublisher.greet)
+            self._observer.put(batch)
+        name = batch.engine_id.split("/")[0]  # "decode/rank1" is a worker of "decode"
+        if name not in self._heard:
+            with self._heard_cv:
+                self._heard.add(name)
+                self._heard_cv.notify_all()
         n = getattr(batch, "num_dropped", 0)
         if n > self._observer_drops.get(batch.engine_id, 0):
             self._observer_drops[batch.engine_id] = n
@@ -197,12 +206,16 @@ class LiveTelemetry:
             from labkit.telemetry import nvml
 
             if not nvml.available():
+                logger.info("telemetry: NVML is not available; no GPU memory samples")
                 return
             while not self._stop.is_set():
                 try:
                     self._put_nvml(nvml.read_sample())
-                except Exception:  # NVML hiccups must not kill the reader
-                    pass
+                except Exception:  # NVML hiccups must not kill the reader: say so, go on
+                    self.num_gpu_errors += 1
+                    if self.num_gpu_errors == 1:
+                        logger.warning("telemetry: an NVML sample failed (further failures "
+                                       "only counted in num_gpu_errors)", exc_info=True)
                 self._stop.wait(max(self.interval, 0.25))
         else:
             # Simulated GPUs: the simulator holds what its plan says (weights + KV,
@@ -231,6 +244,37 @@ class LiveTelemetry:
             self._gpu.put(GpuSample(ts=sample.ts, gpu=g.index, used_bytes=g.used_bytes,
                                     total_bytes=g.total_bytes, process_bytes=per, name=g.name,
                                     kind="vllm", physical=g.physical))
+
+    def wait_connected(self, timeout: float = 10.0) -> bool:
+        """Block until every reader hears its engines, at most `timeout` seconds.
+
+        ZMQ joins late: a PUB drops what it sends before a SUB's subscription reaches it. So:
+        the observer reader has had a batch from every engine (each observer publisher says
+        hello when a subscriber joins: ObserverPublisher.greet), and each KV-event reader has
+        completed its handshake with its engine (vLLM's KV publisher cannot say hello; its
+        subscription follows the handshake by a loopback round trip). Returns True if
+        connected, False on timeout (the views still work; the first events may be missed).
+        """
+        deadline = time.monotonic() + timeout
+        names = {e.name for e in self.engines}
+        if self.obs_sub is not None:
+            with self._heard_cv:
+                while not names <= self._heard:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return False
+                    self._heard_cv.wait(left)
+        for sub in self.kv_subs.values():
+            if not sub.connected.wait(max(0.0, deadline - time.monotonic())):
+                return False
+        return True
+
+    def reconnecting(self, name: str) -> None:
+        """Engine `name` restarts: `wait_connected` waits for its new publishers again."""
+        with self._heard_cv:
+            self._heard.discard(name)
+        if name in self.kv_subs:
+            self.kv_subs[name].connected.clear()
 
     def refresh_pids(self, pids: dict[str, list[int]]) -> None:
         """vLLM's EngineCore / worker children appear after start: map them again."""
@@ -280,7 +324,7 @@ class LiveTelemetry:
         for c in self._closers:
             try:
                 c.close()
-            except Exception:
-                pass
+            except Exception:  # close the others all the same
+                logger.exception("telemetry: closing %r failed", c)
         for t in self._threads:
             t.join(timeout=3)

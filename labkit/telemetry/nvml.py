@@ -36,7 +36,7 @@ def _nvml() -> ModuleType | None:
             import pynvml
 
             pynvml.nvmlInit()
-        except Exception:
+        except Exception:  # no nvidia-ml-py, no driver, no GPU: NVML is "not available"
             return None
         _NVML = pynvml
         return _NVML
@@ -49,7 +49,7 @@ def available() -> bool:
         return False
     try:
         return len(visible_physical(nv)) > 0
-    except Exception:
+    except Exception:  # a probe: an NVML that cannot list devices is not available
         return False
 
 
@@ -97,7 +97,7 @@ def read_sample() -> Sample:
         mem = nv.nvmlDeviceGetMemoryInfo(h)
         try:
             util: int | None = int(nv.nvmlDeviceGetUtilizationRates(h).gpu)
-        except Exception:
+        except Exception:  # not supported on every GPU (MIG slices): unknown, not zero
             util = None
         name = nv.nvmlDeviceGetName(h)
         if isinstance(name, bytes):
@@ -105,7 +105,7 @@ def read_sample() -> Sample:
         gpus.append(GpuSample(k, str(name), int(mem.used), int(mem.total), util, physical=i))
         try:
             running = nv.nvmlDeviceGetComputeRunningProcesses(h)
-        except Exception:
+        except Exception:  # a driver that will not list processes: only device totals
             running = []
         for p in running:
             used = getattr(p, "usedGpuMemory", None)

@@ -232,6 +232,7 @@ class ObserverPublisher:
         self._sock: zmq.Socket | None = self._ctx.socket(zmq.XPUB)
         self._sock.setsockopt(zmq.SNDHWM, sndhwm)
         self._sock.setsockopt(zmq.XPUB_NODROP, 1)  # full queue -> zmq.Again, not silent loss
+        self._sock.setsockopt(zmq.XPUB_VERBOSE, 1)  # every subscriber's join reaches greet()
         self._sock.setsockopt(zmq.LINGER, 0)
         if bind:
             self._sock.bind(endpoint)
@@ -274,11 +275,29 @@ class ObserverPublisher:
         self.num_sent += 1
         return True
 
+    def greet(self, num_dropped: int = 0) -> bool:
+        """Send an empty batch if a subscriber joined since the last send: ZMQ drops what a
+        PUB sends before a subscription arrives, so this hello is how a lab learns that this
+        publisher now reaches it (`LiveTelemetry.wait_connected`). Call it from the
+        publishing thread while idle; True if a hello went out."""
+        sock = self._sock
+        if sock is None:
+            return False
+        try:
+            joined = self._drain_subscriptions(sock)
+        except zmq.ZMQError:
+            return False
+        return joined > 0 and self.publish([], num_dropped=num_dropped)
+
     @staticmethod
-    def _drain_subscriptions(sock: zmq.Socket) -> None:
-        # XPUB hands subscription messages up; read them so they do not pile up.
+    def _drain_subscriptions(sock: zmq.Socket) -> int:
+        """Read the subscription messages XPUB hands up (so they do not pile up); returns
+        how many were joins (b"\x01" + topic). A subscription is registered before XPUB hands
+        it up, so whatever is sent after this call reaches the joined subscriber."""
+        joined = 0
         while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            sock.recv(zmq.NOBLOCK)
+            joined += sock.recv(zmq.NOBLOCK)[:1] == b"\x01"
+        return joined
 
     def close(self) -> None:
         """Close the socket (pending messages are discarded: linger 0). Idempotent."""
@@ -286,7 +305,7 @@ class ObserverPublisher:
         if sock is not None:
             try:
                 sock.close(linger=0)
-            except Exception:  # pragma: no cover - closing must not raise into the engine
+            except zmq.ZMQError:  # pragma: no cover - a context already terminated: closed
                 pass
 
     def __enter__(self) -> ObserverPublisher:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from labkit.telemetry.kv_events import KVEventBatch, decode_frames
 from labkit.telemetry.observer_schema import OBS_TOPIC, ObserverBatch, decode_observer_frames
@@ -56,6 +57,8 @@ class _ZmqSubscriber(Generic[T]):
         self.num_received = 0
         self.num_errors = 0
         self.num_dropped = 0  # queue full
+        self.num_peers = 0  # ZMTP handshakes completed (peers that connected, reconnects too)
+        self.connected = threading.Event()  # set at the first completed handshake
         self._topic = topic
         self._callback = callback
         self._bind = bind
@@ -119,10 +122,19 @@ class _ZmqSubscriber(Generic[T]):
             self._start_error = exc
             self._ready.set()
             return
+        # The socket monitor says when a peer's handshake completes: after it the SUB's
+        # subscription is on its way, the earliest a publisher can reach this reader.
+        monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
         self._ready.set()
         try:
             while not self._stop.is_set():
-                if not sock.poll(self._poll_ms):
+                ready = dict(poller.poll(self._poll_ms))
+                if monitor in ready:
+                    self._note_handshakes(monitor)
+                if sock not in ready:
                     continue
                 while not self._stop.is_set():
                     try:
@@ -131,7 +143,19 @@ class _ZmqSubscriber(Generic[T]):
                         break
                     self._deliver(frames)
         finally:
+            sock.disable_monitor()
+            monitor.close(linger=0)
             sock.close(linger=0)
+
+    def _note_handshakes(self, monitor: zmq.Socket) -> None:
+        while True:
+            try:
+                event = recv_monitor_message(monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.num_peers += 1
+                self.connected.set()
 
     def _deliver(self, frames: list[bytes]) -> None:
         try:

@@ -12,12 +12,15 @@ tokens, maximum concurrency, eager or CUDA graphs, how long each part took, and 
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 # Stages in the order vLLM goes through them; `failed` can come at any point.
 STAGES = (
@@ -232,6 +235,7 @@ class LogFollower:
         self.parser = StartupParser()
         self.on_event = on_event
         self.poll_s = poll_s
+        self.num_errors = 0  # on_event calls that raised
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"log-follow:{self.path.name}",
                                         daemon=True)
@@ -254,8 +258,11 @@ class LogFollower:
                 if self.on_event is not None:
                     try:
                         self.on_event(ev, self.parser.state)
-                    except Exception:  # a view's bug must not stop the tail
-                        pass
+                    except Exception:  # a view's bug must not stop the tail, nor hide
+                        self.num_errors += 1
+                        if self.num_errors == 1:
+                            logger.exception("log follower: on_event failed (further "
+                                             "failures only counted in num_errors)")
 
 
 def wait_for_stage(state_fn: Callable[[], StartupState], stage: str, timeout: float,
