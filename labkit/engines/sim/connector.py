@@ -31,7 +31,7 @@ from labkit.hardware import achieved_link
 
 if TYPE_CHECKING:
     from labkit.engines.sim.kv_cache_manager import KVCacheBlocks
-    from labkit.engines.sim.scheduler import SchedulerOutput
+    from labkit.engines.sim.output import SchedulerOutput
     from labkit.hardware import LinkSpec
 
 _NOTHING: tuple[set[str], set[str]] = (frozenset(), frozenset())  # type: ignore[assignment]

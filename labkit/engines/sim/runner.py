@@ -163,7 +163,7 @@ class EngineRunner:
 
     def render_chat(self, messages: list[dict[str, Any]]) -> list[int]:
         """Apply the model's chat template (Jinja, as transformers does) and tokenize."""
-        from labkit.engines.sim.server import APIError
+        from labkit.engines.sim.openai_protocol import APIError  # a leaf: no server<->runner loop
 
         if not self.chat_template:
             raise APIError("As of transformers v4.44, default chat template is no longer allowed, "
