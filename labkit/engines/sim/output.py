@@ -51,7 +51,7 @@ class SchedulerOutput:
                  "finished_req_ids", "token_budget", "kv_connector_metadata", "sum_context",
                  "attn_pairs", "sampling_reqs", "num_free_blocks", "_num_scheduled_tokens", "_cached")
 
-    def __init__(self, scheduled: list[tuple[Request, int, int, int]], num_running_scheduled: int,
+    def __init__(self, *, scheduled: list[tuple[Request, int, int, int]], num_running_scheduled: int,
                  scheduled_new_reqs: list[NewRequestData], resumed_req_ids: set[str],
                  req_to_new_blocks: dict[str, KVCacheBlocks], total_num_scheduled_tokens: int,
                  preempted_req_ids: set[str], finished_req_ids: set[str], token_budget: int) -> None:

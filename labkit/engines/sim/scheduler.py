@@ -248,11 +248,14 @@ class Scheduler(OutputUpdates):
             for r in scheduled_new_reqs
         ] if scheduled_new_reqs else []
         out = SchedulerOutput(
-            scheduled, num_running_scheduled, new_reqs_data,
-            {r.request_id for r in scheduled_resumed_reqs} if scheduled_resumed_reqs else set(),
-            req_to_new_blocks,
-            self.max_num_scheduled_tokens - token_budget, self.reset_preempted_req_ids,
-            self.finished_req_ids, self.max_num_scheduled_tokens)
+            scheduled=scheduled, num_running_scheduled=num_running_scheduled,
+            scheduled_new_reqs=new_reqs_data,
+            resumed_req_ids=({r.request_id for r in scheduled_resumed_reqs}
+                             if scheduled_resumed_reqs else set()),
+            req_to_new_blocks=req_to_new_blocks,
+            total_num_scheduled_tokens=self.max_num_scheduled_tokens - token_budget,
+            preempted_req_ids=self.reset_preempted_req_ids,
+            finished_req_ids=self.finished_req_ids, token_budget=self.max_num_scheduled_tokens)
         out.sum_context, out.attn_pairs = sum_ctx, pairs
         out.sampling_reqs = sampling
         if self.connector is not None:
