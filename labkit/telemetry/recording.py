@@ -75,6 +75,61 @@ class Frame(msgspec.Struct, array_like=True):
 
 
 _frame_decoder = msgspec.msgpack.Decoder(Frame)
+
+# What a recording may declare and decompress (a shipped one: <= 550 KB a frame, <= 8 MiB
+# in all). A crafted file must be refused in well under a second and a few MB of memory:
+# 39 KB of msgpack can declare 10 M empty maps (2 GB of Python dicts), 1 MB of gzip can
+# inflate to 1 GB. Raise the bounds with read_recording(..., max_bytes=...) for a long run.
+MAX_HEADER_BYTES = 1 << 20
+MAX_RECORD_BYTES = 16 << 20
+MAX_DECOMPRESSED_BYTES = 128 << 20
+MAX_TIMELINE_EVENTS = 2_000_000
+
+
+class _EventCheck(msgspec.Struct):
+    """What every timeline event has (contract 4); checked before a frame is built."""
+
+    event: str
+    ts: float
+    seq: int | None = None
+    req_id: str | None = None
+
+
+class _FrameCheck(msgspec.Struct, array_like=True):
+    t: float
+    observer: list[msgspec.Raw] = []
+    timeline: list[_EventCheck] = []
+
+
+class _HeaderCheck(msgspec.Struct):
+    format: str
+    version: int
+    kind: str = "sim"
+    created: str | float | None = None
+    source: dict[str, Any] = {}
+    hardware: dict[str, Any] = {}
+
+
+_frame_check = msgspec.msgpack.Decoder(_FrameCheck)
+_header_check = msgspec.msgpack.Decoder(_HeaderCheck)
+
+
+def printable(text: Any, limit: int = 200) -> str:
+    """`text` safe for a terminal: control characters (ANSI / OSC escapes, newlines, C1)
+    written as escapes, cut to `limit` characters."""
+    out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text)[: limit * 2])
+    return out if len(out) <= limit else out[: limit - 3] + "..."
+
+
+def _clean(value: Any, depth: int = 0) -> Any:
+    """A header with every string made printable (the header is shown: title, summary)."""
+    if isinstance(value, str):
+        return printable(value, 10_000)
+    if isinstance(value, dict) and depth < 32:
+        return {printable(k, 200): _clean(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list) and depth < 32:
+        return [_clean(v, depth + 1) for v in value]
+    return value
 _encoder = msgspec.msgpack.Encoder(enc_hook=str)  # header extras: paths, enums -> str
 
 
@@ -167,14 +222,27 @@ def _open_read(path: Path) -> tuple[BinaryIO, str, tuple[type[Exception], ...]]:
     return open(path, "rb"), "none", ()
 
 
-def _records(stream: BinaryIO, cut: tuple[type[Exception], ...]) -> Iterator[bytes | None]:
-    """Length-prefixed records; yields None once if the stream is cut short."""
+def _records(stream: BinaryIO, cut: tuple[type[Exception], ...],
+             max_record: int = MAX_RECORD_BYTES, max_total: int | None = None
+             ) -> Iterator[bytes | None]:
+    """Length-prefixed records; yields None once if the stream is cut short.
+
+    Raises:
+        ValueError: a record declares more than `max_record` bytes, or the records add up to
+            more than `max_total` (checked before anything is read).
+    """
+    total = 0
     while True:
         try:
             head = stream.read(_LEN)
             if not head:
                 return
             n = int.from_bytes(head, "big")
+            total += n + _LEN
+            if n > max_record:
+                raise ValueError(f"a record declares {n:,} bytes (the limit is {max_record:,})")
+            if max_total is not None and total > max_total:
+                raise ValueError(f"it decompresses to more than {max_total:,} bytes")
             body = stream.read(n) if len(head) == _LEN else b""
         except cut:  # a compressed stream that ends mid-block
             yield None
@@ -388,34 +456,88 @@ class Recording:
         return str(self.header.get("kind", "sim"))
 
 
-def read_recording(path: str | Path) -> Recording:
-    """Read a whole recording (a few MB: kept in memory, so seeking is free)."""
+def read_recording(path: str | Path, *, max_bytes: int = MAX_DECOMPRESSED_BYTES) -> Recording:
+    """Read a whole recording (a few MB: kept in memory, so seeking is free).
+
+    Everything a file declares is checked before it is built: a header under 1 MiB of the
+    expected types, records under 16 MiB, `max_bytes` decompressed in all, timeline events
+    with their four fields, at most 2 M of them.
+
+    Raises:
+        ValueError: one line saying what is wrong (no traceback from inside the file's data);
+            every text from the file in it made printable.
+    """
     path = Path(path)
+    name = printable(path, 120)
+    try:
+        return _read(path, name, max_bytes)
+    except ValueError as exc:
+        msg = str(exc) if name in str(exc) else f"{name}: {exc}"
+        raise ValueError(printable(msg, 400)) from None
+    except (msgspec.DecodeError, msgspec.ValidationError, OSError, EOFError, TypeError,
+            KeyError, IndexError, OverflowError, RecursionError, MemoryError) as exc:
+        raise ValueError(f"{name} is not a readable labkit recording "
+                         f"({type(exc).__name__}: {printable(exc, 200)})") from None
+    except Exception as exc:  # zlib.error, zstandard.ZstdError, gzip.BadGzipFile, ...
+        raise ValueError(f"{name} is not a readable labkit recording "
+                         f"({type(exc).__name__}: {printable(exc, 200)})") from None
+
+
+def _read(path: Path, name: str, max_bytes: int) -> Recording:
     stream, compression, cut = _open_read(path)
     with stream:
         try:
             magic = stream.read(len(MAGIC))
         except (*cut, OSError) as exc:
-            raise ValueError(f"{path} is not a labkit recording ({exc})") from exc
+            raise ValueError(f"{name} is not a labkit recording ({exc})") from exc
         if magic != MAGIC:
-            raise ValueError(f"{path} is not a labkit recording (no {MAGIC!r} at the start)")
-        records = _records(stream, cut)
-        first = next(records, None)
-        if first is None:
-            raise ValueError(f"{path}: the recording has no header")
-        header = msgspec.msgpack.decode(first)
-        if header.get("format") != FORMAT or int(header.get("version", 0)) > FORMAT_VERSION:
-            raise ValueError(f"{path}: format {header.get('format')} v{header.get('version')} "
-                             f"is not one this labkit reads (v{FORMAT_VERSION})")
+            raise ValueError(f"{name} is not a labkit recording (no {MAGIC!r} at the start)")
+        records = _records(stream, cut, MAX_RECORD_BYTES, max_bytes)
+        try:
+            head = stream.read(_LEN)
+        except cut:
+            head = b""
+        n = int.from_bytes(head, "big") if len(head) == _LEN else -1
+        if n < 0:
+            raise ValueError(f"{name}: the recording has no header")
+        if n > MAX_HEADER_BYTES:
+            raise ValueError(f"{name}: the header declares {n:,} bytes (the limit is "
+                             f"{MAX_HEADER_BYTES:,})")
+        first = stream.read(n)
+        if len(first) < n:
+            raise ValueError(f"{name}: the recording has no whole header")
+        try:
+            checked = _header_check.decode(first)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise ValueError(f"{name}: the header is not a labkit recording header "
+                             f"({printable(exc, 200)})") from None
+        if checked.format != FORMAT or checked.version > FORMAT_VERSION:
+            raise ValueError(f"{name}: format {printable(checked.format, 40)} "
+                             f"v{checked.version} is not one this labkit reads "
+                             f"(v{FORMAT_VERSION})")
+        header = _clean(msgspec.msgpack.decode(first))
+        gpus = (header.get("source") or {}).get("gpus", [])
+        if not isinstance(gpus, list) or not all(isinstance(g, dict) for g in gpus) or \
+                not isinstance((header.get("hardware") or {}).get("gpus", []), list):
+            raise ValueError(f"{name}: the header's GPU lists are not lists of GPUs")
         rec = Recording(path, header, compression=compression, num_bytes=path.stat().st_size)
         metrics = MetricsDeltaDecoder()
-        for body in records:
+        events = 0
+        for i, body in enumerate(records):
             if body is None:
                 rec.truncated = True
                 break
-            f = _frame_decoder.decode(body)
-            rec.frames.append((f.t, TelemetryDelta(
-                observer=[decode_observer_batch(bytes(r)) for r in f.observer],
-                timeline=f.timeline, metrics=[metrics.decode(m) for m in f.metrics],
-                gpu_samples=f.gpu_samples, engine_memory=f.engine_memory)))
+            try:
+                events += len(_frame_check.decode(body).timeline)
+                if events > MAX_TIMELINE_EVENTS:
+                    raise ValueError(f"more than {MAX_TIMELINE_EVENTS:,} timeline events")
+                f = _frame_decoder.decode(body)
+                delta = TelemetryDelta(
+                    observer=[decode_observer_batch(bytes(r)) for r in f.observer],
+                    timeline=f.timeline, metrics=[metrics.decode(m) for m in f.metrics],
+                    gpu_samples=f.gpu_samples, engine_memory=f.engine_memory)
+            except Exception as exc:
+                raise ValueError(f"{name}: frame {i} is malformed ({type(exc).__name__}: "
+                                 f"{printable(exc, 200)})") from None
+            rec.frames.append((f.t, delta))
     return rec
