@@ -243,6 +243,7 @@ class Lab:
         self.observe = observe
         self.port = port
         self.owner = owner
+        self.kv_cache_memory = kv_cache_memory if config is None else None
         for what, t in (("read_timeout", read_timeout), ("kv_load_timeout", kv_load_timeout)):
             if t is not None and not (isinstance(t, (int, float)) and 0 < t < math.inf):
                 raise ConfigError(f"{what}={t!r} is not a positive number of seconds",

@@ -64,7 +64,7 @@ if (_why := _missing()) is not None:
 
 from playwright.sync_api import Page, sync_playwright  # noqa: E402
 
-from labkit.cli.lab import voila_args  # noqa: E402
+from labkit.cli.lab import voila_args, voila_env  # noqa: E402
 
 
 # ---------------------------------------------------------------- the notebook and the server
@@ -73,9 +73,10 @@ def dashboard_notebook(tmp: Path) -> Path:
     serves), else the test's own."""
     if os.environ.get("LABKIT_E2E_NOTEBOOK"):
         return Path(os.environ["LABKIT_E2E_NOTEBOOK"]).resolve()
-    found = sorted((ROOT / "notebooks").glob("*dashboard*.ipynb"))
-    if found:
-        return found[0]
+    from labkit.cli.lab import dashboard_notebook as served
+
+    if served().exists():
+        return served()
     nb = tmp / "dashboard-sim.ipynb"
     shutil.copy(E2E / "dashboard-sim.ipynb", nb)
     return nb
@@ -138,7 +139,7 @@ def voila_url(tmp_path: Path) -> Iterator[str]:
     nb = dashboard_notebook(tmp_path)
     port = free_port()
     tag = uuid.uuid4().hex
-    env = {**os.environ, "LABKIT_MODE": "sim", "LABKIT_RUN_DIR": str(tmp_path / "runs"),
+    env = {**voila_env(tmp_path / "voila-template"), "LABKIT_MODE": "sim", "LABKIT_RUN_DIR": str(tmp_path / "runs"),
            "LABKIT_E2E_TAG": tag, "JUPYTER_PLATFORM_DIRS": "1",
            "JUPYTER_RUNTIME_DIR": str(tmp_path / "jupyter-runtime"),
            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH"))

@@ -233,7 +233,7 @@ def test_apply_restarts_the_lab_and_keeps_the_previous_run(tmp_path, monkeypatch
         assert all(not pids_in_group(g) for g in old_groups)  # the old engines are gone
         assert dash.box.children[0] is dash.dashboard.widget
         acc = dash.box.children[-1]
-        assert acc.children[0] is old_widget and "chunk 256" in acc.get_title(0)
+        assert acc.children[0] is old_widget and "max_num_batched_tokens 256" in acc.get_title(0)
         assert dash.loads[-1].result(timeout=60).records  # the controls' workload was sent
     finally:
         dash.stop()

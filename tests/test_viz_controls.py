@@ -35,7 +35,7 @@ def test_valid_change_reaches_on_apply_with_the_knobs():
     s = calls[0]
     for eng in (s.config.prefill, s.config.decode):
         assert (eng.max_num_batched_tokens, eng.kv_cache_dtype, eng.block_size) == (512, "fp8", 32)
-    assert s.workload == WorkloadSettings(rate=5.0, prompt_len=1024, output_len=128, shared_prefix=0.5)
+    assert s.workload == WorkloadSettings(rate=5.0, prompt_len=600, output_len=48, shared_prefix=0.5)
     assert s.plan is not None and "applied" in panel.message.value
     assert panel.base is s.config
     # Only the prefill engine's chunk size changes; decode keeps the applied one.
@@ -67,3 +67,74 @@ def test_startup_progress_rows():
     assert p.rows["decode-0"][1].bar_style == "success"
     p.update("failed", 0.6, engine="prefill-0", failed=True)
     assert bar.bar_style == "danger" and pct.value == "failed"
+
+
+def test_the_simulated_machine_is_a_control_so_tp_and_pp_are_reachable():
+    calls: list[LabSettings] = []
+    panel = ControlPanel(on_apply=calls.append, base=base_cfg())  # 2 simulated GPUs
+    assert panel.simulated and panel.num_gpus.value == 2
+    panel.tp.value = 2
+    assert panel.apply() is None and "needs 4 GPUs" in panel.message.value
+    panel.num_gpus.value = 4
+    assert panel.apply() is not None, panel.message.value
+    assert calls[-1].plan.num_gpus == 4 and calls[-1].plan.engines[1].gpus == [2, 3]
+    panel.tp.value, panel.pp.value, panel.num_gpus.value = 1, 2, 4
+    assert panel.apply() is not None, panel.message.value
+    assert [r.pp_rank for r in calls[-1].plan.engines[0].ranks] == [0, 1]
+    panel.gpu_type.value, panel.num_gpus.value, panel.pp.value = "h200", 8, 1
+    panel.tp.value = 4
+    assert panel.apply() is not None and calls[-1].plan.gpu_type.key == "h200"
+
+
+def test_a_pool_sized_in_bytes_doubles_its_blocks_with_fp8():
+    calls: list[LabSettings] = []
+    cfg = PDConfig(prefill=EngineConfig(model="lab-tiny", role="prefill", max_num_seqs=16),
+                   decode=EngineConfig(model="lab-tiny", role="decode", max_num_seqs=16),
+                   num_gpus=2)
+    panel = ControlPanel(on_apply=calls.append, base=cfg, kv_cache_memory=4_000_000)
+    assert panel.apply() is not None
+    auto = calls[-1].plan.engines[0].num_blocks
+    panel.kv_cache_dtype.value = "fp8"
+    assert panel.apply() is not None
+    assert calls[-1].plan.engines[0].num_blocks == 2 * auto
+    assert f"{2 * auto:,}" in panel.message.value and "fp8 holds twice" in panel.pool_note.value
+    pinned = ControlPanel(base=PDConfig(
+        prefill=EngineConfig(model="lab-tiny", role="prefill", num_gpu_blocks_override=128),
+        decode=EngineConfig(model="lab-tiny", role="decode", num_gpu_blocks_override=128)))
+    assert "pinned at 128 blocks" in pinned.pool_note.value
+
+
+def test_double_click_is_one_relaunch_and_the_old_error_goes():
+    import threading
+    import time
+
+    release = threading.Event()
+    calls: list[LabSettings] = []
+
+    def slow(s: LabSettings) -> None:
+        calls.append(s)
+        release.wait(5)
+
+    panel = ControlPanel(on_apply=slow, base=base_cfg(), threaded=True)
+    panel.tp.value = 3
+    panel.apply_button.click()
+    deadline = time.monotonic() + 5
+    while panel.busy and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert "✗" in panel.message.value
+    panel.tp.value = 1
+    panel.apply_button.click()
+    panel.apply_button.click()  # the second click lands during the relaunch
+    time.sleep(0.2)
+    assert panel.apply_button.disabled and "relaunching" in panel.message.value
+    assert "✗" not in panel.message.value  # the stale error is gone while it relaunches
+    release.set()
+    while panel.busy and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(calls) == 1 and not panel.apply_button.disabled
+
+
+def test_workload_knobs_start_from_what_was_applied():
+    wl = WorkloadSettings(rate=1.5, prompt_len=300, output_len=20, shared_prefix=0.25)
+    panel = ControlPanel(base=base_cfg(), workload=wl)
+    assert panel.workload() == wl

@@ -152,18 +152,59 @@ def register_dashboard(sub: argparse._SubParsersAction) -> None:
 
 
 def dashboard_notebook() -> Path:
-    here = Path(__file__).resolve().parents[1] / "notebooks"
-    found = sorted(here.glob("*dashboard*.ipynb"))
-    if not found:
-        raise FileNotFoundError(f"no dashboard notebook under {here}")
-    return found[0]
+    """The dashboard's own page (made for Voila: nothing to run by hand); notebook 08 is the
+    lesson around the same dashboard."""
+    return Path(__file__).resolve().parents[1] / "data" / "dashboard.ipynb"
 
 
-def voila_args(notebook: str | Path, port: int) -> list[str]:
+OFFLINE_TEMPLATE = "labkit-offline"
+# Kernels of closed pages go: Voila's kernels are culled once idle this long (s) with no
+# page connected; a reloaded page's new lab takes the old one over at once anyway.
+CULL = ["--MappingKernelManager.cull_idle_timeout=120",
+        "--MappingKernelManager.cull_interval=30",
+        "--MappingKernelManager.cull_connected=False"]
+
+
+def offline_template(root: Path) -> Path:
+    """A Voila template under `root` (pass it as JUPYTER_PATH) that is Voila's "lab" template
+    without its two Font Awesome <link>s to cdn.jsdelivr.net: Voila's own bundle already
+    carries Font Awesome 5 (css and fonts), so every asset is served by the local server and
+    the page works offline, behind a workshop room's firewall."""
+    from jupyter_core.paths import jupyter_path
+
+    for base in jupyter_path("voila", "templates"):
+        src = Path(base) / "lab" / "index.html.j2"
+        if src.exists():
+            break
+    else:
+        raise FileNotFoundError("Voila's lab template is not installed")
+    text = "\n".join(line for line in src.read_text().splitlines()
+                     if "cdn.jsdelivr.net" not in line)
+    out = root / "voila" / "templates" / OFFLINE_TEMPLATE
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "index.html.j2").write_text(text + "\n")
+    (out / "conf.json").write_text('{"base_template": "lab"}\n')
+    return root
+
+
+def voila_args(notebook: str | Path, port: int, offline: bool = True) -> list[str]:
     """The Voila command line that serves `notebook` on 127.0.0.1:`port` (this interpreter's
-    Voila, so its kernel sees the same packages); `labkit dashboard` and the e2e test use it."""
-    return [sys.executable, "-m", "voila", str(notebook), f"--port={port}",
-            "--Voila.ip=127.0.0.1", "--theme=light"]
+    Voila, so its kernel sees the same packages); `labkit dashboard` and the e2e test use it.
+    With `offline`, run it with `voila_env()`: the template that fetches nothing remotely."""
+    args = [sys.executable, "-m", "voila", str(notebook), f"--port={port}",
+            "--Voila.ip=127.0.0.1", "--theme=light", *CULL]
+    return [*args, f"--template={OFFLINE_TEMPLATE}"] if offline else args
+
+
+def voila_env(root: Path | None = None) -> dict[str, str]:
+    """The environment for `voila_args(..., offline=True)`: JUPYTER_PATH finds the template."""
+    import os
+    import tempfile
+
+    root = offline_template(root or Path(tempfile.mkdtemp(prefix="labkit-voila-")))
+    env = dict(os.environ)
+    env["JUPYTER_PATH"] = os.pathsep.join(filter(None, [str(root), env.get("JUPYTER_PATH")]))
+    return env
 
 
 def cmd_dashboard(a: argparse.Namespace) -> int:
@@ -174,7 +215,7 @@ def cmd_dashboard(a: argparse.Namespace) -> int:
     args = voila_args(dashboard_notebook(), a.port)
     if a.no_browser:
         args.append("--no-browser")
-    proc = subprocess.Popen(args)
+    proc = subprocess.Popen(args, env=voila_env())
     try:
         return proc.wait()
     except KeyboardInterrupt:

@@ -38,6 +38,46 @@ def workload_from(settings: Any, num_requests: int = 24, seed: int = 0) -> Any:
     )
 
 
+def take_over_dashboard_labs() -> int:
+    """Stop the labs earlier dashboard pages started (`labkit status` lists them, owner
+    "dashboard"): one lab per dashboard and GPU set. A reloaded Voila page gets a new kernel;
+    the old kernel's lab would otherwise hold the (simulated or real) GPUs beside the new one.
+    The old kernel is ended too (its page is gone), which ends whatever it still held.
+    Returns how many were stopped."""
+    import os
+    import signal
+
+    from labkit import service
+
+    n = 0
+    for st in service.running_labs():
+        if st.get("owner") != "dashboard" or int(st.get("pid", -1)) == os.getpid():
+            continue
+        for e in st["engines"].values():
+            if e.get("pgid"):
+                try:
+                    os.killpg(int(e["pgid"]), signal.SIGTERM)
+                except OSError:
+                    pass
+        try:
+            os.kill(int(st["pid"]), signal.SIGTERM)
+        except (OSError, KeyError, ValueError):
+            pass
+        n += 1
+    return n
+
+
+def dashboard_lab(**knobs: Any) -> Any:
+    """The dashboard's lab: earlier dashboard labs taken over, then a Lab(**knobs) started,
+    marked as the dashboard's (owner "dashboard")."""
+    from labkit.lab import Lab
+
+    stopped = take_over_dashboard_labs()
+    lab = Lab(owner="dashboard", **knobs)
+    lab.taken_over = stopped
+    return lab.start(progress=False)
+
+
 class DashboardSession:
     """`lab` + `labkit.viz.Dashboard` on its telemetry, displayed in one box whose content is
     swapped for a new dashboard when Apply restarts the lab.
@@ -50,8 +90,12 @@ class DashboardSession:
     def __init__(self, lab: Any, interval: float = 0.25) -> None:
         import ipywidgets as w
 
+        from labkit.viz.controls import WorkloadSettings
+
         self.lab = lab
         self.interval = interval
+        self.workload = WorkloadSettings()  # the controls' workload, kept across Apply
+        self.sent: list[Any] = []  # WorkloadSettings of each run, oldest first
         self.box = w.VBox()
         self.dashboard: Any = None
         self.loads: list[Future] = []
@@ -76,6 +120,8 @@ class DashboardSession:
             config=self.lab.config,
             hardware=self._hardware(),
             interval=self.interval,
+            controls={"kv_cache_memory": getattr(self.lab, "kv_cache_memory", None),
+                      "workload": self.workload, "threaded": True},
         )
         self.box.children = (self.dashboard.widget, *self._history())
         self.dashboard.start()
@@ -90,7 +136,12 @@ class DashboardSession:
         for i, (title, _) in enumerate(self.previous):
             acc.set_title(i, title)
         acc.selected_index = None
-        return (w.HTML("<b>Previous runs</b> (frozen at Apply; open one to compare)"), acc)
+        differ = len({(s.rate, s.prompt_len, s.output_len, s.shared_prefix)
+                      for s in self.sent}) > 1
+        note = (" <b style='color:#c92a2a'>The runs had different workloads: compare their "
+                "times with care.</b>" if differ else "")
+        return (w.HTML(f"<b>Previous runs</b> (frozen at Apply; open one to compare).{note}"),
+                acc)
 
     def _freeze(self) -> None:
         """Keep the current dashboard (stopped) with a title saying what ran and measured."""
@@ -98,8 +149,13 @@ class DashboardSession:
             return
         self.dashboard.stop()
         c = self.lab.config.prefill
-        what = (f"{self.lab.describe().split(' PD pair')[0]} · chunk {c.max_num_batched_tokens or 'auto'}"
-                f" · TP {c.tp} · PP {c.pp} · KV {c.kv_cache_dtype} · block {c.block_size}")
+        what = (f"{self.lab.describe().split(' PD pair')[0]} · max_num_batched_tokens "
+                f"{c.max_num_batched_tokens or 'auto'} · TP {c.tp} · PP {c.pp} · "
+                f"{c.kv_cache_dtype} KV · block {c.block_size}")
+        if self.sent:
+            s = self.sent[-1]
+            what += (f" · workload {s.prompt_len}+{s.output_len} tokens at {s.rate:g}/s"
+                     + (f", {s.shared_prefix:.0%} shared" if s.shared_prefix else ""))
         if self.loads and self.loads[-1].done() and not self.loads[-1].exception():
             row = load_summary(self.loads[-1].result(), kind=self.lab.kind).rows[0]
             what += (f" · TTFT p50 {row['ttft_p50_ms']:.0f} ms · ITL p99 "
@@ -148,11 +204,19 @@ class DashboardSession:
         progress = self.dashboard.progress if self.dashboard is not None else None
         self._freeze()
         self.lab.stop()  # running traffic fails fast once the engines are gone
-        new = Lab(settings.config, mode=self.lab.mode, speed=getattr(self.lab, "speed", 1.0))
+        new = Lab(settings.config, mode=self.lab.mode, speed=getattr(self.lab, "speed", 1.0),
+                  owner=getattr(self.lab, "owner", "python"))
+        new.kv_cache_memory = getattr(self.lab, "kv_cache_memory", None)
         new.start(progress=(lambda s, f: progress.update(s, f)) if progress else False)
         self.lab = new
+        self.workload = settings.workload
         self._show()
-        self.send(workload_from(settings.workload))
+        self.send_settings(settings.workload)
+
+    def send_settings(self, settings: Any, num_requests: int = 24) -> Future:
+        """Send the workload the controls describe (and remember it for "Previous runs")."""
+        self.sent.append(settings)
+        return self.send(workload_from(settings, num_requests=num_requests))
 
     def stop(self) -> None:
         """Stop refreshing and stop the lab (traffic still running then fails fast)."""

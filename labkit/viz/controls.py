@@ -15,6 +15,7 @@ from typing import Any
 import ipywidgets as w
 
 KV_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2", "bfloat16", "float16")
+GPU_COUNTS = (1, 2, 4, 8)  # a simulated machine's GPUs
 BLOCK_SIZES = (16, 32, 64)  # CUDA attention backends' block sizes (vllm/config/cache.py)
 
 
@@ -22,9 +23,11 @@ BLOCK_SIZES = (16, 32, 64)  # CUDA attention backends' block sizes (vllm/config/
 class WorkloadSettings:
     """The traffic the learner sends: Poisson arrivals with fixed lengths."""
 
-    rate: float = 2.0  # requests per second
-    prompt_len: int = 1024  # tokens
-    output_len: int = 128  # tokens
+    # Defaults chosen so the chunk size shows: several prompts in flight, each longer than a
+    # small chunk, so a prefill takes several steps and TTFT follows the chunk, not the pool.
+    rate: float = 4.0  # requests per second
+    prompt_len: int = 600  # tokens
+    output_len: int = 48  # tokens
     shared_prefix: float = 0.0  # fraction of each prompt shared by all requests (prefix cache)
 
 
@@ -47,20 +50,42 @@ def _row(label: str, widget: w.Widget) -> w.Widget:
 class ControlPanel:
     """Engine and workload knobs + Apply.
 
+    Labels carry vLLM's names (max_num_batched_tokens, kv_cache_dtype, ...), as the CLI's
+    flags and `labkit.Lab`'s keywords do.
+
     Args:
         on_apply: called with a `LabSettings` once validation passed; never on a ConfigError.
         base: the running config (a labkit.plan.PDConfig); its values fill the widgets and
             the knobs are applied onto a copy of it. None: labkit.plan's defaults.
         models: model choices (labkit.models preset keys by default).
+        hardware: the machine validate() plans for. A simulated one (or None with
+            `simulated=True`) gets GPU type and count controls, so every TP/PP those GPUs
+            allow is reachable; a real one is shown (its visible GPUs), not changed.
+        kv_cache_memory: bytes of KV cache per GPU (vLLM's --kv-cache-memory): the block
+            count then follows the dtype, block size, TP and PP. None: the base config's
+            num_gpu_blocks_override (if any) pins the count, and the panel says so.
+        workload: the workload knobs' values (kept across Apply by the caller).
+        threaded: run on_apply on a thread, Apply disabled until it returns (a second click
+            meanwhile is ignored); False: synchronously (tests, scripts).
     """
 
     def __init__(self, on_apply: Callable[[LabSettings], None] | None = None, base: Any = None,
-                 models: list[str] | None = None, hardware: Any = None) -> None:  # fmt: skip
+                 models: list[str] | None = None, hardware: Any = None,
+                 kv_cache_memory: int | None = None, workload: WorkloadSettings | None = None,
+                 simulated: bool | None = None, threaded: bool = False) -> None:  # fmt: skip
+        import threading
+
         from labkit.plan import PDConfig
 
         self.on_apply = on_apply
         self.base = base if base is not None else PDConfig()
         self.hardware = hardware
+        self.kv_cache_memory = kv_cache_memory
+        self.threaded = threaded
+        self.busy = False
+        self._lock = threading.Lock()
+        self.num_applies = 0
+        sim = simulated if simulated is not None else (hardware is None or hardware.simulated)
         if models is None:
             from labkit.models import PRESETS
 
@@ -69,33 +94,52 @@ class ControlPanel:
         self.target = _row("apply to", w.ToggleButtons(
             options=["both", "prefill", "decode"] if isinstance(self.base, PDConfig) else ["both"],
             value="both"))  # fmt: skip
-        self.max_num_batched_tokens = _row("chunk size (0 = auto)", w.BoundedIntText(
-            value=eng.max_num_batched_tokens or 0, min=0, max=1 << 24, step=256))  # fmt: skip
-        self.tp = _row("tensor parallel (TP)", w.Dropdown(
+        from labkit.hardware import GPU_TYPES
+
+        gpu_key = getattr(self.base, "gpu_type", None) or (
+            hardware.gpu_type.key if hardware is not None else "h100")
+        count = getattr(self.base, "num_gpus", None) or (
+            hardware.num_gpus if hardware is not None and hardware.num_gpus else 2)
+        self.gpu_type = _row("GPU type (simulated)", w.Dropdown(
+            options=sorted(GPU_TYPES), value=gpu_key if gpu_key in GPU_TYPES else "h100"))
+        self.num_gpus = _row("num_gpus (simulated)", w.Dropdown(
+            options=sorted({*GPU_COUNTS, count}), value=count))  # fmt: skip
+        if sim:
+            machine: list[w.Widget] = [self.gpu_type, self.num_gpus]
+        else:  # real GPUs: what is visible, not a knob
+            names = f"{hardware.num_gpus} x {hardware.gpu_type.name}" if hardware else "?"
+            machine = [w.HTML(f"visible GPUs: {html.escape(names)}")]
+        self.simulated = sim
+        self.max_num_batched_tokens = _row("max_num_batched_tokens (chunk; 0 = auto)",
+                                           w.BoundedIntText(value=eng.max_num_batched_tokens or 0,
+                                                            min=0, max=1 << 24, step=64))
+        self.tp = _row("tensor_parallel_size (TP)", w.Dropdown(
             options=list(range(1, 9)), value=eng.tp))  # fmt: skip
-        self.pp = _row("pipeline parallel (PP)", w.Dropdown(
+        self.pp = _row("pipeline_parallel_size (PP)", w.Dropdown(
             options=list(range(1, 9)), value=eng.pp))  # fmt: skip
-        self.kv_cache_dtype = _row("KV-cache dtype", w.Dropdown(
+        self.kv_cache_dtype = _row("kv_cache_dtype", w.Dropdown(
             options=list(KV_DTYPES), value=eng.kv_cache_dtype))  # fmt: skip
-        self.block_size = _row("block size (tokens)", w.Dropdown(
+        self.block_size = _row("block_size (tokens)", w.Dropdown(
             options=sorted({*BLOCK_SIZES, eng.block_size}), value=eng.block_size))  # fmt: skip
-        self.gpu_memory_utilization = _row("memory fraction (0 = auto)", w.BoundedFloatText(
+        self.gpu_memory_utilization = _row("gpu_memory_utilization (0 = auto)",
+                                           w.BoundedFloatText(
             value=eng.gpu_memory_utilization or 0.0, min=0.0, max=1.0, step=0.05))  # fmt: skip
+        self.pool_note = w.HTML(self._pool_text())
         self.model = _row("model", w.Dropdown(
             options=models if eng.model in models else [eng.model, *models], value=eng.model))  # fmt: skip
-        wl = WorkloadSettings()
+        wl = workload or WorkloadSettings()
         self.rate = _row("rate (req/s)", w.BoundedFloatText(value=wl.rate, min=0.0, max=1e4))
         self.prompt_len = _row("prompt tokens", w.BoundedIntText(value=wl.prompt_len, min=1, max=1 << 20))
         self.output_len = _row("output tokens", w.BoundedIntText(value=wl.output_len, min=1, max=1 << 20))
         self.shared_prefix = _row("shared-prefix share", w.FloatSlider(
             value=wl.shared_prefix, min=0.0, max=1.0, step=0.05))  # fmt: skip
         self.apply_button = w.Button(description="Apply", button_style="primary", icon="check")
-        self.apply_button.on_click(lambda _b: self.apply())
+        self.apply_button.on_click(lambda _b: self.click())
         self.message = w.HTML("")
         self.last_settings: LabSettings | None = None
         engine_box = w.VBox([
-            self.target, self.model, self.max_num_batched_tokens, self.tp, self.pp,
-            self.kv_cache_dtype, self.block_size, self.gpu_memory_utilization,
+            *machine, self.target, self.model, self.max_num_batched_tokens, self.tp, self.pp,
+            self.kv_cache_dtype, self.block_size, self.gpu_memory_utilization, self.pool_note,
         ])  # fmt: skip
         workload_box = w.VBox([self.rate, self.prompt_len, self.output_len, self.shared_prefix])
         self.widget = w.VBox([
@@ -121,13 +165,75 @@ class ControlPanel:
             output_len=int(self.output_len.value), shared_prefix=float(self.shared_prefix.value),
         )  # fmt: skip
 
+    def _pool_text(self) -> str:
+        """How the KV pool is sized, in words (a pinned block count is said, not hidden)."""
+        if self.kv_cache_memory is not None:
+            return (f"<small>KV pool: {self.kv_cache_memory / 1e6:.1f} MB per GPU "
+                    "(kv_cache_memory): fp8 holds twice the blocks</small>")
+        pinned = engines_of(self.base)[0].num_gpu_blocks_override
+        if pinned:
+            return (f"<small>KV pool pinned at {pinned} blocks (num_gpu_blocks): the dtype and "
+                    "block size do not change the count</small>")
+        return "<small>KV pool: what gpu_memory_utilization leaves (vLLM's rule)</small>"
+
+    def config(self) -> tuple[Any, Any]:
+        """(the config the widgets describe, the hardware to plan it on)."""
+        from labkit.hardware import simulated
+
+        cfg = with_engine_values(self.base, self.engine_values(), self.target.value)
+        hardware = self.hardware
+        if self.simulated and hasattr(cfg, "num_gpus"):
+            cfg = dataclasses.replace(cfg, num_gpus=int(self.num_gpus.value),
+                                      gpu_type=str(self.gpu_type.value))
+            hardware = simulated(int(self.num_gpus.value), str(self.gpu_type.value))
+        if self.kv_cache_memory is not None:
+            from labkit.lab import kv_cache_memory_blocks
+
+            def sized(e: Any) -> Any:
+                n = kv_cache_memory_blocks(e.model, self.kv_cache_memory, tp=e.tp, pp=e.pp,
+                                           kv_cache_dtype=e.kv_cache_dtype,
+                                           block_size=e.block_size)
+                return dataclasses.replace(e, num_gpu_blocks_override=n)
+
+            cfg = (dataclasses.replace(cfg, prefill=sized(cfg.prefill), decode=sized(cfg.decode))
+                   if hasattr(cfg, "prefill") else sized(cfg))
+        return cfg, hardware
+
+    def click(self) -> None:
+        """Apply's button: one relaunch at a time; a click during one is ignored."""
+        with self._lock:
+            if self.busy:
+                return
+            self.busy = True
+        self.apply_button.disabled = True
+        if not self.threaded:
+            try:
+                self.apply()
+            finally:
+                self._done()
+            return
+        import threading
+
+        def run() -> None:
+            try:
+                self.apply()
+            finally:
+                self._done()
+
+        threading.Thread(target=run, name="labkit-apply", daemon=True).start()
+
+    def _done(self) -> None:
+        with self._lock:
+            self.busy = False
+        self.apply_button.disabled = False
+
     def apply(self) -> LabSettings | None:
         """Validate, then call on_apply; on ConfigError show it and call nothing."""
         from labkit.plan import ConfigError, validate
 
         try:
-            cfg = with_engine_values(self.base, self.engine_values(), self.target.value)
-            plan = validate(cfg, self.hardware)
+            cfg, hardware = self.config()
+            plan = validate(cfg, hardware)
         except ConfigError as e:
             self._say(f"✗ {e}", "#c92a2a")
             return None
@@ -136,14 +242,24 @@ class ControlPanel:
         if self.on_apply is None:
             self._say("✓ valid (no on_apply given: nothing restarted)", "#2b8a3e")
             return settings
+        self._say("… relaunching the lab with these settings", "#495057")  # no stale error
+        self.num_applies += 1
         try:
             self.on_apply(settings)
         except Exception as e:  # the lab failed to apply it: say so, keep the panel alive
             self._say(f"✗ apply failed: {type(e).__name__}: {e}", "#c92a2a")
             return None
         self.base = cfg
-        self._say("✓ applied", "#2b8a3e")
+        self.pool_note.value = self._pool_text()
+        blocks = ", ".join(f"{ep.name} {ep.num_blocks:,}" for ep in plan.engines)
+        self._say(f"✓ applied (KV blocks: {blocks})", "#2b8a3e")
         return settings
+
+    def disable(self, why: str) -> None:
+        """No Apply here (a replay): every knob read-only, and why."""
+        self.apply_button.disabled = True
+        self.busy = True
+        self._say(why, "#495057")
 
     def _say(self, text: str, color: str) -> None:
         self.message.value = f'<span style="color:{color};white-space:pre-wrap">{html.escape(text)}</span>'

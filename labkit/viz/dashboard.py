@@ -52,6 +52,7 @@ class Dashboard:
         hardware: passed to labkit.plan.validate (None: detected / simulated).
         interval: seconds between refreshes (0.25 = 4 Hz).
         max_cells: block-map cells per engine before blocks are grouped into super-cells.
+        controls: more keywords for the ControlPanel (kv_cache_memory, workload, threaded).
     """
 
     def __init__(
@@ -62,6 +63,7 @@ class Dashboard:
         hardware: Any = None,
         interval: float = 0.25,
         max_cells: int = 4096,
+        controls: dict[str, Any] | None = None,
     ) -> None:
         self.source = source
         self.info = SourceInfo.from_dict(source.describe())
@@ -84,7 +86,11 @@ class Dashboard:
         self.num_refreshes = 0
         self.last_error: str | None = None
         self.progress = StartupProgress()
-        self.controls = ControlPanel(on_apply=on_apply, base=config, hardware=hardware)
+        self.controls = ControlPanel(on_apply=on_apply, base=config, hardware=hardware,
+                                     **(controls or {}))
+        if self.info.kind == "replay":
+            self.controls.disable("A replay: what was recorded is shown as it ran; Apply "
+                                  "needs a live lab.")
         self.header = w.HTML(self._header_html())
         self.status = w.HTML("")
         self._task: asyncio.Task | None = None
