@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="nixl decode: seconds to reach the prefill engine holding a request's "
                    "KV before the request fails (vLLM's handshake waits 5 s)")
     p.add_argument("--engine-id", help="the engine id (NIXL's remote_engine_id); default random")
+    p.add_argument("--kv-offloading-size", type=float, default=None, metavar="GiB",
+                   help="host memory for the CPU tier of KV (vLLM's OffloadingConnector)")
     p.add_argument("--speed", type=float, default=1.0, help="simulated seconds per wall second")
     p.add_argument("--fast", action="store_true", help="as fast as possible (tests, benchmarks)")
     p.add_argument("--seed", type=int, default=0)
@@ -83,6 +85,8 @@ def parse_args(argv: Sequence[str] | None = None) -> SimServerArgs:
     fields["connector"] = None if ns.connector == "none" else ns.connector
     if fields["speed"] <= 0:
         raise SystemExit("--speed must be > 0")
+    if fields["kv_offloading_size"] is not None and not fields["kv_offloading_size"] > 0:
+        raise SystemExit("--kv-offloading-size must be > 0")
     if not fields["kv_load_timeout"] > 0:
         raise SystemExit("--kv-load-timeout must be > 0")
     return SimServerArgs(model=model, **fields)

@@ -189,6 +189,10 @@ class SimKVConnector(ABC):
         """Earliest time a pending transfer completes (None: nothing pending)."""
         return None
 
+    def has_pending_push_work(self) -> bool:
+        """Work left with nothing scheduled (vLLM's has_pending_push_work: offload stores)."""
+        return False
+
     def take_transfers(self) -> list[TransferRecord]:
         out, self.transfers = self.transfers, []
         return out

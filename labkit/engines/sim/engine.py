@@ -34,6 +34,7 @@ from labkit.engines.sim.cost_model import (
     load_cost_params,
 )
 from labkit.engines.sim.kv_cache_manager import KVCacheManager
+from labkit.engines.sim.offload import MultiConnector, OffloadingConnector, offload_link
 from labkit.engines.sim.output import RequestOutput, StepResult
 from labkit.engines.sim.request import HASH_FUNCTIONS, Request, RequestStatus
 from labkit.engines.sim.scheduler import Scheduler, SchedulerOutput
@@ -63,6 +64,9 @@ class SimEngine:
             (a request reaching a busy engine joins one step later); False: vLLM's sync loop.
         enable_chunked_prefill: False: a prompt is never split over steps (it waits for a
             step with room); the chunk must then hold max_model_len (vLLM's rule).
+        kv_offloading_size: GiB of host memory for vLLM's CPU tier (--kv-offloading-size):
+            the OffloadingConnector, alone or in a MultiConnector after `connector`
+            (labkit/engines/sim/offload.py). None: no CPU tier.
     """
 
     def __init__(self, model: Any = "lab-1b", gpu: Any = "h100", *, tp: int = 1, pp: int = 1,
@@ -76,7 +80,8 @@ class SimEngine:
                  record_observer_events: bool = False, cost_params: CostParams | None = None,
                  hash_algo: str = "builtin", eos_token_id: int | None = None,
                  side_channel_port: int = 5600, tp_link_bw: float | None = None,
-                 async_scheduling: bool = True, enable_chunked_prefill: bool = True) -> None:
+                 async_scheduling: bool = True, enable_chunked_prefill: bool = True,
+                 kv_offloading_size: float | None = None) -> None:
         from labkit.hardware import GPU_TYPES, LINKS
         from labkit.models import get_model, normalize_kv_dtype
 
@@ -115,6 +120,14 @@ class SimEngine:
                    if conn_name in ("nixl", "NixlConnector") else {}))
         else:
             self.transport = transport or (connector.transport if connector else None)
+        self.offload: OffloadingConnector | None = None
+        self.kv_offloading_size = kv_offloading_size
+        if kv_offloading_size:
+            self.offload = OffloadingConnector(
+                self.engine_id, block_size, self.cost_model.kv_bytes_per_token, self.transport,
+                cpu_bytes=int(kv_offloading_size * 2**30), world_size=tp * pp,
+                link=offload_link(self.gpu))
+            connector = self.offload if connector is None else MultiConnector([connector, self.offload])
         self.connector: SimKVConnector | None = connector
         self.kv_cache_manager = KVCacheManager(num_gpu_blocks, block_size, self.max_model_len,
                                                enable_prefix_caching, enable_kv_cache_events)
@@ -160,6 +173,8 @@ class SimEngine:
             kw["gpu_memory_utilization"] = cfg.gpu_memory_utilization
         if getattr(cfg, "num_gpu_blocks_override", None) is not None:
             kw["num_gpu_blocks"] = cfg.num_gpu_blocks_override
+        if getattr(cfg, "kv_offloading_size_gb", None) is not None:
+            kw["kv_offloading_size"] = cfg.kv_offloading_size_gb
         kw.update(overrides)
         return cls(**kw)
 
@@ -208,7 +223,8 @@ class SimEngine:
         return (self.scheduler.get_num_unfinished_requests() > 0 or len(self._inbox) > 0
                 or (self._inflight is not None and (
                     bool(self.scheduler.deferred_frees)
-                    or any(not r.is_finished() for r, _ in self._inflight[1]))))
+                    or any(not r.is_finished() for r, _ in self._inflight[1])))
+                or (self.offload is not None and self.offload.has_pending_push_work()))
 
     def get_request(self, req_id: str) -> Request | None:
         return self.scheduler.requests.get(req_id) or self._inbox.get(req_id)

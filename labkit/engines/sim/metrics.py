@@ -44,6 +44,10 @@ NIXL_POST_TIME_BUCKETS = _NIXL_TIME
 NIXL_BYTES_BUCKETS = [2 ** (10 + i) for i in range(1, 25, 2)]  # 2 KiB .. 8 GiB
 NIXL_DESCRIPTORS_BUCKETS = [10, 20, 30, 50, 75, 100, 200, 400, 1000, 2000, 4000, 10000, 20000,
                             50000]
+# vLLM's KV offload (distributed/kv_transfer/kv_connector/v1/offloading/metrics.py,
+# v1/kv_offload/cpu/spec.py): bytes per transfer, CPU blocks per prepare_store.
+OFFLOAD_SIZE_BUCKETS = [1e6, 5e6, 10e6, 20e6, 40e6, 60e6, 80e6, 100e6, 150e6, 200e6]
+OFFLOAD_ALLOCATION_BUCKETS = [1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144]
 PROMPT_SOURCES = ("local_compute", "local_cache_hit", "external_kv_transfer")
 FINISH_REASONS = ("stop", "length", "abort", "error", "repetition")
 
@@ -74,7 +78,8 @@ def cache_config_labels(engine: SimEngine, cache_dtype: str, gpu_memory_utilizat
         "is_attention_free": "False", "kv_cache_dtype_skip_layers": "[]",
         "kv_cache_max_concurrency": str(tokens / engine.max_model_len),
         "kv_cache_memory_bytes": "None", "kv_cache_size_tokens": str(tokens),
-        "kv_offloading_backend": "native", "kv_offloading_size": "None",
+        "kv_offloading_backend": "native",
+        "kv_offloading_size": str(float(size)) if (size := getattr(engine, "kv_offloading_size", None)) else "None",
         "kv_sharing_fast_prefill": "False", "num_cpu_blocks": "None",
         "num_gpu_blocks": str(engine.num_gpu_blocks),
         "num_gpu_blocks_override": str(num_gpu_blocks_override),
@@ -123,12 +128,13 @@ class SimMetrics:
         cache_info: labels of `vllm:cache_config_info` (block_size, num_gpu_blocks, ...).
         gpu_type: a labkit.hardware.GPU_TYPES key, for `labkit:sim_info`.
         connector: "nixl" adds vLLM's NIXL transfer metrics.
+        offload: True adds vLLM's KV-offload metrics (vllm:kv_offload_*).
         engine: the `engine` label (vLLM's engine index).
     """
 
     def __init__(self, model_name: str, *, max_model_len: int, cache_info: dict[str, str],
                  gpu_type: str, connector: str | None = None, engine: str = "0",
-                 speed: str = "1") -> None:
+                 speed: str = "1", offload: bool = False) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         for collector in (process_collector.ProcessCollector, platform_collector.PlatformCollector,
                           gc_collector.GCCollector):
@@ -198,6 +204,9 @@ class SimMetrics:
         self.nixl: dict[str, Any] = {}
         if connector == "nixl":
             self._add_nixl()
+        self.offload: dict[str, Any] = {}
+        if offload:
+            self._add_offload()
         self._last: dict[str, int] = {}
 
     def _add_nixl(self) -> None:
@@ -224,6 +233,83 @@ class SimMetrics:
              "P instance."),
         ):
             self.nixl[key] = Counter(name, doc, LABELS, registry=r).labels(**lab)
+
+    def _add_offload(self) -> None:
+        r, lab, o = self.registry, self.labels, self.offload
+        typed = [*LABELS, "transfer_type"]
+        total_bytes = Counter("vllm:kv_offload_total_bytes", "Number of bytes offloaded by KV connector",
+                              typed, registry=r)
+        total_time = Counter("vllm:kv_offload_total_time",
+                             "Total time measured by all KV offloading operations", typed, registry=r)
+        size = Histogram("vllm:kv_offload_size", "Histogram of KV offload transfer size, in bytes.",
+                         typed, buckets=OFFLOAD_SIZE_BUCKETS, registry=r)
+        for tt, op, word in (("CPU_to_GPU", "load", "loaded from offload storage to GPU"),
+                             ("GPU_to_CPU", "store", "stored from GPU to offload storage")):
+            o[f"total_bytes:{tt}"] = total_bytes.labels(**lab, transfer_type=tt)
+            o[f"total_time:{tt}"] = total_time.labels(**lab, transfer_type=tt)
+            o[f"size:{tt}"] = size.labels(**lab, transfer_type=tt)
+            where = "from offload storage to GPU" if op == "load" else "from GPU to offload storage"
+            o[f"{op}_bytes"] = Counter(f"vllm:kv_offload_{op}_bytes", f"Total bytes {word}.", LABELS,
+                                       registry=r).labels(**lab)
+            o[f"{op}_time"] = Counter(f"vllm:kv_offload_{op}_time",
+                                      f"Total {op} time {where}, in seconds.", LABELS,
+                                      registry=r).labels(**lab)
+            o[f"{op}_size"] = Histogram(f"vllm:kv_offload_{op}_size",
+                                        f"Histogram of KV offload {op} operation size, in bytes.",
+                                        LABELS, buckets=OFFLOAD_SIZE_BUCKETS, registry=r).labels(**lab)
+        for key, doc in (
+            ("cpu_cache_usage_perc", "Fraction of CPU KV-cache space currently pinned by active "
+             "transfers (0.0 = idle, 1.0 = saturated)."),
+            ("cpu_cache_write_usage_perc", "Fraction of CPU KV-cache space currently pinned by "
+             "in-flight stores that have not yet completed (0.0 = idle, 1.0 = saturated)."),
+            ("cpu_cache_read_usage_perc", "Fraction of CPU KV-cache space currently pinned by "
+             "in-flight loads that have not yet completed (0.0 = idle, 1.0 = saturated)."),
+        ):
+            o[key] = Gauge(f"vllm:kv_offload_{key}", doc, LABELS, registry=r).labels(**lab)
+        o["allocation_size"] = Histogram(
+            "vllm:kv_offload_cpu_allocation_size", "Histogram of the number of CPU blocks requested "
+            "by each KV offload prepare_store call.", LABELS, buckets=OFFLOAD_ALLOCATION_BUCKETS,
+            registry=r).labels(**lab)
+        o["allocation_failure"] = Counter(
+            "vllm:kv_offload_allocation_failure",
+            "Number of KV offload store allocation attempts that failed.", LABELS,
+            registry=r).labels(**lab)
+        self._offload_seen = {"CPU_to_GPU": 0, "GPU_to_CPU": 0, "failures": 0}
+
+    def update_offload(self, conn: Any) -> None:
+        """The offload connector's finished jobs and CPU pool (engine.offload) -> metrics."""
+        o = self.offload
+        if not o or conn is None:
+            return
+        seen = self._offload_seen
+        for tt, op in (("CPU_to_GPU", "load"), ("GPU_to_CPU", "store")):
+            nbytes, seconds, sizes = conn.stats[tt]
+            new = sizes[seen[tt]:]
+            if not new:
+                continue
+            seen[tt] = len(sizes)
+            # per-job bytes/time since the last update (the stats keep running totals)
+            delta_bytes = sum(new)
+            delta_time = seconds - getattr(self, f"_offload_time_{op}", 0.0)
+            setattr(self, f"_offload_time_{op}", seconds)
+            for counter in (o[f"total_bytes:{tt}"], o[f"{op}_bytes"]):
+                counter.inc(delta_bytes)
+            for counter in (o[f"total_time:{tt}"], o[f"{op}_time"]):
+                counter.inc(max(0.0, delta_time))
+            for b in new:
+                o[f"size:{tt}"].observe(b)
+                o[f"{op}_size"].observe(b)
+        mgr = conn.manager
+        for n in mgr.allocation_sizes:
+            o["allocation_size"].observe(n)
+        mgr.allocation_sizes.clear()
+        if mgr.num_allocation_failures > seen["failures"]:
+            o["allocation_failure"].inc(mgr.num_allocation_failures - seen["failures"])
+            seen["failures"] = mgr.num_allocation_failures
+        usage, write, read = mgr.usage()
+        o["cpu_cache_usage_perc"].set(usage)
+        o["cpu_cache_write_usage_perc"].set(write)
+        o["cpu_cache_read_usage_perc"].set(read)
 
     # ----------------------------------------------------------------- updates
     def _advance(self, key: str, total: int | float) -> None:

@@ -31,6 +31,7 @@ _FLAGS = {
     "max_model_len": "--max-model-len", "kv_events_topic": "--kv-events-topic",
     "observer_name": "--observer-name", "engine_id": "--engine-id", "speed": "--speed",
     "seed": "--seed", "kv_load_timeout": "--kv-load-timeout",
+    "kv_offloading_size": "--kv-offloading-size",
 }
 
 
@@ -53,6 +54,8 @@ def options_from_plan(config: EngineConfig | None, plan: Plan, key: Any) -> dict
         opts["num_gpu_blocks_override"] = c.num_gpu_blocks_override
     else:
         opts["num_gpu_blocks"] = ep.num_blocks
+    if c.kv_offloading_size_gb is not None:
+        opts["kv_offloading_size"] = c.kv_offloading_size_gb
     if plan.connector is not None:
         opts["connector"] = plan.connector
         opts["kv_link"] = plan.link
@@ -140,4 +143,6 @@ def _options_from_config(c: EngineConfig) -> dict[str, Any]:
                                        "num_gpu_blocks_override", "enable_prefix_caching",
                                        "enable_chunked_prefill")
             if getattr(c, k, None) is not None}
+    if getattr(c, "kv_offloading_size_gb", None) is not None:
+        opts["kv_offloading_size"] = c.kv_offloading_size_gb
     return opts

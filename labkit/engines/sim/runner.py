@@ -66,6 +66,7 @@ class SimServerArgs:
     observer_name: str | None = None
     engine_id: str | None = None
     kv_load_timeout: float = 5.0  # nixl decode: seconds to reach the KV's prefill engine
+    kv_offloading_size: float | None = None  # GiB of host memory for the CPU tier (vLLM's flag)
     speed: float = 1.0
     fast: bool = False
     seed: int = 0
@@ -121,17 +122,19 @@ class EngineRunner:
             enable_chunked_prefill=args.enable_chunked_prefill, engine_id=self.engine_id,
             clock=self.clock, seed=args.seed, enable_kv_cache_events=bool(args.kv_events_endpoint),
             record_observer_events=bool(args.observer_endpoint), eos_token_id=2,
-            side_channel_port=args.port, **engine_kw)
+            side_channel_port=args.port, kv_offloading_size=args.kv_offloading_size, **engine_kw)
         conn = self.engine.connector
-        if conn is not None and hasattr(conn, "side_channel_host"):
-            conn.side_channel_host = args.host  # remote_host in prefill's kv_transfer_params
+        for c in getattr(conn, "connectors", None) or [conn]:
+            if c is not None and hasattr(c, "side_channel_host"):
+                c.side_channel_host = args.host  # remote_host in prefill's kv_transfer_params
         if self.transport is not None:
             self.transport.kv_bytes_per_token = self.engine.cost_model.kv_bytes_per_token
         labels = cache_config_labels(self.engine, args.kv_cache_dtype,
                                      args.gpu_memory_utilization, args.num_gpu_blocks_override)
         self.metrics = SimMetrics(self.served_model_name, max_model_len=self.engine.max_model_len,
                                   cache_info=labels, gpu_type=args.gpu_type,
-                                  connector=args.connector, speed=f"{args.speed:g}")
+                                  connector=args.connector, speed=f"{args.speed:g}",
+                                  offload=self.engine.offload is not None)
         self.kv_publisher: kve.KVEventPublisher | None = None
         self.observer: obs.ObserverPublisher | None = None
         self._streams: dict[str, asyncio.Queue[RequestOutput]] = {}
@@ -317,6 +320,9 @@ class EngineRunner:
     def _after_step(self, res: StepResult) -> None:
         eng = self.engine
         self.metrics.update(eng)
+        if eng.offload is not None:
+            self.metrics.update_offload(eng.offload)
+            self._emit(self._offload_events(res))
         self._pending_transfers.extend(eng.take_transfers())
         if self.kv_publisher is not None:
             events = [_kv_event(ev) for ev in eng.take_kv_events()]
@@ -360,6 +366,18 @@ class EngineRunner:
                 num_free=so.num_free_blocks))
         return events + finished
 
+    def _offload_events(self, res: StepResult) -> list[Any]:
+        """The CPU tier's finished GPU<->CPU jobs (OffloadTransfer); the tier is dirty then."""
+        done = self.engine.offload.take_host_transfers()  # type: ignore[union-attr]
+        if done or res.num_scheduled_tokens:
+            self._pool_dirty = True
+        return [obs.OffloadTransfer(ts=self.epoch(t.end), req_id=t.req_id,
+                                    transfer_type=t.transfer_type, num_blocks=t.num_blocks,
+                                    num_bytes=t.num_bytes, start=self.epoch(t.start),
+                                    end=self.epoch(t.end), gpu_block_ids=list(t.gpu_block_ids),
+                                    cpu_block_ids=list(t.cpu_block_ids), step=t.step)
+                for t in done]
+
     def _flush_transfers(self) -> None:
         """Transfers whose end the clock has passed: metrics and KVTransfer events."""
         if self.transport is not None:
@@ -390,8 +408,15 @@ class EngineRunner:
             return
         pool = self.engine.kv_cache_manager.block_pool
         states = self.engine.block_states()
-        self._emit([obs.PoolSnapshot(ts=self.epoch(self.clock.now()), num_blocks=len(states),
-                                     num_free=pool.get_num_free_blocks(), block_state=states)])
+        events: list[Any] = [obs.PoolSnapshot(ts=self.epoch(self.clock.now()), num_blocks=len(states),
+                                              num_free=pool.get_num_free_blocks(), block_state=states)]
+        if self.engine.offload is not None:
+            mgr = self.engine.offload.manager
+            host = mgr.block_states()
+            events.append(obs.HostTierSnapshot(
+                ts=events[0].ts, num_blocks=len(host), num_free=mgr.get_num_free_blocks(),
+                num_stored=len(mgr.evictable), block_state=host))
+        self._emit(events)
         self._last_snapshot, self._pool_dirty = now, False
 
     def _emit(self, events: list[Any]) -> None:
