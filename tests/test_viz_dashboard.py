@@ -49,7 +49,8 @@ def test_refresh_folds_and_redraws_every_view():
     for view in dash.views.values():
         assert "SIMULATED" in view.figure.layout.title.text
     timings = dash.refresh()
-    assert set(timings) == {"poll", "fold", "blocks", "streaming", "memory", "schedule", "latency"}
+    assert set(timings) == {"poll", "fold", "blocks", "streaming", "memory", "schedule", "latency",
+                            "offload"}
     z = np.asarray(dash.views["blocks"].figure.data[0].z)
     assert z[1] >= 4 and z[2] >= 4  # in use by "a"
     assert list(dash.views["streaming"].figure.data[0].y) == ["#1"]  # queued: request #1 ("a")

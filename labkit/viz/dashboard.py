@@ -24,6 +24,7 @@ from labkit.viz.blocks import BlockMapView
 from labkit.viz.controls import ControlPanel, StartupProgress
 from labkit.viz.latency import LatencyView
 from labkit.viz.memory import MemoryView
+from labkit.viz.offload import OffloadState, OffloadView
 from labkit.viz.schedule import ScheduleView
 from labkit.viz.state import BlockMapState, LatencyState, MemoryState, ScheduleState, TransferState
 from labkit.viz.streaming import StreamingView
@@ -78,6 +79,7 @@ class Dashboard:
             "memory": MemoryView(self.memory, self.info),
             "schedule": ScheduleView(self.schedule, engines, ids=lambda: self.transfers.ids),
             "latency": LatencyView(self.latency, engines, self.info.kind),
+            "offload": OffloadView(self.offload, kinds),
         }
         if self.info.kind == "replay":
             for view in self.views.values():
@@ -107,11 +109,12 @@ class Dashboard:
         self.memory = MemoryState()
         self.schedule = ScheduleState()
         self.latency = LatencyState()
+        self.offload = OffloadState()
 
     def _reset(self) -> None:
         self._new_states()
         states = {"blocks": self.blocks, "streaming": self.transfers, "memory": self.memory,
-                  "schedule": self.schedule, "latency": self.latency}
+                  "schedule": self.schedule, "latency": self.latency, "offload": self.offload}
         for name, view in self.views.items():
             view.state = states[name]
             view._drawn_version = -1
@@ -141,6 +144,7 @@ class Dashboard:
                 w.HBox([cell("blocks", "50%"), cell("streaming", "50%")]),
                 w.HBox([cell("schedule", "50%"), cell("memory", "50%")]),
                 cell("latency", "100%"),
+                cell("offload", "100%"),  # the CPU tier under the block maps
             ],
             layout=w.Layout(flex="1 1 auto", min_width="0"),
         )
@@ -161,6 +165,7 @@ class Dashboard:
             self.blocks.apply(batch)
             self.transfers.apply(batch)
             self.schedule.apply(batch)
+            self.offload.apply(batch)
         for ev in delta.timeline:
             self.transfers.apply_timeline(ev)
             self.latency.apply_timeline(ev)
