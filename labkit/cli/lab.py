@@ -7,10 +7,11 @@ argument list; every server binds 127.0.0.1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
+import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -216,12 +217,37 @@ def cmd_dashboard(a: argparse.Namespace) -> int:
     if a.no_browser:
         args.append("--no-browser")
     proc = subprocess.Popen(args, env=voila_env())
+
+    def on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)  # SIGTERM stops Voila, its kernels and their labs
     try:
         return proc.wait()
     except KeyboardInterrupt:
-        proc.terminate()
-        time.sleep(0.5)
         return 0
+    finally:
+        stop_tree(proc.pid)
+
+
+def stop_tree(pid: int, timeout: float = 10.0) -> None:
+    """SIGTERM `pid` and every descendant (Voila's kernels run in their own sessions, their
+    labs' engines in theirs), then SIGKILL whatever is left after `timeout` s."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(alive, timeout=2)
 
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
