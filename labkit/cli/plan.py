@@ -106,6 +106,8 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
                    action="store_true", help="a prompt must fit one step")
     _alias(p, "--no-chunked-prefill", dest="no_chunked_prefill", action="store_true")
     p.add_argument("--load-format", choices=["dummy", "auto"], default="dummy")
+    p.add_argument("--kv-offloading-size", type=float, metavar="GiB",
+                   help="host memory for a CPU tier of KV per engine (vLLM's KV offload)")
 
 
 def config_from_args(a: argparse.Namespace) -> PDConfig:
@@ -123,7 +125,7 @@ def config_from_args(a: argparse.Namespace) -> PDConfig:
         num_gpu_blocks=a.num_gpu_blocks, kv_cache_memory=a.kv_cache_memory,
         connector=a.connector, num_gpus=a.num_gpus, gpu_type=a.gpu_type,
         colocated=a.colocated, enable_chunked_prefill=not a.no_chunked_prefill,
-        load_format=a.load_format)
+        load_format=a.load_format, kv_offloading_size=a.kv_offloading_size)
     for role in ("prefill", "decode"):
         util = getattr(a, f"{role}_util", None)
         if util is not None:
