@@ -310,4 +310,5 @@ def validate(cfg: PDConfig, hardware: Hardware | None = None) -> Plan:
         "activation, non-torch and CUDA-context memory are estimates; weights and KV "
         "follow vLLM's arithmetic exactly"
     )
-    return Plan(kind, gpu, num_gpus, connector, link, models[0], plans, gpus, notes)
+    return Plan(kind=kind, gpu_type=gpu, num_gpus=num_gpus, connector=connector, link=link,
+                model=models[0], engines=plans, gpus=gpus, notes=notes)

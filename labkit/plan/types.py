@@ -82,7 +82,7 @@ class GPUPlan:
     free: int
 
 
-@dataclass
+@dataclass(kw_only=True)
 class EnginePlan:
     """One engine with every None resolved, its ranks and its KV capacity."""
 
@@ -113,7 +113,7 @@ class EnginePlan:
         return self.num_tokens / self.max_model_len
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Plan:
     kind: Literal["vllm", "sim"]
     gpu_type: GPUType

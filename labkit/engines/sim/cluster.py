@@ -16,7 +16,7 @@ import heapq
 import itertools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -65,7 +65,15 @@ class RequestRecord:
         return None if self.finish is None else self.finish - self.arrival
 
 
-WorkItem = Sequence[Any]  # (arrival_s, prompt_len, output_len[, prefix_id[, prefix_len]])
+class WorkItem(NamedTuple):
+    """One request of a workload. Requests with the same `prefix_id` share their first
+    `prefix_len` tokens (default: the cluster's `shared_prefix_len`)."""
+
+    arrival_s: float
+    prompt_len: int
+    output_len: int
+    prefix_id: Any = None
+    prefix_len: int | None = None
 
 
 class SimCluster:
@@ -150,44 +158,46 @@ class SimCluster:
             self._wake(idx, at)
 
     # -- workload -------------------------------------------------------------------------
-    def _prompts(self, workload: list[WorkItem]) -> list[list[int]]:
+    def _prompts(self, workload: Sequence[WorkItem]) -> list[list[int]]:
         """Token ids per request: a unique first token, then a slice of one random pool (so no
         two prompts share a block hash unless they share a prefix id), shared prefixes on top."""
         vocab = self.engines[0].model.vocab_size
         rng = np.random.default_rng(self.seed)
-        longest = max((int(item[1]) for item in workload), default=1)
+        longest = max((int(item.prompt_len) for item in workload), default=1)
         pool = rng.integers(1, vocab, size=max(65536, 2 * longest)).tolist()
         offsets = rng.integers(0, len(pool) - longest, size=max(len(workload), 1)).tolist()
         prefixes: dict[Any, list[int]] = {}
         out = []
         for i, item in enumerate(workload):
-            n = int(item[1])
+            n = int(item.prompt_len)
             off = offsets[i]
             tokens = pool[off:off + n]
             tokens[0] = 1 + i % (vocab - 1)
-            if len(item) > 3 and item[3] is not None:
-                plen = int(item[4]) if len(item) > 4 else self.shared_prefix_len
-                prefix = prefixes.get(item[3])
+            if item.prefix_id is not None:
+                plen = self.shared_prefix_len if item.prefix_len is None else int(item.prefix_len)
+                prefix = prefixes.get(item.prefix_id)
                 if prefix is None:
-                    prefix = prefixes[item[3]] = rng.integers(1, vocab, size=plen).tolist()
+                    prefix = prefixes[item.prefix_id] = rng.integers(1, vocab, size=plen).tolist()
                 k = min(len(prefix), n - 1)
                 tokens[:k] = prefix[:k]
             out.append(tokens)
         return out
 
-    def run(self, workload: Iterable[WorkItem], *, on_step: Callable[[SimEngine, StepResult], None] | None = None,
+    def run(self, workload: Iterable[WorkItem | Sequence[Any]], *, on_step: Callable[[SimEngine, StepResult], None] | None = None,
             until: float | None = None) -> list[RequestRecord]:
         """Serve `workload` to the end (or simulated time `until`); one record per request.
 
         Args:
-            workload: items (arrival_s, prompt_len, output_len[, prefix_id[, prefix_len]]).
+            workload: `WorkItem`s, or plain tuples in its order
+                (arrival_s, prompt_len, output_len[, prefix_id[, prefix_len]]).
             on_step: called after every engine step (live views).
         """
-        items = sorted(workload, key=lambda w: float(w[0]))
+        items = sorted((WorkItem(*w) for w in workload), key=lambda w: float(w.arrival_s))
         prompts = self._prompts(items)
-        records = [RequestRecord(str(i), float(w[0]), int(w[1]), int(w[2])) for i, w in enumerate(items)]
+        records = [RequestRecord(str(i), float(w.arrival_s), int(w.prompt_len), int(w.output_len))
+                   for i, w in enumerate(items)]
         for i, w in enumerate(items):
-            self._push(float(w[0]) + self.router_latency_s, self._ARRIVE, i)
+            self._push(float(w.arrival_s) + self.router_latency_s, self._ARRIVE, i)
         by_engine_req: dict[tuple[int, str], RequestRecord] = {}
         colocated = not self.decode_engines
         hashes = self._hashes = {}  # prompt hashes from prefill, reused by decode

@@ -10,11 +10,32 @@ leave during the NEXT step: labkit/engines/sim/async_sched.py).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 if TYPE_CHECKING:
     from labkit.engines.sim.kv_cache_manager import KVCacheBlocks
     from labkit.engines.sim.request import Request
+
+
+class AllocNote(NamedTuple):
+    """`update_state_after_alloc` as labkit's observer connector sees it (RequestAllocated)."""
+
+    kind: Literal["alloc"]
+    req_id: str
+    block_ids: list[int]
+    num_external_tokens: int
+
+
+class FinishedNote(NamedTuple):
+    """`request_finished` as labkit's observer connector sees it (RequestFinished)."""
+
+    kind: Literal["finished"]
+    req_id: str
+    block_ids: list[int]
+    delay_free: bool
+
+
+ObserverNote = AllocNote | FinishedNote
 
 
 @dataclass(slots=True)

@@ -40,7 +40,13 @@ from typing import Any
 from labkit.engines.sim.block_pool import KVCacheBlock
 from labkit.engines.sim.connector import SimKVConnector
 from labkit.engines.sim.kv_cache_manager import KVCacheBlocks, KVCacheManager, PrefixCacheStats
-from labkit.engines.sim.output import NewRequestData, SchedulerOutput
+from labkit.engines.sim.output import (
+    AllocNote,
+    FinishedNote,
+    NewRequestData,
+    ObserverNote,
+    SchedulerOutput,
+)
 from labkit.engines.sim.request import Request, RequestStatus
 from labkit.engines.sim.update_output import OutputUpdates
 
@@ -93,9 +99,8 @@ class Scheduler(OutputUpdates):
         self._inflight_prefills: set[Request] = set()
         self.connector_prefix_cache_stats = PrefixCacheStats()
         self.num_preemptions = 0
-        # ("alloc", req_id, block_ids, num_external) / ("finished", req_id, block_ids, delay_free)
         self.record_observer_events = record_observer_events
-        self.observer_events: list[tuple] = []
+        self.observer_events: list[ObserverNote] = []
         self.async_scheduling = async_scheduling
         # vllm/v1/core/sched/scheduler.py __init__: "With overlapping batches (async
         # scheduling or PP), a step may still be writing a freed request's KV blocks. A
@@ -344,7 +349,7 @@ class Scheduler(OutputUpdates):
                                                              request.num_preemptions > 0)
             if self.record_observer_events:
                 self.observer_events.append(
-                    ("alloc", rid, kv.get_block_ids(rid)[0], num_external_computed_tokens))
+                    AllocNote("alloc", rid, kv.get_block_ids(rid)[0], num_external_computed_tokens))
 
             queue.popleft()
             if load_kv_async:
@@ -443,7 +448,7 @@ class Scheduler(OutputUpdates):
         self.finished_req_ids.add(rid)
         delay = delay_free_blocks or connector_delay
         if self.record_observer_events:
-            self.observer_events.append(("finished", rid, block_ids, delay))
+            self.observer_events.append(FinishedNote("finished", rid, block_ids, bool(delay)))
         if not delay:
             self._free_blocks(request)
         return params
