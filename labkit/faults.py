@@ -7,7 +7,7 @@ The reliability tests (tests/test_reliability_*.py) and a curious learner use th
     faults.wait_groups_gone([pgid], timeout=5)       # ... and wait until no pid is left in it
     lab.restart_engine("prefill")
 
-Everything here reads Linux /proc (no psutil); elsewhere the functions return empty answers.
+Process trees, environments and sockets come from psutil (a vLLM dependency too).
 Processes are found by an environment tag (`tag_children()`): every engine, proxy and
 supervisor a lab starts inherits the parent's environment, so a tag set before the start
 finds them even after they were re-parented to init (their parent died).
@@ -19,12 +19,13 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import Iterable
-from pathlib import Path
+from collections.abc import Iterable, Iterator
 from typing import Any
 
+import psutil
+
 TAG_ENV = "LABKIT_FAULT_TAG"
-_PROC = Path("/proc")
+_GONE = (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess)
 
 
 # ---------------------------------------------------------------- finding processes
@@ -37,24 +38,23 @@ def tag_children(tag: str | None = None) -> str:
 
 def tagged_pids(tag: str, *, exclude_self: bool = True) -> list[int]:
     """Live (non-zombie) pids whose environment holds LABKIT_FAULT_TAG=`tag`."""
-    needle = f"{TAG_ENV}={tag}".encode()
     out = []
-    for entry in _pid_dirs():
-        pid = int(entry.name)
-        if exclude_self and pid == os.getpid():
+    for p in _live():
+        if exclude_self and p.pid == os.getpid():
             continue
         try:
-            env = (entry / "environ").read_bytes()
-        except OSError:
+            if p.environ().get(TAG_ENV) == tag:
+                out.append(p.pid)
+        except _GONE:  # gone meanwhile, or another user's process
             continue
-        if needle in env.split(b"\0") and _state(pid) not in ("Z", "X", None):
-            out.append(pid)
     return sorted(out)
 
 
 def pgid_of(pid: int) -> int | None:
-    fields = _stat_fields(pid)
-    return int(fields[2]) if fields else None
+    try:
+        return os.getpgid(pid)
+    except (ProcessLookupError, PermissionError):
+        return None
 
 
 def groups_of(pids: Iterable[int]) -> set[int]:
@@ -71,11 +71,7 @@ def lab_groups(lab: Any) -> dict[str, int]:
 def pids_in_groups(pgids: Iterable[int]) -> list[int]:
     """Live pids in any of `pgids`."""
     wanted = set(pgids)
-    return sorted(
-        int(e.name)
-        for e in _pid_dirs()
-        if (f := _stat_fields(int(e.name))) and int(f[2]) in wanted and f[0] != "Z"
-    )
+    return sorted(p.pid for p in _live() if pgid_of(p.pid) in wanted)
 
 
 def wait_groups_gone(pgids: Iterable[int], timeout: float = 10.0) -> float:
@@ -108,71 +104,37 @@ def wait_tag_gone(tag: str, timeout: float = 10.0) -> float:
 
 
 def cmdline(pid: int) -> str:
-    try:
-        return (_PROC / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
-    except OSError:
-        return ""
+    return " ".join(argv_of(pid))
 
 
 def argv_of(pid: int) -> list[str]:
-    """A process's argument vector exactly as exec'd (NUL-separated in /proc)."""
+    """A process's argument vector exactly as exec'd ([] when it is gone)."""
     try:
-        raw = (_PROC / str(pid) / "cmdline").read_bytes()
-    except OSError:
+        return psutil.Process(pid).cmdline()
+    except _GONE:
         return []
-    return [a.decode(errors="replace") for a in raw.split(b"\0")[:-1]]
 
 
 def rss_bytes(pid: int) -> int:
-    """Resident set size of `pid` (VmRSS), 0 when it is gone."""
+    """Resident set size of `pid`, 0 when it is gone."""
     try:
-        for line in (_PROC / str(pid) / "status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return 0
+        return int(psutil.Process(pid).memory_info().rss)
+    except _GONE:
+        return 0
 
 
 # ---------------------------------------------------------------- sockets
 def listening_sockets(pids: Iterable[int]) -> list[tuple[str, int, int]]:
-    """(address, port, pid) of every TCP socket in LISTEN state that `pids` hold.
-
-    Read from /proc/net/tcp and tcp6 (state 0A) joined with each pid's fd links
-    `socket:[inode]`. IPv4 addresses are dotted quads, IPv6 ones hex as the kernel writes them.
-    """
-    inode_pid: dict[str, int] = {}
-    for pid in pids:
-        fd_dir = _PROC / str(pid) / "fd"
-        try:
-            for fd in fd_dir.iterdir():
-                try:
-                    link = os.readlink(fd)
-                except OSError:
-                    continue
-                if link.startswith("socket:["):
-                    inode_pid[link[8:-1]] = pid
-        except OSError:
-            continue
+    """(address, port, pid) of every TCP socket in LISTEN state that `pids` hold."""
     out = []
-    for table in ("tcp", "tcp6"):
+    for pid in pids:
         try:
-            lines = (_PROC / "net" / table).read_text().splitlines()[1:]
-        except OSError:
+            conns = psutil.Process(pid).net_connections(kind="tcp")
+        except _GONE:
             continue
-        for line in lines:
-            f = line.split()
-            if len(f) < 10 or f[3] != "0A" or f[9] not in inode_pid:
-                continue
-            addr_hex, port_hex = f[1].split(":")
-            out.append((_addr(addr_hex), int(port_hex, 16), inode_pid[f[9]]))
+        out += [(c.laddr.ip, c.laddr.port, pid) for c in conns
+                if c.status == psutil.CONN_LISTEN]
     return sorted(out)
-
-
-def _addr(hex_addr: str) -> str:
-    if len(hex_addr) == 8:  # IPv4, little-endian
-        return ".".join(str(int(hex_addr[i : i + 2], 16)) for i in (6, 4, 2, 0))
-    return hex_addr
 
 
 # ---------------------------------------------------------------- faults
@@ -186,22 +148,8 @@ def kill_engine(lab: Any, name: str, sig: int = signal.SIGKILL) -> int:
     return int(handle.pgid)
 
 
-def _pid_dirs() -> list[Path]:
-    try:
-        return [e for e in _PROC.iterdir() if e.name.isdigit()]
-    except OSError:
-        return []
-
-
-def _stat_fields(pid: int) -> list[str] | None:
-    """Fields after `comm` of /proc/PID/stat: state, ppid, pgrp, session, ..."""
-    try:
-        stat = (_PROC / str(pid) / "stat").read_text()
-    except OSError:
-        return None
-    return stat[stat.rfind(")") + 2 :].split()
-
-
-def _state(pid: int) -> str | None:
-    f = _stat_fields(pid)
-    return f[0] if f else None
+def _live() -> Iterator[psutil.Process]:
+    """Every process that is not a zombie (nor gone while we looked)."""
+    for p in psutil.process_iter(["status"]):
+        if p.info["status"] not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+            yield p

@@ -2,7 +2,8 @@
 
 An engine is a subprocess in its own process group (`start_new_session=True`) that serves
 vLLM's HTTP API on 127.0.0.1. Stopping signals the whole group (SIGTERM, then SIGKILL), so
-vLLM's EngineCore and worker children go with the API server.
+vLLM's EngineCore and worker children go with the API server. It starts through
+labkit.engines.launch (PR_SET_PDEATHSIG without preexec_fn), so it also dies with the lab.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import httpx
+import psutil
 
 from labkit.plan.devices import engine_gpu_env
 from labkit.plan.ports import free_port, port_is_free  # noqa: F401  (engines pick ports too)
@@ -30,14 +32,9 @@ ProgressCallback = Callable[[str, dict[str, Any]], None]
 _LIVE: weakref.WeakSet[EngineHandle] = weakref.WeakSet()
 
 
-def _set_pdeathsig() -> None:  # pragma: no cover - runs in the child before exec
-    """Children die with the lab (Linux PR_SET_PDEATHSIG); silently absent elsewhere."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
-    except Exception:
-        pass
+def launched(cmd: Sequence[str]) -> list[str]:
+    """`cmd` run through labkit.engines.launch: it dies with this process (Linux)."""
+    return [sys.executable, "-m", "labkit.engines.launch", str(os.getpid()), "--", *cmd]
 
 
 class EngineStartError(RuntimeError):
@@ -131,13 +128,12 @@ class EngineHandle:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log_fh = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            self.command(),
+            launched(self.command()),
             stdin=subprocess.DEVNULL,
             stdout=self._log_fh,
             stderr=subprocess.STDOUT,
             env=self.environment(),
             start_new_session=True,
-            preexec_fn=_set_pdeathsig,
         )
         self.started_at = time.time()
         _LIVE.add(self)
@@ -187,7 +183,7 @@ class EngineHandle:
         return self.proc is not None and self.proc.poll() is None
 
     def group_pids(self) -> list[int]:
-        """Live pids in the engine's process group (Linux /proc; empty elsewhere)."""
+        """Live pids in the engine's process group."""
         if self.pgid is None:
             return []
         return pids_in_group(self.pgid)
@@ -289,23 +285,17 @@ def _signal_group(pgid: int | None, sig: signal.Signals) -> None:
 
 
 def pids_in_group(pgid: int) -> list[int]:
-    """Pids whose process group is `pgid`, read from /proc (zombies excluded)."""
-    out: list[int] = []
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return out
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
+    """Live (non-zombie) pids whose process group is `pgid`."""
+    out = []
+    for p in psutil.process_iter(["status"]):
+        if p.info["status"] in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
             continue
         try:
-            stat = (entry / "stat").read_text()
-        except OSError:
+            if os.getpgid(p.pid) == pgid:
+                out.append(p.pid)
+        except (ProcessLookupError, PermissionError):  # gone meanwhile
             continue
-        # pid (comm) state ppid pgrp ...; comm may hold spaces: split after the last ')'
-        fields = stat[stat.rfind(")") + 2:].split()
-        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != "Z":
-            out.append(int(entry.name))
-    return out
+    return sorted(out)
 
 
 def _stop_all() -> None:  # pragma: no cover - interpreter exit
