@@ -75,7 +75,7 @@ def hostile_files(d: Path) -> dict[str, Path]:
 
 
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 from labkit.telemetry.recording import read_recording
 out = {}
 for name, path in json.loads(sys.argv[1]).items():
@@ -86,7 +86,9 @@ for name, path in json.loads(sys.argv[1]).items():
     except ValueError as exc:
         msg = str(exc)
     out[name] = {"s": time.perf_counter() - t0, "error": msg}
-out["_maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# VmHWM: this process's own peak (ru_maxrss would carry the forking parent's over exec)
+hwm = [ln for ln in open("/proc/self/status") if ln.startswith("VmHWM:")][0]
+out["_maxrss_mb"] = int(hwm.split()[1]) / 1024
 print(json.dumps(out))
 """
 
