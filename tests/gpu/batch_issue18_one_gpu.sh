@@ -44,8 +44,8 @@ fi
 after_a() { if [ "${MEM:-0}" -lt 100000 ] && [ -n "$A_PID" ]; then while kill -0 "$A_PID" 2>/dev/null; do sleep 1; done; fi; }
 if has d; then
   ( timeout 150 python3 tests/gpu/cpu_tier.py "$W/d" "real-$GPU-1gpu-cpu-tier" colocated > "$W/d/colocated.log" 2>&1
-    echo "d colocated rc=$? at $(at)"
-    timeout 110 python3 tests/gpu/cpu_tier.py "$W/d" cpu-tier-flag flag > "$W/d/flag.log" 2>&1
+    echo "d colocated rc=$? at $(at)" ) &
+  ( timeout 150 python3 tests/gpu/cpu_tier.py "$W/d" cpu-tier-flag flag > "$W/d/flag.log" 2>&1
     echo "d flag rc=$? at $(at)" ) &
   ( after_a
     timeout 200 python3 tests/gpu/cpu_tier.py "$W/d" "real-$GPU-1gpu-cpu-tier-pd" pd > "$W/d/pd.log" 2>&1
@@ -66,7 +66,7 @@ for j in $(jobs -p); do [ "$j" = "$B_PID" ] || wait "$j"; done
 echo "phase 1 done at $(at), $(left)s left" | tee -a "$S"
 
 if has c; then
-  RES=15; has b && RES=135   # b's rounds get at least ~110 s
+  RES=15; has b && RES=${B_RESERVE_S:-115}   # b's rounds get at least ~90 s
   CB=$(( $(left) - RES ))
   [ "$CB" -gt 400 ] && CB=400
   timeout $(( CB + 20 )) python3 -m labkit.bench.relaunch --mode vllm --num-gpus 1 --connector example \
