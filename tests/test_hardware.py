@@ -11,13 +11,13 @@ import pytest
 from labkit.hardware import (
     GPU_TYPES,
     LINKS,
-    GiB,
     Hardware,
     gpu_type_for,
     simulated,
     vllm_available,
 )
 from labkit.plan import detect
+from labkit.vocab import GiB
 
 
 def test_datasheet_numbers():
@@ -137,5 +137,15 @@ def test_import_is_cheap_and_does_not_touch_nvml():
     assert out.returncode == 0 and out.stdout.strip() == "False"
 
 
-def test_vllm_available_is_a_bool():
-    assert isinstance(vllm_available(), bool)
+def test_vllm_available_finds_vllm_without_importing_it(tmp_path, monkeypatch):
+    import importlib
+
+    fake = tmp_path / "vllm"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise RuntimeError('vllm_available imported vLLM')\n")
+    monkeypatch.delitem(sys.modules, "vllm", raising=False)
+    real = importlib.util.find_spec("vllm") is not None
+    assert vllm_available() is real
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    assert vllm_available() is True and "vllm" not in sys.modules

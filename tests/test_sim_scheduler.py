@@ -106,12 +106,14 @@ def test_preemption_by_recompute_then_resume():
         r = e.step()
         preempted += r.scheduler_output.preempted_req_ids
         resumed_seen |= bool(r.scheduler_output.scheduled_cached_reqs.resumed_req_ids)
-        assert e.kv_cache_manager.block_pool.get_num_free_blocks() >= 0
+        # the pool's free count is exactly what no request holds (no prefix is shared here)
+        held = sum(len(b) for b in e.kv_cache_manager.req_to_blocks.values())
+        assert e.kv_cache_manager.block_pool.get_num_free_blocks() == 24 - held
     assert preempted == ["b"]  # the LAST running request goes, FCFS
     assert resumed_seen
     assert e.num_preemptions == 1
     assert e.stats.request_success == {"length": 2}
-    assert e.stats.generation_tokens >= 400
+    assert e.stats.generation_tokens == 400  # 2 x 200: recompute re-runs the prompt, not the output
     assert e.kv_cache_manager.block_pool.get_num_free_blocks() == 24  # everything freed
 
 
