@@ -30,7 +30,7 @@ def _wait(pred, timeout: float = 10.0) -> bool:
 def test_the_launched_command_is_the_process_and_dies_with_its_parent() -> None:
     # A parent with threads (as a lab is) starts `sleep` through the launcher, prints its pid
     # once the launcher has exec'd, then waits to be killed.
-    parent_src = textwrap.dedent(f"""
+    parent_src = textwrap.dedent("""
         import subprocess, sys, threading, time
         from labkit.engines.base import launched
         threading.Thread(target=time.sleep, args=(60,), daemon=True).start()

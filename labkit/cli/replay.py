@@ -14,7 +14,7 @@ from labkit.plan import ConfigError
 def register_replay(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "replay", help="summarize a recording: a .lkrec file or a shipped name such as "
-        "real-h200x2-nixl (labkit.replay(name).show() plays it in a notebook)"
+        "real-h200x2-nixl (labkit.viz.Dashboard(labkit.replay(name)).start() plays it in a notebook)"
     )
     p.add_argument("path", help="a .lkrec file from `labkit record`, or a shipped recording's "
                                 "name (`labkit replay --list`)", nargs="?")

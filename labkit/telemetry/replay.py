@@ -1,7 +1,7 @@
 """Replay a recording through the same views: record on a GPU, watch anywhere.
 
     rp = labkit.replay("h200-pd.lkrec")         # a TelemetrySource of kind "replay"
-    labkit.viz.Dashboard(rp).start()           # or rp.show() in a notebook
+    labkit.viz.Dashboard(rp).start()           # the views (telemetry never imports them)
     rp.pause(); rp.seek(12.5); rp.speed = 4.0; rp.resume()
 
 The replay clock runs at `speed` x the wall clock; `poll()` returns every recorded frame up
@@ -188,14 +188,6 @@ class Replay:
     # -- for people ------------------------------------------------------------------------------
     def summary(self) -> str:
         return summarize(self.recording)
-
-    def show(self, **dashboard_kw: Any) -> Any:
-        """A started Dashboard of this replay (display it in a notebook)."""
-        from labkit.viz.dashboard import Dashboard
-
-        dash = Dashboard(self, **dashboard_kw)
-        dash.start()
-        return dash
 
     def __repr__(self) -> str:
         return (
