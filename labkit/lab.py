@@ -261,7 +261,9 @@ class Lab:
     def _plan(self) -> Plan:
         from labkit import hardware
         from labkit.plan import detect
+        from labkit.plan.planner import check_config
 
+        check_config(self.config)  # types first: hardware.simulated() below reads num_gpus
         if self.mode == "sim":
             hw = hardware.simulated(self.config.num_gpus or 2, self.config.gpu_type or "h100")
             plan = validate(self.config, hw)

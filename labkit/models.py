@@ -212,13 +212,67 @@ class ModelShape:
         return cfg
 
 
-def from_hf_config(cfg: dict, name: str = "custom") -> ModelShape:
+class ModelConfigError(ValueError):
+    """A model's config.json that cannot describe a model: what is wrong (naming the field and
+    the file) and what to do. The planner turns it into its ConfigError."""
+
+    def __init__(self, problem: str, fix: str) -> None:
+        self.problem, self.fix = problem, fix
+        super().__init__(f"{problem} — {fix}")
+
+
+# config.json fields every model needs (positive integers), and those that may be absent
+_REQUIRED_INT = ("num_attention_heads", "hidden_size", "num_hidden_layers", "intermediate_size",
+                 "vocab_size")
+_OPTIONAL_INT = ("num_key_value_heads", "head_dim", "max_position_embeddings")
+
+
+def _text_config(cfg: Any, where: str) -> dict:
+    """The part of a config.json that describes the language model, its shape checked."""
+    fix = "use a transformers config.json of a decoder-only model (Llama, Qwen2, Mistral)"
+    if not isinstance(cfg, dict):
+        raise ModelConfigError(f"{where} holds a JSON {type(cfg).__name__}, not an object", fix)
+    text = cfg.get("text_config") or cfg
+    if not isinstance(text, dict):
+        raise ModelConfigError(
+            f"text_config in {where} is a {type(text).__name__}, not an object", fix)
+    for fld in (*_REQUIRED_INT, *_OPTIONAL_INT):
+        v = text.get(fld)
+        if v is None:
+            if fld in _REQUIRED_INT:
+                raise ModelConfigError(f"{fld} is missing from {where}", fix)
+            continue
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise ModelConfigError(
+                f"{fld}={v!r} in {where} is a {type(v).__name__}, not an integer",
+                f"set {fld} to a positive integer")
+        if v <= 0:
+            raise ModelConfigError(f"{fld}={v} in {where} is not positive",
+                                   f"set {fld} to a positive integer")
+    heads, kv = text["num_attention_heads"], text.get("num_key_value_heads") or text["num_attention_heads"]
+    if heads % kv:
+        raise ModelConfigError(
+            f"num_attention_heads={heads} in {where} is not a multiple of "
+            f"num_key_value_heads={kv}", "set num_key_value_heads to a divisor of the heads")
+    if not text.get("head_dim") and text["hidden_size"] < heads:
+        raise ModelConfigError(
+            f"hidden_size={text['hidden_size']} in {where} is smaller than "
+            f"num_attention_heads={heads} (head_dim would be 0)",
+            "set hidden_size to heads x head_dim, or give head_dim")
+    return text
+
+
+def from_hf_config(cfg: dict, name: str = "custom", source: str | None = None) -> ModelShape:
     """A ModelShape from a transformers config.json dict.
 
     Missing head_dim means hidden_size // num_attention_heads, missing num_key_value_heads
     means plain multi-head attention (= num_attention_heads), as in transformers.
+
+    Raises:
+        ModelConfigError: a field is missing, not a positive integer, or `text_config` is not
+            an object (the message names the field and `source`, the file).
     """
-    text = cfg.get("text_config") or cfg
+    text = _text_config(cfg, source or "the model config")
     heads = int(text["num_attention_heads"])
     hidden = int(text["hidden_size"])
     archs = cfg.get("architectures") or ["LlamaForCausalLM"]
@@ -376,8 +430,12 @@ def get_model(name_or_path: str) -> ModelShape:
     if path.is_dir():
         path = path / "config.json"
     if path.is_file():
-        cfg = json.loads(path.read_text())
-        shape = from_hf_config(cfg, name=path.parent.name or "custom")
+        try:
+            cfg = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ModelConfigError(f"{path} is not valid JSON ({exc})",
+                                   "give the model's transformers config.json") from None
+        shape = from_hf_config(cfg, name=path.parent.name or "custom", source=str(path))
         marker = path.parent / _LABKIT_MARKER
         if marker.is_file():  # a directory write_model_dir() wrote: keep its preset name
             meta = json.loads(marker.read_text())

@@ -36,8 +36,12 @@ def make_lab(a: argparse.Namespace, owner: str):  # -> labkit.lab.Lab
     """The Lab the flags describe (raises ConfigError before anything starts)."""
     from labkit.lab import Lab
 
+    if a.run_dir is not None and a.run_dir.exists() and not a.run_dir.is_dir():
+        raise ConfigError(f"--run-dir {a.run_dir} is a file, not a directory",
+                          "name a directory (it is created if missing), or leave --run-dir out")
     return Lab(config_from_args(a), mode=a.mode or None, run_dir=a.run_dir, speed=a.speed,
-               port=getattr(a, "port", None), owner=owner)
+               port=getattr(a, "port", None), owner=owner,
+               read_timeout=getattr(a, "read_timeout", None))
 
 
 # ---- labkit up / status / down -------------------------------------------------------------
@@ -48,6 +52,9 @@ def register_up(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int,
                    help="port of the OpenAI endpoint (the PD proxy) on 127.0.0.1 "
                         "(default: a free one)")
+    p.add_argument("--read-timeout", type=float, metavar="S",
+                   help="seconds the proxy waits for an engine's answer (for a stream: between "
+                        "two chunks) before it answers 504 (default 600)")
     p.add_argument("--detach", action="store_true",
                    help="return once ready; `labkit down` stops it")
     p.add_argument("--foreground", action="store_true", help=argparse.SUPPRESS)

@@ -147,7 +147,7 @@ FLAGS = {
     "kv_offloading_size_gb": "--kv-offloading-size", "kv_offloading_size": "--kv-offloading-size",
     "enable_chunked_prefill": "--enable-chunked-prefill", "speed": "--speed", "port": "--port",
     "prefill_tp": "--prefill-tp", "decode_tp": "--decode-tp", "prefill_pp": "--prefill-pp",
-    "decode_pp": "--decode-pp",
+    "decode_pp": "--decode-pp", "read_timeout": "--read-timeout",
 }
 _NAMES = "|".join(sorted(FLAGS, key=len, reverse=True))
 _ASSIGN = re.compile(r"(?<![\w.-])(mode|" + _NAMES + r")=('[^']*'|\"[^\"]*\"|[\w.]+)")

@@ -11,11 +11,12 @@ The simulator reads the same Plan, so the two engine kinds agree on every number
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import Literal
 
 from labkit.hardware import GPU_TYPES, GPUType, Hardware, nixl_available, vllm_available
-from labkit.models import ModelShape, get_model, normalize_kv_dtype
+from labkit.models import ModelConfigError, ModelShape, get_model, normalize_kv_dtype
 from labkit.plan.errors import ConfigError
 from labkit.plan.memory import (
     MAX_TP,
@@ -29,6 +30,74 @@ from labkit.plan.types import (
     PDConfig,
     Plan,
 )
+
+_INT, _NUM, _BOOL, _STR = "an integer", "a number", "True or False", "a string"
+# The type each field must have (None allowed where the planner picks): checked first, so a
+# "0.5" or a 2.5 gets a ConfigError naming the keyword, never a TypeError from the arithmetic.
+_ENGINE_TYPES: dict[str, tuple[str, bool]] = {
+    "model": (_STR, False), "role": (_STR, False), "tp": (_INT, False), "pp": (_INT, False),
+    "kv_cache_dtype": (_STR, False), "block_size": (_INT, False),
+    "max_num_batched_tokens": (_INT, True), "max_num_seqs": (_INT, False),
+    "gpu_memory_utilization": (_NUM, True), "max_model_len": (_INT, True),
+    "enable_prefix_caching": (_BOOL, False), "enable_chunked_prefill": (_BOOL, False),
+    "kv_offloading_size_gb": (_NUM, True), "enforce_eager": (_BOOL, False),
+    "load_format": (_STR, False), "num_gpu_blocks_override": (_INT, True),
+}
+_CONFIG_TYPES: dict[str, tuple[str, bool]] = {
+    "connector": (_STR, False), "num_gpus": (_INT, True), "gpu_type": (_STR, True),
+    "colocated": (_BOOL, False), "num_prefill": (_INT, False), "num_decode": (_INT, False),
+}
+
+
+def _type_ok(v: object, kind: str) -> bool:
+    if kind == _BOOL:
+        return isinstance(v, bool)
+    if kind == _STR:
+        return isinstance(v, str)
+    if isinstance(v, bool):
+        return False
+    return isinstance(v, int) or (kind == _NUM and isinstance(v, float) and math.isfinite(v))
+
+
+def _check_type(where: str, fld: str, v: object, kind: str, optional: bool) -> None:
+    if (v is None and optional) or _type_ok(v, kind):
+        return
+    got = "None" if v is None else f"a {type(v).__name__}"
+    example = {_INT: "4", _NUM: "0.5", _BOOL: "True", _STR: "'auto'"}[kind]
+    raise ConfigError(
+        f"{where}{fld}={v!r} is {got}, not {kind}",
+        f"pass {kind} (e.g. {fld}={example}, without quotes for numbers)"
+        + (", or None to let the planner pick" if optional else ""),
+    )
+
+
+def check_config(cfg: PDConfig) -> None:
+    """Type checks of every field of `cfg` and its engines (the first thing `validate` does;
+    call it before anything else reads the numbers).
+
+    Raises:
+        ConfigError: a field of the wrong type, naming the keyword and the type expected.
+    """
+    if not isinstance(cfg, PDConfig):
+        raise ConfigError(f"config is a {type(cfg).__name__}, not a PDConfig",
+                          "build it with labkit.plan.PDConfig(...) or labkit.lab.build_config()")
+    for fld, (kind, optional) in _CONFIG_TYPES.items():
+        _check_type("", fld, getattr(cfg, fld), kind, optional)
+    n = cfg.num_gpus
+    if n is not None and not 1 <= n <= 64:
+        raise ConfigError(
+            f"num_gpus={n!r} is out of range", "use 1..64, or leave num_gpus unset for the GPUs present"
+        )
+    for role in ("prefill", "decode"):
+        e = getattr(cfg, role)
+        if not isinstance(e, EngineConfig):
+            raise ConfigError(f"{role} is a {type(e).__name__}, not an EngineConfig",
+                              f"use {role}=labkit.plan.EngineConfig(...)")
+        for fld, (kind, optional) in _ENGINE_TYPES.items():
+            _check_type(f"{role}: ", fld, getattr(e, fld), kind, optional)
+        if not (isinstance(e.extra_args, list) and all(isinstance(x, str) for x in e.extra_args)):
+            raise ConfigError(f"{role}: extra_args={e.extra_args!r} is not a list of strings",
+                              "pass extra vllm serve arguments as a list, e.g. ['--seed', '1']")
 
 
 def _check_engine(name: str, e: EngineConfig) -> ModelShape:
@@ -83,6 +152,8 @@ def _check_engine(name: str, e: EngineConfig) -> ModelShape:
         ) from None
     try:
         model = get_model(e.model)
+    except ModelConfigError as exc:
+        raise bad(exc.problem, exc.fix) from None
     except (KeyError, ValueError, OSError) as exc:
         from labkit.models import PRESETS
 
@@ -230,6 +301,7 @@ def validate(cfg: PDConfig, hardware: Hardware | None = None) -> Plan:
 
     Raises ConfigError naming the problem and the fix. Pure arithmetic: no process starts.
     """
+    check_config(cfg)
     if hardware is None:
         from labkit.plan.devices import detect
 
@@ -294,6 +366,13 @@ def validate(cfg: PDConfig, hardware: Hardware | None = None) -> Plan:
         plans.append(plan_engine(n, role, e, model, gpu, u, 0 if shared else first, notes,
                                  num_gpus=num_gpus, num_engines=len(named)))
         first += e.world_size
+    for ep in plans:  # the arithmetic above refuses what cannot fit; this never passes silently
+        if ep.num_blocks < 1 or ep.kv_bytes_per_token <= 0:
+            raise ConfigError(
+                f"{ep.name}: the plan gives {ep.num_blocks} KV blocks "
+                f"({ep.kv_bytes_per_token} bytes per token)",
+                "check the model's shape (hidden_size, heads, layers) and the memory settings",
+            )
     gpus = gpu_lines(plans, models[0], gpu, num_gpus)
     if shared:
         notes.append(
