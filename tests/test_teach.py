@@ -147,8 +147,9 @@ def test_pd_keeps_inter_token_latency_steady() -> None:
 
 
 # ---------------------------------------------------------------- planner tables
-def test_article_check_kv_beside_weights() -> None:
-    res = placement.article_check("llama-3.1-8b")
+def test_claim_check_kv_beside_weights() -> None:
+    res = placement.claim_check("llama-3.1-8b")
+    assert "article" not in res.title and "GPUs 2-3" in res.title
     assert res.extra["kv_gpus"] == res.extra["weight_gpus"] == [0, 1]
     assert [r["holds"] for r in res.rows[2:]] == ["nothing", "nothing"]
     assert "beside the weights" in res.note
@@ -171,6 +172,27 @@ def test_placement_table_reports_refusals() -> None:
     one, four = res.rows
     assert one["error"] and four["error"] == ""
     assert four["gpus"] == "[0, 1, 2, 3]"
+
+
+def test_block_map_keeps_each_sequence_colour() -> None:
+    """Freeing B and writing E (notebook 03) does not recolour A, C or D."""
+    import torch
+
+    cache, _ = paged_attention.demo(block_size=16, num_blocks=16)
+
+    def colours(fig) -> dict[str, float]:
+        hm = fig.data[0]
+        cells = [(z, t.split("<br>")[1]) for zr, tr in zip(hm.z, hm.text, strict=True)
+                 for z, t in zip(zr, tr, strict=True)]
+        return {label[0]: z for z, label in cells if label not in ("free", "null")}
+
+    before = colours(paged_attention.block_map_figure(cache))
+    cache.free("B")
+    cache.append("E", torch.randn(20, 2, 8), torch.randn(20, 2, 8))
+    after = colours(paged_attention.block_map_figure(cache))
+    assert "B" in before and "B" not in after and "E" in after
+    assert {s: after[s] for s in "ACD"} == {s: before[s] for s in "ACD"}
+    assert after["E"] not in {before[s] for s in "ACD"}  # a newcomer gets a colour of its own
 
 
 def test_result_says_what_it_is() -> None:
@@ -203,6 +225,14 @@ def test_live_trace_and_dashboard_session(tmp_path, monkeypatch) -> None:
     assert trace.kind == steps.kind == "sim"
     prefill = [r for r in steps if r["engine"] == "prefill"]
     assert [r["tokens_scheduled"] for r in prefill] == [256, 256, 88]  # the chunks
+    assert [r["computed_before"] for r in prefill] == [0, 256, 512]  # not 0, 0, 0
+    decode = [r for r in steps if r["engine"] == "decode"]
+    assert [r["computed_before"] for r in decode[:3]] == [599, 600, 601]  # received KV, then +1
+    allocs = trace.allocations()
+    assert [r["engine"] for r in allocs] == ["prefill", "decode", "decode"]
+    assert [r["external_tokens"] for r in allocs] == [0, 600, 0]
+    assert "WAITING_FOR_REMOTE_KVS" in allocs.rows[1]["why"]
+    assert allocs.rows[2]["why"].startswith("KV received") and "twice" in allocs.note
     assert sum(r["new_blocks"] for r in prefill) == 38  # ceil(600 / 16)
     recv = [r for r in trace.transfers() if r["direction"] == "recv"]
     assert recv and recv[0]["tokens"] == 600 and recv[0]["connector"] == "nixl"

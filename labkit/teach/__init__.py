@@ -4,7 +4,7 @@
     paged_attention  a small paged attention checked against contiguous attention
     exercises        check_* functions: a learner's answer against labkit's own arithmetic
     experiments      simulated-cluster runs: chunk-size sweep, PD vs colocated
-    placement        planner tables: TP/PP placement, per-GPU memory, the 4-GPU article check
+    placement        planner tables: TP/PP placement, per-GPU memory, the 4-GPU "KV on other GPUs" claim check
     live             what a running Lab (real vLLM or simulated) did, as tables
     session          a running Lab + its live dashboard (Apply restarts the lab)
 

@@ -58,9 +58,11 @@ class Trace:
         """One row per engine step that scheduled tokens."""
         rows = []
         t0 = min((e.ts for _, e in self._events("StepScheduled")), default=0.0)
+        done: dict[tuple[str, str], int] = {}  # (engine, request) -> tokens computed so far
         for b, e in self._events("StepScheduled"):
             if not e.num_scheduled_tokens:
                 continue
+            before = computed_before(b.engine_id, e, done)
             new = [x for ids in e.new_block_ids.values() for x in ids]
             rows.append(
                 {
@@ -69,7 +71,7 @@ class Trace:
                     "ms": (e.ts - t0) * 1e3,
                     "tokens_scheduled": sum(e.num_scheduled_tokens.values()),
                     "token_budget": e.token_budget,
-                    "computed_before": sum(e.num_computed_tokens.values()),
+                    "computed_before": sum(before.values()),
                     "new_blocks": len(new),
                     "new_block_ids": _ids(new),
                 }
@@ -79,6 +81,8 @@ class Trace:
             self.kind,
             rows,
             note="tokens_scheduled per step <= token_budget (max_num_batched_tokens); "
+            "computed_before: the request's tokens computed before the step (prefix-cache "
+            "hits and received KV on its first step, then what earlier steps scheduled); "
             "block 0 is vLLM's null block",
         )
 
@@ -98,17 +102,29 @@ class Trace:
         return Result("KV transfers prefill -> decode", self.kind, rows)
 
     def allocations(self) -> Result:
-        """Blocks each engine gave the request, and how many tokens came from outside."""
-        rows = [
-            {
-                "engine": b.engine_id,
-                "blocks": len(e.block_ids),
-                "block_ids": _ids(list(e.block_ids)),
-                "external_tokens": e.num_external_tokens,
-            }
-            for b, e in self._events("RequestAllocated")
-        ]
-        return Result("blocks allocated per engine", self.kind, rows)
+        """Blocks each engine gave the request, how many tokens came from outside, and why
+        (a PD decode engine allocates twice: once for the KV to receive, once to run)."""
+        rows = []
+        seen: dict[tuple[str, str], list[int]] = {}
+        for b, e in self._events("RequestAllocated"):
+            ids = list(e.block_ids)
+            earlier = seen.get((b.engine_id, e.req_id))
+            seen[(b.engine_id, e.req_id)] = ids
+            if earlier is not None:
+                why = ("KV received: scheduled to run, "
+                       + ("on the same blocks" if earlier == ids else "blocks updated"))
+            elif e.num_external_tokens:
+                why = "reserved for the KV sent by prefill (WAITING_FOR_REMOTE_KVS)"
+            else:
+                why = "for the prompt"
+            rows.append({"engine": b.engine_id, "blocks": len(ids), "block_ids": _ids(ids),
+                         "external_tokens": e.num_external_tokens, "why": why})
+        return Result(
+            "blocks allocated per engine", self.kind, rows,
+            note="vLLM's scheduler allocates for a request each time it takes it from the "
+            "waiting queue: a decode engine first while the KV is on its way, then again "
+            "once it has arrived (update_state_after_alloc runs twice)",
+        )
 
     def timeline(self) -> Result:
         """The proxy's events for the request, in ms since its arrival."""
@@ -148,6 +164,22 @@ class Trace:
         view = BlockMapView(state)
         view.update()
         return view.figure
+
+
+def computed_before(engine: str, step: Any, done: dict[tuple[str, str], int]) -> dict[str, int]:
+    """Tokens each request of a StepScheduled had computed before that step. The observer
+    reports num_computed_tokens on a request's first step only (labkit/pd/observer.py: new
+    requests); later steps add what earlier ones scheduled. `done` carries the running
+    totals from step to step (a preempted request starts again from 0)."""
+    out = {}
+    for rid, n in step.num_scheduled_tokens.items():
+        key = (engine, rid)
+        before = int(step.num_computed_tokens.get(rid, done.get(key, 0)))
+        out[rid] = before
+        done[key] = before + int(n)
+    for rid in getattr(step, "preempted", ()) or ():
+        done.pop((engine, rid), None)
+    return out
 
 
 def _done(batches: list[Any], engines: int) -> bool:

@@ -47,11 +47,14 @@ class PagedKVCache:
             random.Random(seed).shuffle(self.free_blocks)
         self.block_tables: dict[str, list[int]] = {}
         self.num_tokens: dict[str, int] = {}
+        self.sequences: list[str] = []  # every sequence ever written, first come first
 
     def append(self, seq: str, k: Any, v: Any) -> None:
         """Write the keys/values of new tokens ([n, heads, head_dim]) of `seq`, taking a
         free block whenever the last one is full. Raises MemoryError when none is left."""
         table = self.block_tables.setdefault(seq, [])
+        if seq not in self.sequences:
+            self.sequences.append(seq)
         pos = self.num_tokens.get(seq, 0)
         for i in range(k.shape[0]):
             slot = (pos + i) % self.block_size
@@ -213,34 +216,51 @@ def fragmentation(
     )
 
 
+# One colour per sequence, kept from figure to figure (free and null blocks grey).
+SEQUENCE_COLORS = ("#4c6ef5", "#f76707", "#2b8a3e", "#ae3ec9", "#e03131", "#1098ad",
+                   "#f59f00", "#5c940d", "#d6336c", "#495057")
+FREE_COLOR = "#e9ecef"
+
+
+def sequence_color(cache: PagedKVCache, seq: str) -> str:
+    """The colour `seq` has in every block-map figure of `cache` (by order of first write)."""
+    return SEQUENCE_COLORS[cache.sequences.index(seq) % len(SEQUENCE_COLORS)]
+
+
 def block_map_figure(cache: PagedKVCache, columns: int = 8) -> Any:
     """The pool as a grid: each physical block coloured by the sequence that owns it and
-    labelled 'A0' (sequence A, logical block 0)."""
+    labelled 'A0' (sequence A, logical block 0). A sequence keeps its colour in every
+    figure of the same cache, whoever else comes and goes."""
     import plotly.graph_objects as go
 
     owners = cache.owners()
-    names = sorted(cache.block_tables)
     rows = -(-cache.num_blocks // columns)
-    z = [[None] * columns for _ in range(rows)]
+    z = [[0] * columns for _ in range(rows)]
     text = [[""] * columns for _ in range(rows)]
     for b in range(cache.num_blocks):
         r, c = divmod(b, columns)
         if b in owners:
             s, i = owners[b]
-            z[r][c], text[r][c] = names.index(s) + 1, f"#{b}<br>{s}{i}"
+            k = cache.sequences.index(s) % len(SEQUENCE_COLORS) + 1
+            z[r][c], text[r][c] = k, f"#{b}<br>{s}{i}"
         else:
-            z[r][c], text[r][c] = 0, f"#{b}<br>{'null' if b == 0 else 'free'}"
+            text[r][c] = f"#{b}<br>{'null' if b == 0 else 'free'}"
+    # Discrete colours: value k sits in the middle of band k of the scale.
+    palette = (FREE_COLOR, *SEQUENCE_COLORS)
+    n = len(palette)
+    scale = [[edge / n, color] for k, color in enumerate(palette) for edge in (k, k + 1)]
     fig = go.Figure(
         go.Heatmap(
             z=z,
             text=text,
             texttemplate="%{text}",
             showscale=False,
-            colorscale="Viridis",
-            zmin=0,
-            zmax=len(names),
+            colorscale=scale,
+            zmin=-0.5,
+            zmax=n - 0.5,
             xgap=2,
             ygap=2,
+            hoverinfo="text",
         )
     )
     fig.update_layout(

@@ -1,4 +1,4 @@
-"""Where weights and KV go: planner tables for TP/PP choices and the 4-GPU article check.
+"""Where weights and KV go: planner tables for TP/PP choices and the 4-GPU claim check.
 
 Everything here is labkit.plan.validate() on a simulated machine of the GPU type you
 name: vLLM's own placement and memory arithmetic (weights exact, KV exact, activations
@@ -147,9 +147,13 @@ def memory_figure(plan: Any, title: str = "") -> Any:
     return fig
 
 
-def article_check(model: str = "llama-3.1-8b", gpu_type: str = "h100") -> Result:
-    """The claim "TP=2 on GPUs 0-1, KV cache on GPUs 2-3" put to vLLM's own placement:
-    one engine, --tensor-parallel-size 2, 4 visible GPUs."""
+CLAIM = "TP=2 on GPUs 0-1, KV cache on GPUs 2-3"
+
+
+def claim_check(model: str = "llama-3.1-8b", gpu_type: str = "h100") -> Result:
+    """The claim "TP=2 on GPUs 0-1, KV cache on GPUs 2-3" (weights on two GPUs, the KV
+    cache on the other two) put to vLLM's own placement: one engine,
+    --tensor-parallel-size 2, 4 visible GPUs."""
     plan = colocated_plan(model, tp=2, num_gpus=4, gpu_type=gpu_type)
     rows = []
     for g in plan.gpus:
@@ -165,7 +169,7 @@ def article_check(model: str = "llama-3.1-8b", gpu_type: str = "h100") -> Result
         else "KV and weights are on different GPUs"
     )
     return Result(
-        f"the article's configuration: {model}, TP=2, 4 visible GPUs",
+        f"the claim '{CLAIM}' planned: {model}, TP=2, 4 visible GPUs",
         "planned",
         rows,
         note=verdict,
@@ -188,11 +192,11 @@ def separation_options(
     model: str = "llama-3.1-8b", gpu_type: str = "h100", offload_gib: float = 64.0
 ) -> Result:
     """What vLLM really offers to move KV away from the weights, side by side, each planned
-    on 4 GPUs: the article's layout, PD disaggregation, a CPU KV tier, fp8 KV, a smaller
+    on 4 GPUs: the claimed layout, PD disaggregation, a CPU KV tier, fp8 KV, a smaller
     memory fraction."""
     options = [
         (
-            "one engine, TP=2 (the article's layout)",
+            "one engine, TP=2 (the claimed layout)",
             "--tensor-parallel-size 2",
             colocated_plan(model, tp=2, num_gpus=4, gpu_type=gpu_type),
             0.0,
