@@ -26,6 +26,16 @@ def _opt_int(text: str) -> int | None:
     return None if text.lower() in ("", "none") else int(text)
 
 
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"a JSON object is needed, got {type(value).__name__}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m labkit.engines.sim",
                                 description="A SIMULATED vLLM 0.26 engine (no GPU, no weights).")
@@ -66,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-load-timeout", type=float, default=5.0, metavar="S",
                    help="nixl decode: seconds to reach the prefill engine holding a request's "
                    "KV before the request fails (vLLM's handshake waits 5 s)")
+    p.add_argument("--kv-transfer-config", type=_json_object, metavar="JSON",
+                   help="vLLM's flag; the simulator reads kv_connector_extra_config from it "
+                   "(nixl: kv_lease_duration, seconds prefill holds a finished request's blocks "
+                   "for decode, default 30); the connector itself comes from --connector")
     p.add_argument("--engine-id", help="the engine id (NIXL's remote_engine_id); default random")
     p.add_argument("--kv-offloading-size", type=float, default=None, metavar="GiB",
                    help="host memory for the CPU tier of KV (vLLM's OffloadingConnector)")
@@ -89,6 +103,13 @@ def parse_args(argv: Sequence[str] | None = None) -> SimServerArgs:
         raise SystemExit("--kv-offloading-size must be > 0")
     if not fields["kv_load_timeout"] > 0:
         raise SystemExit("--kv-load-timeout must be > 0")
+    if fields["kv_transfer_config"] is not None:
+        from labkit.engines.sim.connector import nixl_extra_config
+
+        try:
+            nixl_extra_config(fields["kv_transfer_config"].get("kv_connector_extra_config"))
+        except ValueError as exc:
+            raise SystemExit(f"--kv-transfer-config: {exc}") from None
     return SimServerArgs(model=model, **fields)
 
 

@@ -220,7 +220,7 @@ class SimCluster:
                     on_step(engine, res)
                 if res.num_scheduled_tokens or res.emitted:
                     self._wake(idx, res.end)
-                elif engine.has_unfinished():
+                elif engine.has_unfinished() or engine.scheduler.requests:  # + NIXL leases
                     nxt = engine.next_event_time()
                     if nxt is not None:
                         self._wake(idx, max(nxt, t))

@@ -12,6 +12,9 @@ plus a timed stand-in for the worker side.
   kv_transfer_params (remote_block_ids, remote_engine_id, remote_host, remote_port,
   remote_num_tokens); decode pulls EVERY prompt token it lacks asynchronously
   (WAITING_FOR_REMOTE_KVS), then notifies prefill, which frees its blocks (finished_sending).
+  Prefill holds them for a lease (`kv_lease_duration` in kv_connector_extra_config, 30 s),
+  which decode's heartbeats extend while the request waits; an expired lease frees them
+  (vllm:nixl_num_kv_expired_reqs). See NixlConnector.
 
 Engines exchange bytes and notifications through a `KVTransport` (in-process for SimCluster,
 over the network for simulated servers).
@@ -19,9 +22,11 @@ over the network for simulated servers).
 from __future__ import annotations
 
 import hashlib
+import logging
 import uuid
 from abc import ABC, abstractmethod
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +39,7 @@ if TYPE_CHECKING:
     from labkit.engines.sim.output import SchedulerOutput
     from labkit.hardware import LinkSpec
 
+logger = logging.getLogger(__name__)
 _NOTHING: tuple[set[str], set[str]] = (frozenset(), frozenset())  # type: ignore[assignment]
 STORAGE = "storage"  # the peer name of ExampleConnector's shared storage in KVTransport.link
 
@@ -68,6 +74,14 @@ class KVTransport(ABC):
     def take_read_done(self, engine_id: str, now: float) -> list[str]:
         """Request ids of `engine_id` whose blocks were read by `now` (drained)."""
 
+    def heartbeat(self, remote_engine_id: str, remote_request_ids: list[str],  # noqa: B027
+                  at: float) -> None:
+        """A decode engine extends the lease on these requests' blocks (vLLM: an "HB:" notif)."""
+
+    def take_heartbeats(self, engine_id: str, now: float) -> list[tuple[float | None, list[str]]]:
+        """Heartbeats `engine_id` got by `now`, drained: (send time, or None for "now"; ids)."""
+        return []
+
 
 class InProcessTransport(KVTransport):
     """A transport for engines living in one process (SimCluster, tests).
@@ -87,6 +101,7 @@ class InProcessTransport(KVTransport):
         self.links = dict(links or {})
         self._stored: dict[str, int] = {}
         self._read_done: dict[str, list[tuple[float, str]]] = {}
+        self._heartbeats: dict[str, list[tuple[float, list[str]]]] = {}
         self.on_notify: Any = None  # callable(engine_id, at): SimCluster wakes the engine
 
     def store(self, key: str, num_tokens: int) -> None:
@@ -115,6 +130,18 @@ class InProcessTransport(KVTransport):
         ready = [rid for t, rid in pending if t <= now]
         if ready:
             self._read_done[engine_id] = [(t, rid) for t, rid in pending if t > now]
+        return ready
+
+    def heartbeat(self, remote_engine_id: str, remote_request_ids: list[str], at: float) -> None:
+        self._heartbeats.setdefault(remote_engine_id, []).append((at, remote_request_ids))
+
+    def take_heartbeats(self, engine_id: str, now: float) -> list[tuple[float | None, list[str]]]:
+        pending = self._heartbeats.get(engine_id)
+        if not pending:
+            return []
+        ready: list[tuple[float | None, list[str]]] = [x for x in pending if x[0] <= now]
+        if ready:
+            self._heartbeats[engine_id] = [x for x in pending if x[0] > now]
         return ready
 
 
@@ -296,15 +323,35 @@ class ExampleConnector(SimKVConnector):
 class NixlConnector(SimKVConnector):
     """vLLM's NixlConnector (pull mode): decode reads prefill's blocks asynchronously.
 
+    The lease (vLLM 0.26, kv_connector/v1/nixl/): prefill keeps a finished request's blocks
+    until decode has read them or its lease runs out. `request_finished` (pull_scheduler.py)
+    sets the expiry to now + `kv_lease_duration` (kv_connector_extra_config, default 30 s,
+    base_scheduler.py __init__). A decode engine heartbeats every request it tracks from
+    `on_new_request` (base_scheduler.py) until its read lands (`update_connector_output`) or
+    it finishes: `build_connector_meta` packages them at most every lease // 6 s, the worker
+    sends "HB:<ids>" (base_worker.py `_send_heartbeats`), and prefill's `_handle_heartbeat`
+    sets expiry = max(expiry, now + lease * 2 // 3). Prefill's `get_finished`
+    (base_worker.py) handles notifications (reads, heartbeats) first, then frees expired
+    requests in insertion order, stopping at the first one not expired (vLLM's early exit),
+    each counted in vllm:nixl_num_kv_expired_reqs (`xfer_stats.record_kv_expired_req`).
+    vLLM's engine core keeps stepping while such requests exist (scheduler.py
+    `has_finished_requests`); the simulator wakes its engine at the expiry instead.
+
     Args (beyond SimKVConnector's):
         side_channel_host / side_channel_port: what prefill writes into kv_transfer_params.
         tp_size: this engine's TP size (kv_transfer_params["tp_size"]).
+        kv_lease_duration: seconds (kv_connector_extra_config["kv_lease_duration"]).
+        lease_clock: what leases and heartbeat intervals are measured on; None: the step
+            times the engine passes (simulated time, shared by in-process engines). Engines in
+            separate processes pass their paced clock, or the wall clock when they run fast
+            (their simulated clocks are not each other's).
     """
 
     name = "nixl"
 
     def __init__(self, *args: Any, side_channel_host: str = "localhost", side_channel_port: int = 5600,
-                 tp_size: int = 1, **kwargs: Any) -> None:
+                 tp_size: int = 1, kv_lease_duration: float = 30,
+                 lease_clock: Callable[[], float] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.side_channel_host = side_channel_host
         self.side_channel_port = side_channel_port
@@ -312,7 +359,48 @@ class NixlConnector(SimKVConnector):
         self._reqs_need_recv: dict[str, tuple[Request, list[int]]] = {}
         self._recving: list[tuple[float, str, str, str]] = []  # (end, req_id, remote engine, remote req)
         self._inbound_free_at = 0.0  # reads into this engine share its inbound link, in order
-        self._reqs_to_send: set[str] = set()
+        if not (isinstance(kv_lease_duration, (int, float)) and not isinstance(kv_lease_duration, bool)
+                and kv_lease_duration > 0):
+            raise ValueError(f"kv_lease_duration={kv_lease_duration!r} must be a positive number of "
+                             f"seconds (kv_connector_extra_config)")
+        self.kv_lease_duration = kv_lease_duration
+        self.heartbeat_interval = kv_lease_duration // 6  # base_scheduler.py: lease // 6
+        self.lease_extension = kv_lease_duration * 2 // 3  # base_worker.py: lease * 2 // 3
+        self.lease_clock = lease_clock
+        self._now = 0.0  # lease clock at the last start_step / get_finished
+        # prefill: request id -> lease expiry, in insertion order (base_worker._reqs_to_send)
+        self._reqs_to_send: dict[str, float] = {}
+        self.num_expired = 0  # vllm:nixl_num_kv_expired_reqs
+        # decode: remote engine -> remote request ids to heartbeat; local id -> (engine, remote id)
+        self._heartbeat_by_engine: dict[str, set[str]] = {}
+        self._heartbeat_req_engine: dict[str, tuple[str, str]] = {}
+        self._last_heartbeat_time = float("-inf")
+
+    def _lease_now(self, now: float) -> float:
+        return self.lease_clock() if self.lease_clock is not None else now
+
+    def on_new_request(self, request: Request) -> None:
+        """base_scheduler.py on_new_request: a decode request with every remote field is
+        heartbeated to its prefill engine until its read lands."""
+        params = request.kv_transfer_params
+        if params is None or not params.get("do_remote_prefill"):
+            return
+        engine, remote_id = params.get("remote_engine_id"), params.get("remote_request_id")
+        if (engine is None or remote_id is None or params.get("remote_host") is None
+                or params.get("remote_port") is None or params.get("tp_size") is None):
+            return
+        self._heartbeat_by_engine.setdefault(str(engine), set()).add(str(remote_id))
+        self._heartbeat_req_engine[request.request_id] = (str(engine), str(remote_id))
+
+    def _stop_heartbeat(self, req_id: str) -> None:
+        """base_scheduler.py _stop_heartbeat."""
+        key = self._heartbeat_req_engine.pop(req_id, None)
+        if key is not None:
+            ids = self._heartbeat_by_engine.get(key[0])
+            if ids is not None:
+                ids.discard(key[1])
+                if not ids:
+                    del self._heartbeat_by_engine[key[0]]
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
         params = request.kv_transfer_params
@@ -346,7 +434,13 @@ class NixlConnector(SimKVConnector):
         return meta
 
     def start_step(self, meta: Any, now: float) -> float:
-        """Start the reads (start_load_kv issues them; they overlap the forward pass)."""
+        """Start the reads (start_load_kv issues them; they overlap the forward pass) and send
+        the heartbeats due (build_connector_meta's throttle, the worker's _send_heartbeats)."""
+        self._now = t = self._lease_now(now)
+        if self._heartbeat_by_engine and t - self._last_heartbeat_time >= self.heartbeat_interval:
+            self._last_heartbeat_time = t
+            for engine, ids in self._heartbeat_by_engine.items():
+                self.transport.heartbeat(engine, sorted(ids), now)
         for request, local_block_ids in meta or ():
             params = request.kv_transfer_params or {}
             remote_engine = str(params.get("remote_engine_id"))
@@ -365,29 +459,58 @@ class NixlConnector(SimKVConnector):
         return 0.0
 
     def get_finished(self, now: float) -> tuple[set[str], set[str]]:
-        if not self._recving and not self._reqs_to_send:
+        """base_worker.py get_finished: notifications (heartbeats, reads), landed reads, then
+        expired leases."""
+        t = self._lease_now(now)
+        self._now = t
+        to_send = self._reqs_to_send
+        beats = self.transport.take_heartbeats(self.engine_id, now)
+        if not self._recving and not to_send:
             return _NOTHING
+        sending: set[str] = set()
+        if to_send:
+            for at, ids in beats:  # _handle_heartbeat
+                new_expiry = (t if at is None or self.lease_clock is not None else at) \
+                    + self.lease_extension
+                for rid in ids:
+                    old = to_send.get(rid)
+                    if old is not None and new_expiry > old:
+                        to_send[rid] = new_expiry
+            for rid in self.transport.take_read_done(self.engine_id, now):
+                if to_send.pop(rid, None) is not None:
+                    sending.add(rid)
         recving: set[str] = set()
         if self._recving:
             still = []
             for item in self._recving:
                 if item[0] <= now:
                     recving.add(item[1])
+                    self._stop_heartbeat(item[1])  # update_connector_output(finished_recving)
                     # The decode worker sends the NIXL notif once it sees the read complete.
                     self.transport.notify_read_done(item[2], item[3], now)
                 else:
                     still.append(item)
             self._recving = still
-        sending: set[str] = set()
-        if self._reqs_to_send:
-            for rid in self.transport.take_read_done(self.engine_id, now):
-                if rid in self._reqs_to_send:
-                    self._reqs_to_send.discard(rid)
-                    sending.add(rid)
+        while to_send:  # expired leases: oldest first, stop at the first still held
+            rid, expires = next(iter(to_send.items()))
+            if t < expires:
+                break
+            del to_send[rid]
+            self.num_expired += 1
+            sending.add(rid)
+            logger.warning("Releasing expired KV blocks for request %s which were retrieved by "
+                           "0 remote worker(s) before lease expired.", rid)
         return sending, recving
 
+    def next_lease_expiry(self) -> float | None:
+        """When the first held request's lease runs out, on the lease clock (None: none held)."""
+        return next(iter(self._reqs_to_send.values())) if self._reqs_to_send else None
+
     def next_event_time(self) -> float | None:
-        return min(item[0] for item in self._recving) if self._recving else None
+        times = [item[0] for item in self._recving]
+        if self._reqs_to_send and self.lease_clock is None:  # in simulated time: wake then
+            times.append(next(iter(self._reqs_to_send.values())))
+        return min(times) if times else None
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         """pull_scheduler.py request_finished: prefill keeps its blocks until decode read them."""
@@ -395,6 +518,7 @@ class NixlConnector(SimKVConnector):
         if not params:
             return False, None
         is_p_node = bool(params.get("do_remote_decode"))
+        self._stop_heartbeat(request.request_id)  # aborted before its read landed
         if params.get("do_remote_prefill"):
             # Aborted before it was scheduled: tell prefill to free (an empty read).
             self._reqs_need_recv[request.request_id] = (request, [])
@@ -405,8 +529,8 @@ class NixlConnector(SimKVConnector):
         if request.status not in (RequestStatus.FINISHED_LENGTH_CAPPED, RequestStatus.FINISHED_STOPPED):
             return False, None
         delay_free_blocks = len(block_ids) > 0
-        if delay_free_blocks:
-            self._reqs_to_send.add(request.request_id)
+        if delay_free_blocks:  # held for the lease
+            self._reqs_to_send[request.request_id] = self._now + self.kv_lease_duration
         return delay_free_blocks, dict(
             do_remote_prefill=True,
             do_remote_decode=False,
@@ -436,6 +560,29 @@ class ObserverConnector(SimKVConnector):
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         return None
+
+
+NIXL_EXTRA_KEYS = ("kv_lease_duration",)  # what the simulated NixlConnector reads
+
+
+def nixl_extra_config(extra: dict[str, Any] | None) -> dict[str, Any]:
+    """NixlConnector keywords from vLLM's kv_connector_extra_config (other keys are vLLM's
+    and ignored here, as `get_from_extra_config` reads only the keys it asks for).
+
+    Raises:
+        ValueError: `extra` is not a dict, or kv_lease_duration is not a positive number.
+    """
+    if extra is None:
+        return {}
+    if not isinstance(extra, dict):
+        raise ValueError(f"kv_connector_extra_config must be a JSON object, got {type(extra).__name__}")
+    out = {k: extra[k] for k in NIXL_EXTRA_KEYS if k in extra}
+    lease = out.get("kv_lease_duration")
+    if lease is not None and not (isinstance(lease, (int, float)) and not isinstance(lease, bool)
+                                  and 0 < lease < float("inf")):
+        raise ValueError(f"kv_connector_extra_config kv_lease_duration={lease!r} must be a "
+                         f"positive number of seconds (vLLM's default: 30)")
+    return out
 
 
 CONNECTORS: dict[str, type[SimKVConnector]] = {"example": ExampleConnector, "nixl": NixlConnector,

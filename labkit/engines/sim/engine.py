@@ -22,9 +22,11 @@ from labkit.engines.sim.clock import SimClock
 from labkit.engines.sim.connector import (
     InProcessTransport,
     KVTransport,
+    NixlConnector,
     SimKVConnector,
     TransferRecord,
     make_connector,
+    nixl_extra_config,
 )
 from labkit.engines.sim.cost_model import (
     CostModel,
@@ -67,6 +69,9 @@ class SimEngine:
         kv_offloading_size: GiB of host memory for vLLM's CPU tier (--kv-offloading-size):
             the OffloadingConnector, alone or in a MultiConnector after `connector`
             (labkit/engines/sim/offload.py). None: no CPU tier.
+        kv_connector_extra_config: vLLM's kv_transfer_config["kv_connector_extra_config"];
+            the NIXL connector reads "kv_lease_duration" (seconds a prefill engine holds a
+            finished request's blocks for decode, default 30).
     """
 
     def __init__(self, model: Any = "lab-1b", gpu: Any = "h100", *, tp: int = 1, pp: int = 1,
@@ -81,7 +86,8 @@ class SimEngine:
                  hash_algo: str = "builtin", eos_token_id: int | None = None,
                  side_channel_port: int = 5600, tp_link_bw: float | None = None,
                  async_scheduling: bool = True, enable_chunked_prefill: bool = True,
-                 kv_offloading_size: float | None = None) -> None:
+                 kv_offloading_size: float | None = None,
+                 kv_connector_extra_config: dict[str, Any] | None = None) -> None:
         from labkit.hardware import GPU_TYPES, LINKS
         from labkit.models import get_model, normalize_kv_dtype
 
@@ -116,7 +122,8 @@ class SimEngine:
                 kv_bytes_per_token=self.cost_model.kv_bytes_per_token,
                 transport=self.transport, engine_id=self.engine_id,
                 num_layers=max(self.model.layers_per_stage(pp)),
-                **({"tp_size": tp, "side_channel_port": side_channel_port}
+                **({"tp_size": tp, "side_channel_port": side_channel_port,
+                    **nixl_extra_config(kv_connector_extra_config)}
                    if conn_name in ("nixl", "NixlConnector") else {}))
         else:
             self.transport = transport or (connector.transport if connector else None)
@@ -228,6 +235,15 @@ class SimEngine:
 
     def get_request(self, req_id: str) -> Request | None:
         return self.scheduler.requests.get(req_id) or self._inbox.get(req_id)
+
+    def next_lease_expiry(self) -> float | None:
+        """When the first NIXL lease on held prefill blocks runs out (its connector's lease
+        clock), or None."""
+        conn = self.connector
+        for c in getattr(conn, "connectors", None) or [conn]:
+            if isinstance(c, NixlConnector):
+                return c.next_lease_expiry()
+        return None
 
     def next_event_time(self) -> float | None:
         """When a pending async KV load lands (an idle engine should step again then)."""

@@ -366,6 +366,12 @@ class SimMetrics:
         if self.nixl:
             self.nixl["failed_notifications"].inc()
 
+    def kv_expired(self, n: int = 1) -> None:
+        """Requests whose held blocks a NIXL prefill freed at lease expiry (base_worker.py
+        get_finished -> xfer_stats.record_kv_expired_req; counted on the P instance)."""
+        if self.nixl and n > 0:
+            self.nixl["expired"].inc(n)
+
     def render(self) -> bytes:
         """Prometheus text exposition of everything."""
         return generate_latest(self.registry)

@@ -57,6 +57,13 @@ class KVReadRequest(BaseModel):
     remote_engine_id: str | None = None
 
 
+class KVHeartbeatRequest(BaseModel):
+    """A NIXL heartbeat ("HB:<ids>"): extend the lease on these requests' blocks."""
+
+    req_ids: list[str] = Field(max_length=65536)
+    remote_engine_id: str | None = None
+
+
 # ---------------------------------------------------------------- errors (vLLM's shape)
 class APIError(Exception):
     """An error answered as vLLM's ErrorResponse {"error": {message, type, param, code}}."""

@@ -32,6 +32,7 @@ _FLAGS = {
     "observer_name": "--observer-name", "engine_id": "--engine-id", "speed": "--speed",
     "seed": "--seed", "kv_load_timeout": "--kv-load-timeout",
     "kv_offloading_size": "--kv-offloading-size",
+    "kv_transfer_config": "--kv-transfer-config",  # a JSON string (vLLM's flag)
 }
 
 

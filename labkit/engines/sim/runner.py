@@ -67,6 +67,7 @@ class SimServerArgs:
     engine_id: str | None = None
     kv_load_timeout: float = 5.0  # nixl decode: seconds to reach the KV's prefill engine
     kv_offloading_size: float | None = None  # GiB of host memory for the CPU tier (vLLM's flag)
+    kv_transfer_config: dict[str, Any] | None = None  # vLLM's --kv-transfer-config (extra config)
     speed: float = 1.0
     fast: bool = False
     seed: int = 0
@@ -103,6 +104,7 @@ class EngineRunner:
         self.epoch0 = time.time()
         self.engine_id = args.engine_id or str(uuid.uuid4())
         self.transport: NetworkTransport | None = None
+        self.nixl: Any = None  # the NixlConnector, if any (its leases)
         engine_kw: dict[str, Any] = {}
         if args.connector:
             if args.connector == "example" and not args.kv_storage:
@@ -122,11 +124,17 @@ class EngineRunner:
             enable_chunked_prefill=args.enable_chunked_prefill, engine_id=self.engine_id,
             clock=self.clock, seed=args.seed, enable_kv_cache_events=bool(args.kv_events_endpoint),
             record_observer_events=bool(args.observer_endpoint), eos_token_id=2,
-            side_channel_port=args.port, kv_offloading_size=args.kv_offloading_size, **engine_kw)
+            side_channel_port=args.port, kv_offloading_size=args.kv_offloading_size,
+            kv_connector_extra_config=(args.kv_transfer_config or {}).get("kv_connector_extra_config"),
+            **engine_kw)
         conn = self.engine.connector
         for c in getattr(conn, "connectors", None) or [conn]:
             if c is not None and hasattr(c, "side_channel_host"):
                 c.side_channel_host = args.host  # remote_host in prefill's kv_transfer_params
+                # Leases between processes: the paced clock (both engines follow the wall at
+                # the same speed), or the wall clock when fast (each fast clock is its own).
+                c.lease_clock = time.monotonic if args.fast else self.clock.now
+                self.nixl = c
         if self.transport is not None:
             self.transport.kv_bytes_per_token = self.engine.cost_model.kv_bytes_per_token
         labels = cache_config_labels(self.engine, args.kv_cache_dtype,
@@ -146,6 +154,7 @@ class EngineRunner:
         self._last_snapshot = 0.0
         self._last_num_free = -1
         self._failed_seen = 0
+        self._expired_seen = 0
 
     # ------------------------------------------------------------------ facts
     def epoch(self, t: float) -> float:
@@ -251,7 +260,9 @@ class EngineRunner:
         """
         request = self.engine.get_request(req_id)
         if self.transport is None or request is None or not request.is_finished():
-            raise KeyError(f"no request {req_id!r} holds blocks for a KV transfer here")
+            lease = f" (its lease may have expired: kv_lease_duration {self.nixl.kv_lease_duration:g} s)" \
+                if self.nixl is not None else ""
+            raise KeyError(f"no request {req_id!r} holds blocks for a KV transfer here{lease}")
         held = self.engine.kv_cache_manager.get_block_ids(req_id)[0]
         if block_ids and not set(block_ids) <= set(held):
             raise ValueError(f"blocks {sorted(set(block_ids) - set(held))[:8]} are not held by {req_id}")
@@ -267,6 +278,13 @@ class EngineRunner:
         return {"remote_request_id": req_id, "engine_id": self.engine_id,
                 "num_blocks": len(blocks), "num_bytes": num_bytes}
 
+    def deliver_heartbeat(self, req_ids: list[str]) -> dict[str, Any]:
+        """NIXL heartbeat from a decode engine ("HB:<ids>"): extend these requests' leases."""
+        if self.transport is None or self.nixl is None:
+            raise KeyError("this engine holds no NIXL blocks (no nixl connector)")
+        self.transport.deliver_heartbeat(req_ids)
+        return {"engine_id": self.engine_id, "num_req_ids": len(req_ids)}
+
     # ------------------------------------------------------------------ the loop
     async def _loop(self) -> None:
         eng, clock = self.engine, self.clock
@@ -275,7 +293,8 @@ class EngineRunner:
         busy = False
         while not self._stopping:
             self._wake.clear()
-            pending_reads = self.transport is not None and self.transport.has_pending_reads()
+            pending_reads = ((self.transport is not None and self.transport.has_pending_reads())
+                             or self._lease_due())
             # vLLM's engine core steps while scheduler.has_requests(): unfinished requests or
             # finished ones not yet reported (an abort); held NIXL blocks alone wait for a read.
             if eng.has_unfinished() or eng.scheduler.finished_req_ids or pending_reads:
@@ -302,6 +321,16 @@ class EngineRunner:
             self._snapshot()
             if self.observer is not None:
                 self.observer.greet()  # a lab that just joined hears this engine
+
+    def _lease_due(self) -> bool:
+        """A NIXL lease on held prefill blocks has run out: step to free them (vLLM's engine
+        core keeps stepping while finished requests hold blocks; this one wakes at least every
+        SNAPSHOT_PERIOD_S to look)."""
+        nixl = self.nixl
+        if nixl is None:
+            return False
+        expiry = nixl.next_lease_expiry()
+        return expiry is not None and nixl.lease_clock() >= expiry
 
     async def _idle(self, next_event: float | None) -> None:
         """Wait for a wake-up, the next KV load landing, or a due pool snapshot."""
@@ -385,6 +414,9 @@ class EngineRunner:
             for _ in range(failed - self._failed_seen):
                 self.metrics.failed_notification()
             self._failed_seen = failed
+        if self.nixl is not None and self.nixl.num_expired != self._expired_seen:
+            self.metrics.kv_expired(self.nixl.num_expired - self._expired_seen)
+            self._expired_seen = self.nixl.num_expired
         if not self._pending_transfers:
             return
         now = self.clock.now()

@@ -3,7 +3,8 @@
 Endpoints and bodies follow vllm/entrypoints/openai/ (completion/, chat_completion/,
 models/, engine/protocol.py) and the captures in ../shared/fixtures/vllm-0.26/http:
 `/v1/models`, `/v1/completions`, `/v1/chat/completions`, `/health`, `/metrics`, `/version`,
-plus `POST /labkit/kv/read` (the NIXL read notification, see transport.py) and
+plus `POST /labkit/kv/read` (the NIXL read notification, see transport.py),
+`POST /labkit/kv/heartbeat` (the NIXL lease heartbeat) and
 `GET /labkit/info`.
 
 One asyncio task steps the engine. Each step runs in simulated time; paced (default) it
@@ -31,6 +32,7 @@ from labkit.engines.sim.openai_protocol import (  # noqa: F401  (public names of
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
+    KVHeartbeatRequest,
     KVReadRequest,
     validation_error_response,
 )
@@ -174,6 +176,13 @@ def create_app(args: SimServerArgs) -> FastAPI:
             raise APIError(str(exc.args[0]), 404, "NotFoundError", "remote_request_id") from None
         except ValueError as exc:
             raise APIError(str(exc), 400, "BadRequestError", "block_ids") from None
+
+    @app.post("/labkit/kv/heartbeat")
+    async def kv_heartbeat(req: KVHeartbeatRequest) -> dict[str, Any]:
+        try:
+            return runner.deliver_heartbeat(req.req_ids)
+        except KeyError as exc:
+            raise APIError(str(exc.args[0]), 404, "NotFoundError", "req_ids") from None
 
     @app.get("/labkit/info")
     async def info() -> dict[str, Any]:

@@ -17,8 +17,15 @@ rules); this module carries the facts between two `python -m labkit.engines.sim`
 
     decode engine                                 prefill engine
     add_request(kv_transfer_params) -> register_remote(params)
+    step (waiting): heartbeat --POST /labkit/kv/heartbeat--> deliver_heartbeat
+                                                  step: take_heartbeats -> lease extended
     step: read lands (sim time) -> notify_read_done --POST /labkit/kv/read--> deliver_read
                                                   step: take_read_done -> blocks freed
+                                                  (or the lease runs out -> blocks freed)
+
+  Heartbeats are vLLM's "HB:<ids>" NIXL notifs (base_worker.py `_send_heartbeats`); at most
+  one POST per prefill engine is in flight (a step may send one every step when the lease is
+  under 6 s: vLLM's interval is lease // 6).
 """
 from __future__ import annotations
 
@@ -40,6 +47,8 @@ from labkit.vocab import run_root
 logger = logging.getLogger(__name__)
 
 READ_ROUTE = "/labkit/kv/read"
+HEARTBEAT_ROUTE = "/labkit/kv/heartbeat"
+MAX_HEARTBEAT_IDS = 65536  # request ids in one heartbeat (the route refuses more)
 _KEY = re.compile(r"^[0-9a-f]{16,128}$")
 
 
@@ -110,10 +119,13 @@ class NetworkTransport(KVTransport):
         self._remotes: dict[str, tuple[str, int]] = {}  # engine id -> (host, port)
         self._remote_blocks: dict[str, list[int]] = {}  # remote request id -> its block ids
         self._read_done: list[str] = []
+        self._heartbeats: list[list[str]] = []
+        self._beating: set[str] = set()  # engines with a heartbeat POST in flight
         self._tasks: set[asyncio.Task[Any]] = set()
         self._client: httpx.AsyncClient | None = None
         self.num_notifications = 0
         self.num_failed_notifications = 0
+        self.num_heartbeats = 0  # heartbeats answered by their prefill engine
         self.on_read_delivered: Callable[[str], None] | None = None  # wakes the engine loop
         self.on_read_acked: Callable[[str, int], None] | None = None  # (req id, bytes)
 
@@ -230,6 +242,34 @@ class NetworkTransport(KVTransport):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def heartbeat(self, remote_engine_id: str, remote_request_ids: list[str], at: float) -> None:
+        """Extend the lease on these requests' blocks: a POST in the background, one in flight
+        per engine; a failure is only logged (vLLM logs a failed heartbeat at debug level)."""
+        addr = self._remotes.get(remote_engine_id)
+        if addr is None or remote_engine_id in self._beating or not remote_request_ids:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop: nobody serves the answer (heartbeats are best effort)
+        url = f"http://{addr[0]}:{addr[1]}{HEARTBEAT_ROUTE}"
+        body = {"remote_engine_id": remote_engine_id,
+                "req_ids": remote_request_ids[:MAX_HEARTBEAT_IDS]}
+        self._beating.add(remote_engine_id)
+        task = loop.create_task(self._post_heartbeat(url, body, remote_engine_id))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _post_heartbeat(self, url: str, body: dict[str, Any], engine: str) -> None:
+        try:
+            resp = await self._http().post(url, json=body)
+            resp.raise_for_status()
+            self.num_heartbeats += 1
+        except (httpx.HTTPError, ValueError) as exc:
+            logger.debug("NIXL heartbeat to %s failed: %s", url, exc)
+        finally:
+            self._beating.discard(engine)
+
     async def _post(self, url: str, body: dict[str, Any]) -> None:
         try:
             resp = await self._http().post(url, json=body)
@@ -268,8 +308,20 @@ class NetworkTransport(KVTransport):
         if self.on_read_delivered is not None:
             self.on_read_delivered(remote_request_id)
 
+    def deliver_heartbeat(self, req_ids: list[str]) -> None:
+        """A decode engine heartbeated these requests (the route calls this): applied at the
+        next step, as "now + lease extension" on this engine's lease clock."""
+        self._heartbeats.append(list(req_ids))
+        if self.on_read_delivered is not None:
+            self.on_read_delivered("")
+
+    def take_heartbeats(self, engine_id: str, now: float) -> list[tuple[float | None, list[str]]]:
+        out, self._heartbeats = self._heartbeats, []
+        return [(None, ids) for ids in out]
+
     def has_pending_reads(self) -> bool:
-        return bool(self._read_done)
+        """Reads or heartbeats delivered and not yet taken by a step."""
+        return bool(self._read_done or self._heartbeats)
 
     def take_read_done(self, engine_id: str, now: float) -> list[str]:
         """Every delivered read (the decode engine's clock is not ours: `now` is not compared)."""
