@@ -88,7 +88,8 @@ def test_one_gpu_lab_example_pair(tmp_path: Path) -> None:
     try:
         tel = lab.telemetry()
         time.sleep(1.0)  # the engines' observer PUBs reconnect to the bound SUB (ZMQ)
-        src = recorder(tel, lab, "real-h200-1gpu-example.lkrec", out_dir(),
+        gpu = lab.plan.gpu_type.name.lower().replace("nvidia ", "").split()[0]  # h100, h200
+        src = recorder(tel, lab, f"real-{gpu}-1gpu-example.lkrec", out_dir(),
                        {"workload": "1,081-token prompt, then 8 mixed requests", "test": __name__})
         model = lab.plan.model.name
         with Poller(src) as poll:
