@@ -329,8 +329,9 @@ class PDProxy:
 
     async def _release(self, fl: Flight, prefill_reply: dict) -> None:
         """The request ends after prefill but before decode read its KV: tell prefill to free
-        the blocks now (NIXL's read notification; vLLM itself frees them only after
-        VLLM_NIXL_ABORT_REQUEST_TIMEOUT, 480 s). A real vLLM prefill answers 404: ignored."""
+        the blocks now (NIXL's read notification; vLLM 0.26 itself frees them only when their
+        lease runs out, kv_lease_duration in kv_connector_extra_config, 30 s by default, and
+        decode's heartbeats extend it). A real vLLM prefill answers 404: ignored."""
         body = release_request(prefill_reply)
         if body is None or fl.prefill is None or self.connector != "nixl":
             return
