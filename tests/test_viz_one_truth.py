@@ -146,3 +146,53 @@ def test_block_map_at_255k_blocks_shows_cached_and_in_use_and_zooms_to_blocks():
     from labkit.viz.style import REQUEST_COLORS
     assert REQUEST_COLORS[int(fine[10]) - Z_REQ0] == transfers.ids.color(owner)
     assert transfers.ids.resolve(owner) in transfers.requests  # the Gantt's row of that request
+
+
+@pytest.mark.parametrize("connector", ["example", "nixl"])
+def test_simulated_lab_per_layer_timings_follow_the_connector(tmp_path, connector):
+    """The simulator reports per-layer hooks as the observer inside vLLM does: ExampleConnector
+    saves one file per layer inside prefill's forward (bars that add up to its KVTransfer
+    "send") and decode's wait_for_layer_load returns at once; NIXL saves nothing per layer."""
+    from labkit.lab import Lab
+    from labkit.telemetry.observer_schema import LayerTiming
+
+    with Lab(mode="sim", model="lab-1b", num_gpu_blocks=600, connector=connector,
+             run_dir=tmp_path / "run") as lab:  # fmt: skip
+        tel = lab.telemetry()
+        batches = list(tel.poll().observer)
+        lab.complete(list(range(1000, 1700)), max_tokens=4)
+        end = time.monotonic() + 15
+        while time.monotonic() < end:
+            batches += tel.poll().observer
+            if any(isinstance(e, KVTransfer) and e.direction == "recv" for b in batches for e in b.events):
+                break
+            time.sleep(0.1)
+    layers = {(b.role, e.op): [] for b in batches for e in b.events if isinstance(e, LayerTiming)}
+    for b in batches:
+        for e in b.events:
+            if isinstance(e, LayerTiming):
+                layers[(b.role, e.op)].append(e)
+    send = next(e for b in batches for e in b.events if isinstance(e, KVTransfer) and e.direction == "send")
+    saves = layers[("prefill", "save")]
+    num_layers = len({e.layer for e in saves})
+    assert num_layers > 1 and len(saves) == num_layers  # one prompt, one pass
+    st = TransferState()
+    view = StreamingView(st, ["sim"])
+    for b in batches:
+        st.apply(b)
+    view.update()
+    note = next(a.text for a in view.figure.layout.annotations if a.name == "layer-note")
+    save_bars, load_bars = view.figure.data[4], view.figure.data[5]
+    if connector == "example":
+        assert all(e.end - e.start > 20e-6 for e in saves)
+        assert sum(e.end - e.start for e in saves) == pytest.approx(send.end - send.start, rel=1e-6)
+        assert sum(e.num_bytes for e in saves) == pytest.approx(send.num_bytes, rel=0.01)
+        loads = layers[("decode", "load")]
+        assert len(loads) == num_layers and all(e.end == e.start for e in loads)
+        assert len(save_bars.x) == num_layers and min(save_bars.y) > 0.02  # ms
+        assert len(load_bars.x) == 0 and "load (decode): returns at once" in note
+    else:
+        assert all(e.end == e.start for e in saves)
+        assert ("decode", "load") not in layers
+        assert len(save_bars.x) == 0 and len(load_bars.x) == 0
+        assert "has no per-layer phase here" in note and "one read" in note

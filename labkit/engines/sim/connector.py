@@ -158,6 +158,18 @@ class TransferRecord:
     connector: str
 
 
+@dataclass(slots=True)
+class LayerRecord:
+    """One layer's KV work in a worker hook (the observer's LayerTiming event)."""
+
+    op: str  # "save" (save_kv_layer) | "load" (wait_for_layer_load)
+    layer: int
+    start: float
+    end: float
+    num_bytes: int
+    req_ids: list[str]
+
+
 class SimKVConnector(ABC):
     """Scheduler-side hooks with vLLM's names, plus `start_step` standing in for the worker.
 
@@ -171,6 +183,7 @@ class SimKVConnector(ABC):
     """
 
     name = "base"
+    saves_per_layer = False  # save_kv_layer does work (ExampleConnector); else it returns at once
     # kv_role "kv_both" (what the lab runs): a KV consumer, so with more than one batch in
     # flight the scheduler defers block frees (Scheduler.defer_block_free).
     is_kv_consumer = True
@@ -183,6 +196,7 @@ class SimKVConnector(ABC):
         self.kv_bytes_per_token = kv_bytes_per_token
         self.transport = transport
         self.transfers: list[TransferRecord] = []
+        self.layer_timings: list[LayerRecord] = []
 
     def on_new_request(self, request: Request) -> None:  # noqa: B027 (optional hook, as in vLLM)
         """A request entered the scheduler."""
@@ -224,6 +238,10 @@ class SimKVConnector(ABC):
         out, self.transfers = self.transfers, []
         return out
 
+    def take_layer_timings(self) -> list[LayerRecord]:
+        out, self.layer_timings = self.layer_timings, []
+        return out
+
     def _bytes(self, num_tokens: int) -> int:
         return num_tokens * self.kv_bytes_per_token
 
@@ -242,6 +260,7 @@ class ExampleConnector(SimKVConnector):
     """vLLM's ExampleConnector: synchronous save/load of whole blocks through shared storage."""
 
     name = "example"
+    saves_per_layer = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -298,6 +317,8 @@ class ExampleConnector(SimKVConnector):
         vLLM's saves interleave with the layers' compute; each is synchronous (GPU->host copy,
         then the file write), so the step lasts forward + all saves. Records: a load spans its
         own reads; a save spans the forward's window from its first to its last layer file.
+        Per layer (LayerTiming): layer i's save is the i-th share of that window; its
+        wait_for_layer_load returns at once (start_load_kv has read every layer already).
         """
         if not meta:
             return 0.0
@@ -311,8 +332,16 @@ class ExampleConnector(SimKVConnector):
             end = t + self.file_time(n, link_in)
             self.transfers.append(TransferRecord(req_id, "recv", n, nbytes, t, end, self.name))
             t = end
+        if loads:
+            ids, nbytes = sorted(r for r, _ in loads), self._bytes(sum(n for _, n in loads)) // self.num_layers
+            self.layer_timings.extend(LayerRecord("load", i, t, t, nbytes, ids) for i in range(self.num_layers))
         link_out = self.transport.link(self.engine_id, STORAGE)
         save_total = sum(self.file_time(n, link_out) for _, n, _ in saves)
+        if saves:
+            per, ids = save_total / self.num_layers, sorted(r for r, _, _ in saves)
+            nbytes = self._bytes(sum(n for _, n, _ in saves)) // self.num_layers
+            self.layer_timings.extend(LayerRecord("save", i, t + i * per, t + (i + 1) * per, nbytes, ids)
+                                      for i in range(self.num_layers))
         for req_id, n, key in saves:
             self.transfers.append(TransferRecord(req_id, "send", n, self._bytes(n), t,
                                                  t + save_total, self.name))

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from labkit.engines.sim.clock import SimClock
-from labkit.engines.sim.connector import TransferRecord
+from labkit.engines.sim.connector import LayerRecord, TransferRecord
 from labkit.engines.sim.engine import RequestOutput, SimEngine, StepResult
 from labkit.engines.sim.metrics import SimMetrics, cache_config_labels
 from labkit.engines.sim.transport import NetworkTransport, link_named
@@ -357,8 +357,9 @@ class EngineRunner:
             events = [_kv_event(ev) for ev in eng.take_kv_events()]
             if events:
                 self.kv_publisher.publish(kve.KVEventBatch(ts=self.epoch(res.end), events=events))
+        layer_events = self._layer_events(res)
         if self.observer is not None:
-            self._emit(self._observer_events(res))
+            self._emit(self._observer_events(res) + layer_events)
         for out in res.outputs:
             queue = self._streams.get(out.request_id)
             if queue is not None:
@@ -394,6 +395,36 @@ class EngineRunner:
                 preempted=sorted(so.preempted_req_ids), finished=sorted(so.finished_req_ids),
                 num_free=so.num_free_blocks))
         return events + finished
+
+    def _layer_events(self, res: StepResult) -> list[Any]:
+        """LayerTiming as labkit.pd.observer reports it from the worker's per-layer hooks
+        (on steps that compute prompt tokens or load KV): the connector's own per-layer work
+        (ExampleConnector: one file per layer saved inside prefill's forward; its loads are
+        done in start_load_kv, so wait_for_layer_load returns at once), else a save_kv_layer
+        that returns at once (NixlConnector: decode reads every layer in one go later)."""
+        conn = self.engine.connector
+        if conn is None:
+            return []
+        parts = getattr(conn, "connectors", [conn])  # MultiConnector's children
+        records = [r for c in parts for r in c.take_layer_timings()]
+        if self.observer is None:
+            return []
+        so = res.scheduler_output
+        before = {r.req_id: (r.num_computed_tokens, len(r.prompt_token_ids)) for r in so.scheduled_new_reqs}
+        cached = so.scheduled_cached_reqs
+        for rid, done in zip(cached.req_ids, cached.num_computed_tokens, strict=False):
+            if (req := self.engine.get_request(rid)) is not None:
+                before[rid] = (done, req.num_prompt_tokens)
+        prompt = {rid: k for rid, n in so.num_scheduled_tokens.items() if rid in before
+                  and (k := min(n, before[rid][1] - before[rid][0])) > 0}
+        if prompt and not any(c.saves_per_layer for c in parts):
+            t = res.start + res.launch_s  # the forward: each layer's hook right after its compute
+            per, nbytes = res.gpu_s / conn.num_layers, conn.kv_bytes_per_token * sum(prompt.values())
+            records += [LayerRecord("save", i, t + (i + 1) * per, t + (i + 1) * per,
+                                    nbytes // conn.num_layers, sorted(prompt)) for i in range(conn.num_layers)]
+        return [obs.LayerTiming(ts=self.epoch(r.end), op=r.op, layer=f"model.layers.{r.layer}.self_attn.attn",
+                                start=self.epoch(r.start), end=self.epoch(r.end), num_bytes=r.num_bytes,
+                                req_ids=r.req_ids) for r in records]
 
     def _offload_events(self, res: StepResult) -> list[Any]:
         """The CPU tier's finished GPU<->CPU jobs (OffloadTransfer); the tier is dirty then."""
