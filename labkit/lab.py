@@ -4,6 +4,10 @@
         lab.complete("Hello", max_tokens=16)              # through the proxy
         labkit.viz.Dashboard(lab.telemetry()).show()
 
+`Lab(num_prefill=2, num_decode=2)` starts xPyD: four engines (each with its own ports,
+labkit/plan/xpyd.py `engine_ports`) behind one proxy that routes among them
+(labkit/pd/router.py; `lab.set_routing_policy("kv-aware")` switches live).
+
 `mode="auto"` (the default, or $LABKIT_MODE) picks real vLLM where GPUs and vLLM are present
 and the simulator otherwise, and says which: notebooks never branch on the hardware. Every
 engine and the proxy is a subprocess in its own process group bound to 127.0.0.1; `stop()`,
@@ -39,10 +43,15 @@ class ProxyProcess(EngineHandle):
     """The PD proxy (`python -m labkit.pd`) as a subprocess in its own process group."""
 
     def __init__(self, prefill_urls: list[str], decode_urls: list[str], connector: str,
-                 read_timeout: float | None = None, **kwargs: Any) -> None:
+                 read_timeout: float | None = None, *, prefill_names: list[str] | None = None,
+                 decode_names: list[str] | None = None, kv_events: list[str] | None = None,
+                 policy: str | None = None, block_size: int | None = None,
+                 **kwargs: Any) -> None:
         super().__init__("proxy", role="proxy", **kwargs)
         self.prefill_urls, self.decode_urls, self.connector = prefill_urls, decode_urls, connector
         self.read_timeout = read_timeout
+        self.prefill_names, self.decode_names = prefill_names or [], decode_names or []
+        self.kv_events, self.policy, self.block_size = kv_events or [], policy, block_size
 
     def command(self) -> list[str]:
         args = [sys.executable, "-m", "labkit.pd", "--host", self.host, "--port", str(self.port),
@@ -53,6 +62,15 @@ class ProxyProcess(EngineHandle):
             args += ["--decode", u]
         if self.read_timeout is not None:
             args += ["--read-timeout", f"{self.read_timeout:g}"]
+        for flag, values in (("--prefill-name", self.prefill_names),
+                             ("--decode-name", self.decode_names),
+                             ("--prefill-kv-events", self.kv_events)):
+            for v in values:
+                args += [flag, v]
+        if self.policy is not None:
+            args += ["--policy", self.policy]
+        if self.block_size is not None:
+            args += ["--block-size", str(self.block_size)]
         return args
 
 
@@ -95,7 +113,8 @@ def build_config(model: str = "lab-1b", *, max_num_batched_tokens: int | None = 
                  connector: str = "auto", num_gpus: int | None = None,
                  gpu_type: str | None = None, colocated: bool = False,
                  kv_offloading_size: float | None = None, enable_chunked_prefill: bool = True,
-                 load_format: str = "dummy", **aliases: Any) -> PDConfig:
+                 load_format: str = "dummy", num_prefill: int = 1, num_decode: int = 1,
+                 **aliases: Any) -> PDConfig:
     """A PDConfig from the handful of knobs a learner turns (`Lab`'s keywords; see there)."""
     known = {k: v for k, v in locals().items() if k not in ("aliases", "model")}
     for old, value in aliases.items():
@@ -121,7 +140,7 @@ def _build(model: str, *, max_num_batched_tokens, tp, pp, prefill_tp, decode_tp,
            decode_pp, kv_cache_dtype, block_size, max_num_seqs, max_model_len,
            gpu_memory_utilization, num_gpu_blocks, kv_cache_memory, connector, num_gpus,
            gpu_type, colocated, kv_offloading_size, enable_chunked_prefill,
-           load_format) -> PDConfig:
+           load_format, num_prefill=1, num_decode=1) -> PDConfig:
     if num_gpu_blocks is not None and kv_cache_memory is not None:
         raise ConfigError("both num_gpu_blocks and kv_cache_memory size the KV cache",
                           "use kv_cache_memory (bytes; the block count follows the KV dtype) "
@@ -149,7 +168,8 @@ def _build(model: str, *, max_num_batched_tokens, tp, pp, prefill_tp, decode_tp,
     prefill = engine("prefill", prefill_tp or tp, prefill_pp or pp)
     decode = engine("decode", decode_tp or tp, decode_pp or pp)
     return PDConfig(prefill=prefill, decode=decode, connector=connector,  # type: ignore[arg-type]
-                    num_gpus=num_gpus, gpu_type=gpu_type, colocated=colocated)
+                    num_gpus=num_gpus, gpu_type=gpu_type, colocated=colocated,
+                    num_prefill=num_prefill, num_decode=num_decode)
 
 
 class Lab:
@@ -177,6 +197,10 @@ class Lab:
         num_gpus, gpu_type: the machine; a count or type the machine does not have plans a
             simulated cluster (default: the GPUs present, or 2 simulated H100s).
         colocated: one engine doing both phases (no PD), for comparisons.
+        num_prefill, num_decode: xPyD: how many prefill and decode engines (each a copy of
+            its role's config on GPUs of its own; default 1 and 1, the PD pair).
+        routing_policy: how the proxy picks each request's engines: "round-robin",
+            "least-loaded" or "kv-aware" (labkit/pd/router.py); `set_routing_policy` switches.
         kv_offloading_size: GiB of host memory for KV offload (vLLM's --kv-offloading-size).
         enable_chunked_prefill, load_format: as in `vllm serve` (load_format "dummy": random
             weights, no download).
@@ -208,7 +232,8 @@ class Lab:
                  connector: str = "auto", num_gpus: int | None = None,
                  gpu_type: str | None = None, colocated: bool = False,
                  kv_offloading_size: float | None = None, enable_chunked_prefill: bool = True,
-                 load_format: str = "dummy", mode: str | None = None,
+                 load_format: str = "dummy", num_prefill: int = 1, num_decode: int = 1,
+                 routing_policy: str = "round-robin", mode: str | None = None,
                  run_dir: str | Path | None = None, port: int | None = None, speed: float = 1.0,
                  observe: bool = True, read_timeout: float | None = None,
                  kv_load_timeout: float | None = None, owner: str = "python",
@@ -233,7 +258,14 @@ class Lab:
                      num_gpu_blocks=num_gpu_blocks, kv_cache_memory=kv_cache_memory,
                      connector=connector, num_gpus=num_gpus, gpu_type=gpu_type,
                      colocated=colocated, kv_offloading_size=kv_offloading_size,
-                     enable_chunked_prefill=enable_chunked_prefill, load_format=load_format)
+                     enable_chunked_prefill=enable_chunked_prefill, load_format=load_format,
+                     num_prefill=num_prefill, num_decode=num_decode)
+        from labkit.pd.router import POLICIES
+
+        if routing_policy not in POLICIES:
+            raise ConfigError(f"routing_policy={routing_policy!r} is not a routing policy",
+                              f"use one of {', '.join(POLICIES)}")
+        self.routing_policy = routing_policy
         for old in aliases:
             if old not in ALIASES:
                 raise unknown_keyword(old)
@@ -256,6 +288,7 @@ class Lab:
         self.proxy: ProxyProcess | None = None
         self._telemetry: Any = None
         self._observer_endpoint: str | None = None
+        self._ports: dict[str, Any] = {}  # xPyD: engine_ports(plan), taken at start
 
     # ------------------------------------------------------------------ planning
     def _plan(self) -> Plan:
@@ -282,8 +315,17 @@ class Lab:
         what = ("REAL vLLM" if self.kind == "vllm" else "SIMULATED")
         gpus = f"{self.plan.num_gpus}x {self.plan.gpu_type.name}"
         names = ", ".join(f"{e.name} on GPU {e.gpus}" for e in self.plan.engines)
-        return f"{what} PD pair of {self.plan.model.name} on {gpus} ({names}); " \
+        shape = "PD pair"
+        if self.is_xpyd:
+            shape = (f"{self.config.num_prefill}P+{self.config.num_decode}D "
+                     f"(routing: {self.routing_policy})")
+        return f"{what} {shape} of {self.plan.model.name} on {gpus} ({names}); " \
                f"KV connector: {self.plan.connector or 'none (colocated)'}"
+
+    @property
+    def is_xpyd(self) -> bool:
+        """More than one prefill or decode engine."""
+        return (self.config.num_prefill, self.config.num_decode) != (1, 1)
 
     # ------------------------------------------------------------------ start / stop
     def start(self, progress: Progress | bool = True, timeout: float = 900.0) -> Lab:
@@ -299,6 +341,10 @@ class Lab:
             report("preparing the model directory", 0.05)
             model_dir = self._model_path = self._model_dir()
             self._observer_endpoint = f"tcp://127.0.0.1:{free_port()}" if self.observe else None
+            if self.is_xpyd:
+                from labkit.plan.xpyd import engine_ports
+
+                self._ports = engine_ports(self.plan)
             report("starting engines", 0.1)
             colocated_port = self.port if self.plan.connector is None else None
             self.engines = {ep.name: self._engine(ep.name, model_dir, colocated_port)
@@ -343,8 +389,10 @@ class Lab:
     def _engine(self, name: str, model_dir: str, port: int | None = None,
                 kv_ep: str | None = None) -> EngineHandle:
         ep = self.plan.engine(name)
-        port = port or free_port()
-        kv_ep = kv_ep or f"tcp://127.0.0.1:{free_port()}"
+        ports = self._ports.get(name)  # xPyD: the plan's own ports for this engine
+        port = port or (ports.http if ports else free_port())
+        kv_ep = kv_ep or (ports.kv_events_endpoint() if ports else
+                          f"tcp://127.0.0.1:{free_port()}")
         log = self.run_dir / f"{name}.log"
         if self.kind == "vllm":
             from labkit.engines.vllm import VLLMEngine
@@ -358,7 +406,8 @@ class Lab:
             return VLLMEngine(name, args, role=ep.role, port=port, gpus=[],
                               log_path=log, kv_events_endpoint=kv_ep,
                               observer_endpoint=self._observer_endpoint,
-                              env=env_for(name, self.plan))
+                              env=env_for(name, self.plan,
+                                          ports.side_channel if ports else None))
         from labkit.engines.sim.process import SimEngineProcess
 
         return SimEngineProcess(
@@ -370,13 +419,68 @@ class Lab:
     def _start_proxy(self, port: int | None = None) -> None:
         if self.plan.connector is None:  # colocated: no proxy, talk to the engine
             return
-        pre = [e.base_url for e in self.engines.values() if e.role == "prefill"]
-        dec = [e.base_url for e in self.engines.values() if e.role == "decode"]
-        self.proxy = ProxyProcess(pre, dec, self.plan.connector, self.read_timeout,
-                                  kind=self.kind,  # type: ignore[arg-type]
-                                  port=port, log_path=self.run_dir / "proxy.log")
+        pre = [e for e in self.engines.values() if e.role == "prefill"]
+        dec = [e for e in self.engines.values() if e.role == "decode"]
+        kv = [e.kv_events_endpoint for e in pre]
+        self.proxy = ProxyProcess(
+            [e.base_url for e in pre], [e.base_url for e in dec], self.plan.connector,
+            self.read_timeout, prefill_names=[e.name for e in pre],
+            decode_names=[e.name for e in dec],
+            kv_events=kv if all(kv) else None,  # type: ignore[arg-type]
+            policy=self.routing_policy, block_size=self.plan.engines[0].config.block_size,
+            kind=self.kind, port=port, log_path=self.run_dir / "proxy.log")  # type: ignore[arg-type]
         self.proxy.start()
         self.proxy.wait_ready(60)
+        if self.is_xpyd:
+            self._wait_routing_connected(10.0)
+
+    def _wait_routing_connected(self, timeout: float) -> bool:
+        """Until the proxy's KV-event readers reach every prefill engine (a prefix stored
+        before that is unknown to kv-aware routing); False after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(Exception):
+                subs = self.routing()["kv_events"].values()
+                if all(s["connected"] for s in subs):
+                    return True
+            time.sleep(0.05)
+        print("labkit: the proxy's KV-event readers did not reach every prefill engine within "
+              f"{timeout:g} s; kv-aware routing may miss the first prefixes", file=sys.stderr)
+        return False
+
+    # ------------------------------------------------------------------ routing
+    def routing(self) -> dict:
+        """The proxy's routing state (GET /router): the policy, the engines, requests routed
+        to each, the blocks each prefill engine holds as the proxy's index sees them, loads."""
+        import httpx
+
+        if self.proxy is None:
+            raise RuntimeError("this lab has no proxy running (not started, or colocated)")
+        r = httpx.get(f"{self.proxy.base_url}/router", timeout=5)
+        r.raise_for_status()
+        return r.json()
+
+    def set_routing_policy(self, policy: str) -> dict:
+        """Switch the proxy's routing policy live ("round-robin", "least-loaded",
+        "kv-aware"); requests that arrive from now on are routed by it. Returns the routing
+        state.
+
+        Raises:
+            ConfigError: an unknown policy (nothing changes).
+        """
+        import httpx
+
+        from labkit.pd.router import POLICIES
+
+        if policy not in POLICIES:
+            raise ConfigError(f"routing policy {policy!r} is not one of {POLICIES}",
+                              f"use one of {', '.join(POLICIES)}")
+        self.routing_policy = policy
+        if self.proxy is None:
+            return {"policy": policy}
+        r = httpx.post(f"{self.proxy.base_url}/router", json={"policy": policy}, timeout=5)
+        r.raise_for_status()
+        return r.json()
 
     def stop(self) -> None:
         """Stop the telemetry, the proxy and every engine (whole process groups)."""
@@ -429,7 +533,7 @@ class Lab:
             shutil.rmtree(path, ignore_errors=True)
 
     def restart_engine(self, name: str, timeout: float = 120.0) -> EngineHandle:
-        """Stop engine `name` ("prefill", "decode" or "proxy") whatever its state (crashed,
+        """Stop engine `name` ("prefill", "decode", "prefill-1", ... or "proxy") whatever its state (crashed,
         hung, fine), start it again on the same port and KV-event endpoint, and wait until it
         answers /health. The proxy and the telemetry keep their URLs. A restarted engine has
         a new engine id: KV it held is gone. Returns the new handle."""
@@ -494,7 +598,8 @@ class Lab:
                     name=ep.name, role=ep.role, kind=self.kind, base_url=eng.base_url,
                     gpus=ep.gpus, num_blocks=blocks, block_size=ep.config.block_size,
                     model=self.plan.model.name, kv_events_endpoint=eng.kv_events_endpoint,
-                    pids=eng.group_pids(), weights_bytes=weights, kv_bytes=kv))
+                    pids=eng.group_pids(), weights_bytes=weights, kv_bytes=kv,
+                    kv_bytes_per_block=ep.page_bytes))
             gpus = [{"index": g.index, "name": self.plan.gpu_type.name, "total_bytes": g.total}
                     for g in self.plan.gpus]
             self._telemetry = LiveTelemetry(

@@ -21,6 +21,7 @@ from labkit.telemetry.recording import Recorder, read_recording, record
 from labkit.telemetry.replay import Replay, replay, title_of
 from labkit.telemetry.source import MetricsSample, SourceInfo, TelemetryDelta, TelemetrySource
 from labkit.viz.dashboard import Dashboard
+from labkit.viz.offload import OffloadState
 from labkit.viz.state import (
     BlockMapState,
     LatencyState,
@@ -104,7 +105,8 @@ def folded(source, deltas: list[TelemetryDelta]) -> dict:
     info = SourceInfo.from_dict(source.describe())
     engines = {e.name: (e.role, e.kind, e.num_blocks, e.block_size) for e in info.engines}
     dash = SimpleNamespace(blocks=BlockMapState(engines), transfers=TransferState(),
-                           memory=MemoryState(), schedule=ScheduleState(), latency=LatencyState())
+                           memory=MemoryState(), schedule=ScheduleState(), latency=LatencyState(),
+                           offload=OffloadState())
     for d in deltas:
         Dashboard.fold(dash, d)  # type: ignore[arg-type]
     return view_state(dash)  # type: ignore[arg-type]

@@ -246,3 +246,23 @@ def test_memory_view_block_count_override_shows_the_pool():
     note = next(a.text for a in view.figure.layout.annotations if a.name == "segments")
     assert "weights 40 MiB" in note and "KV 128 MiB (128 blocks × 1 MiB)" in note
     assert "s since" in view.figure.layout.xaxis2.title.text
+
+
+def test_memory_view_block_bytes_from_describe_fp8(tmp_path):
+    """An fp8 KV cache has half the block bytes: the lab's describe() says so per engine and the
+    memory view's KV segment is blocks x those bytes (a recording without the field falls back
+    to the model's dtype)."""
+    from labkit.lab import Lab
+
+    with Lab(mode="sim", model="lab-1b", num_gpu_blocks=128, kv_cache_dtype="fp8",
+             run_dir=tmp_path / "run") as lab:  # fmt: skip
+        desc = lab.telemetry().describe()
+    bf16_block = 16 * 65536
+    assert {e["kv_bytes_per_block"] for e in desc["engines"]} == {bf16_block // 2}
+    info = SourceInfo.from_dict(desc)
+    view = MemoryView(MemoryState(), info)
+    assert view.pools["prefill"] == (128, bf16_block // 2)
+    assert "128 blocks × 512 KiB" in view.pool_note["prefill"]
+    for e in desc["engines"]:
+        del e["kv_bytes_per_block"]  # an older recording's header
+    assert MemoryView(MemoryState(), SourceInfo.from_dict(desc)).pools["prefill"] == (128, bf16_block)

@@ -59,6 +59,7 @@ class EngineTap:
     pids: list[int] = field(default_factory=list)
     weights_bytes: int = 0  # per GPU (rank), the engine's own figure or the plan's
     kv_bytes: int = 0
+    kv_bytes_per_block: int = 0  # one block on one GPU in the KV cache's dtype (fp8: half)
 
 
 class _Drain:
@@ -314,7 +315,8 @@ class LiveTelemetry:
             "kind": self.kind,
             "engines": [{"name": e.name, "role": e.role, "kind": e.kind, "gpus": e.gpus,
                          "num_blocks": e.num_blocks, "block_size": e.block_size,
-                         "model": e.model} for e in self.engines],
+                         "model": e.model, "kv_bytes_per_block": e.kv_bytes_per_block}
+                        for e in self.engines],
             "gpus": self.gpus,
             "link": self.link,
         }

@@ -31,6 +31,7 @@ class EngineInfo:
     num_blocks: int = 0
     block_size: int = 16
     model: str = ""
+    kv_bytes_per_block: int = 0  # one block on one GPU, kv_cache_dtype aware; 0: not said
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EngineInfo:
@@ -42,6 +43,7 @@ class EngineInfo:
             num_blocks=int(d.get("num_blocks", 0) or 0),
             block_size=int(d.get("block_size", 16) or 16),
             model=str(d.get("model", "")),
+            kv_bytes_per_block=int(d.get("kv_bytes_per_block", 0) or 0),
         )
 
 

@@ -23,10 +23,13 @@ ENGINE_PATTERNS = ("", "/", "x", ".", "\\", "+", "-", "|")
 
 
 def block_bytes(engine: EngineInfo) -> int:
-    """KV bytes of one block on one GPU of `engine` (block_size x the model's KV per token,
-    the cache in the model's dtype, heads split over the engine's GPUs); 0 when unknown."""
+    """KV bytes of one block on one GPU of `engine`: what its describe() says (the KV cache's
+    dtype counted: fp8 halves it), else, for recordings made before it said so, block_size x
+    the model's KV per token in the model's dtype, heads split over its GPUs; 0 when unknown."""
     from labkit.models import get_model
 
+    if engine.kv_bytes_per_block > 0:
+        return engine.kv_bytes_per_block
     try:
         shape = get_model(engine.model)
         return engine.block_size * shape.kv_bytes_per_token("auto", tp=max(len(engine.gpus), 1))
