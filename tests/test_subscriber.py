@@ -255,3 +255,20 @@ def test_subscriber_bind_error_surfaces_in_constructor() -> None:
     with pytest.raises(zmq.ZMQError):
         KVEventSubscriber("tcp://256.0.0.1:1", bind=True)
     assert all(t.name != "kv-event-subscriber" for t in labkit_threads())
+
+
+def test_kv_subscriber_to_a_listening_publisher_always_says_connected() -> None:
+    """The handshake with a publisher already bound completes at once: the monitor must exist
+    before connect(), or `connected` is never set (seen: a lab's prefill engine, 10 s wait)."""
+    pub = zmq.Context.instance().socket(zmq.PUB)
+    port = pub.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        for _ in range(20):
+            sub = KVEventSubscriber(f"tcp://127.0.0.1:{port}")
+            try:
+                assert sub.connected.wait(2.0), "the handshake was never noted"
+                assert sub.num_peers == 1
+            finally:
+                sub.close()
+    finally:
+        pub.close(linger=0)

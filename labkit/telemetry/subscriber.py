@@ -113,6 +113,11 @@ class _ZmqSubscriber(Generic[T]):
             sock = zmq.Context.instance().socket(zmq.SUB)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SUBSCRIBE, self._topic)
+            # The socket monitor says when a peer's handshake completes: after it the SUB's
+            # subscription is on its way, the earliest a publisher can reach this reader.
+            # Attached before connect: a listening peer completes the handshake at once, and
+            # an event before the monitor exists is never seen (`connected` stayed unset).
+            monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
             if self._bind:
                 sock.bind(self.endpoint)
                 self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -122,9 +127,6 @@ class _ZmqSubscriber(Generic[T]):
             self._start_error = exc
             self._ready.set()
             return
-        # The socket monitor says when a peer's handshake completes: after it the SUB's
-        # subscription is on its way, the earliest a publisher can reach this reader.
-        monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(monitor, zmq.POLLIN)
