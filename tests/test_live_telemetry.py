@@ -86,13 +86,15 @@ def test_wait_connected_waits_for_every_engines_publishers() -> None:
     import threading
     import time
 
+    from labkit.plan.ports import free_port
     from labkit.telemetry.kv_events import KVEventPublisher
     from labkit.telemetry.observer_schema import ObserverPublisher
 
-    kv_pub = KVEventPublisher("tcp://127.0.0.1:*")
+    kv_ep = f"tcp://127.0.0.1:{free_port()}"  # what a lab gives an engine: vLLM connects
+    kv_pub = KVEventPublisher(kv_ep)
     taps = [EngineTap(name=n, role=n, kind="sim", base_url="http://127.0.0.1:9", gpus=[0],
                       num_blocks=4, block_size=16, model="m",
-                      kv_events_endpoint=kv_pub.endpoint if n == "prefill" else None)
+                      kv_events_endpoint=kv_ep if n == "prefill" else None)
             for n in ("prefill", "decode")]
     tel = LiveTelemetry("sim", taps, observer_endpoint="tcp://127.0.0.1:*", interval=60)
     stop = threading.Event()
@@ -132,3 +134,82 @@ def test_wait_connected_waits_for_every_engines_publishers() -> None:
             t.join(5)
         tel.close()
         kv_pub.close()
+
+
+class _VllmLikeEngine:
+    """Stands in for one vLLM 0.26 engine as the lab starts it, publishers only.
+
+    - KV events as vllm/distributed/kv_events.py `ZmqEventPublisher._socket_setup` does it:
+      a PUB that binds wildcard / "::" / ipc / inproc endpoints and CONNECTS to any other
+      (the lab gives `tcp://127.0.0.1:PORT`), made when the engine starts, long before the
+      lab's readers exist (Lab.start builds them after /health).
+    - The observer (labkit/pd/observer.py Outbox) inside EngineCore: a connecting
+      ObserverPublisher made lazily by its own thread (here: only after a first scheduler
+      step, the latest it could be), greeting while idle.
+    """
+
+    def __init__(self, name: str, kv_ep: str, obs_ep: str, first_step_after_s: float) -> None:
+        import threading
+
+        import zmq
+
+        self.pub = zmq.Context.instance().socket(zmq.PUB)
+        self.pub.setsockopt(zmq.LINGER, 0)
+        if "*" in kv_ep or "::" in kv_ep or kv_ep.startswith(("ipc://", "inproc://")):
+            self.pub.bind(kv_ep)
+        else:
+            self.pub.connect(kv_ep)
+        self.name, self.obs_ep, self.delay = name, obs_ep, first_step_after_s
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._outbox, daemon=True)
+        self.thread.start()
+
+    def _outbox(self) -> None:
+        from labkit.telemetry.observer_schema import ObserverPublisher
+
+        if self.stop.wait(self.delay):  # the socket appears at the first scheduler step
+            return
+        pub = ObserverPublisher(self.obs_ep, engine_id=self.name, bind=False)
+        while not self.stop.wait(0.05):
+            pub.greet()
+        pub.close()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        self.pub.close(linger=0)
+
+
+def test_wait_connected_hears_engines_that_connect_like_vllm() -> None:
+    """vLLM connects its KV-event PUB to the lab's concrete endpoint; a reader that connected
+    too never completed a handshake and wait_connected timed out on every real lab."""
+    import time
+
+    from labkit.plan.ports import free_port
+
+    obs_ep = f"tcp://127.0.0.1:{free_port()}"
+    kv = {n: f"tcp://127.0.0.1:{free_port()}" for n in ("prefill", "decode")}
+    engines = [_VllmLikeEngine("prefill", kv["prefill"], obs_ep, 0.0),
+               _VllmLikeEngine("decode", kv["decode"], obs_ep, 0.3)]  # lazy observer socket
+    time.sleep(0.2)  # the engines are up before the lab's readers (Lab.start's order)
+    taps = [EngineTap(name=n, role=n, kind="vllm", base_url="http://127.0.0.1:9", gpus=[],
+                      num_blocks=4, block_size=16, model="m", kv_events_endpoint=kv[n])
+            for n in ("prefill", "decode")]
+    tel = LiveTelemetry("sim", taps, observer_endpoint=obs_ep, interval=60)
+    try:
+        t0 = time.monotonic()
+        ok = tel.wait_connected(5.0)
+        assert ok, tel.missing()
+        assert time.monotonic() - t0 < 3.0
+        assert tel.missing() == []
+        # an engine restarted on Apply connects to the same, still bound, endpoints
+        engines[1].close()
+        tel.reconnecting("decode")
+        assert tel.wait_connected(0.3) is False
+        assert sorted(tel.missing()) == ["kv-events:decode", "observer:decode"]
+        engines[1] = _VllmLikeEngine("decode", kv["decode"], obs_ep, 0.1)
+        assert tel.wait_connected(5.0), tel.missing()
+    finally:
+        for e in engines:
+            e.close()
+        tel.close()

@@ -78,12 +78,12 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
                             model="lab-1b", num_gpu_blocks_override=NUM_BLOCKS,
                             max_model_len=MAX_LEN, kv_events_endpoint=kv_ep,
                             observer_endpoint=f"tcp://127.0.0.1:{obs_port}")
-    proc.start()
     kv_sub = ctx.socket(zmq.SUB)
     kv_sub.setsockopt(zmq.SUBSCRIBE, b"kv")
+    kv_sub.bind(kv_ep)  # like vLLM, the simulator connects its KV-event PUB to a concrete address
+    proc.start()
     try:
         proc.wait_ready(timeout=30)
-        kv_sub.connect(kv_ep)
         time.sleep(0.3)  # PUB/SUB slow joiner
         yield Engine(proc, kv_sub, obs_sub)
     finally:

@@ -130,16 +130,29 @@ def decode_frames(frames: list[bytes]) -> tuple[str, int, KVEventBatch]:
     return bytes(topic).decode("utf-8"), int.from_bytes(seq_bytes, "big"), decode_batch(payload)
 
 
+def publisher_binds(endpoint: str) -> bool:
+    """Whether vLLM's KV-event publisher BINDS `endpoint` (else it connects to it).
+
+    vLLM 0.26, vllm/distributed/kv_events.py, `ZmqEventPublisher._socket_setup`: "bind if
+    wildcard / * present, else connect" (also "::", ipc:// and inproc://). So an engine given
+    `tcp://127.0.0.1:5557` CONNECTS its PUB there, and whoever reads it must bind that
+    address; given `tcp://*:5557` it binds (every interface) and a reader connects.
+    """
+    return ("*" in endpoint or "::" in endpoint or endpoint.startswith("ipc://")
+            or endpoint.startswith("inproc://"))
+
+
 class KVEventPublisher:
     """A PUB publisher that behaves like vLLM's `ZmqEventPublisher` (the simulator uses it).
 
     `publish()` only enqueues; a daemon thread encodes, numbers and sends, and keeps the
-    last `buffer_steps` messages for the optional replay ROUTER socket. The PUB socket
-    binds `endpoint` (vLLM binds wildcard endpoints such as `tcp://*:5557`).
+    last `buffer_steps` messages for the optional replay ROUTER socket. The PUB socket binds
+    or connects as vLLM's does (`publisher_binds`): wildcard, IPv6, ipc:// and inproc://
+    endpoints are bound, a concrete TCP address is connected to (a lab reader binds it).
 
     Args:
-        endpoint: PUB address to bind, e.g. `tcp://127.0.0.1:5557` (`...:*`: a free port;
-            the bound address is then in `.endpoint`).
+        endpoint: PUB address, e.g. `tcp://127.0.0.1:*` (bound: a free port, the bound
+            address is then in `.endpoint`) or `tcp://127.0.0.1:5557` (connected to).
         topic: first frame of every message (vLLM's default is "").
         replay_endpoint: optional ROUTER address to bind for replay requests.
         data_parallel_rank: stamped into batches that carry none (vLLM does the same).
@@ -169,9 +182,12 @@ class KVEventPublisher:
         self._pub = self._ctx.socket(zmq.PUB)
         self._pub.set_hwm(hwm)
         self._pub.setsockopt(zmq.LINGER, 0)
-        self._pub.bind(endpoint)
-        # The address really bound: `tcp://127.0.0.1:*` lets ZMQ pick a free port.
-        self.endpoint = self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
+        if publisher_binds(endpoint):
+            self._pub.bind(endpoint)
+            # The address really bound: `tcp://127.0.0.1:*` lets ZMQ pick a free port.
+            self.endpoint = self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
+        else:
+            self._pub.connect(endpoint)
         self._replay: zmq.Socket | None = None
         if replay_endpoint is not None:
             self._replay = self._ctx.socket(zmq.ROUTER)

@@ -1,7 +1,8 @@
 """LiveTelemetry: every reader of one running lab, behind the views' `poll()` protocol.
 
 One object subscribes to everything a running PD pair says — observer events (ZMQ, bound
-here, the engines connect), KV events (ZMQ, one subscriber per engine), /metrics (one scraper
+here, the engines connect), KV events (ZMQ, one reader per engine: bound here when the
+engine's endpoint is a concrete address, which vLLM connects to), /metrics (one scraper
 per engine), the proxy's timeline (HTTP, polled with a cursor) and GPU memory (NVML for real
 engines; the simulator's own figures, labelled "sim", for simulated ones) — and hands the
 views what is new since the last `poll()` (labkit.telemetry.source.TelemetrySource). That
@@ -26,6 +27,7 @@ from typing import Any
 
 import httpx
 
+from labkit.telemetry.kv_events import publisher_binds
 from labkit.telemetry.metrics import MetricsScraper, MetricsSnapshot
 from labkit.telemetry.source import EngineMemory, GpuSample, MetricsSample, TelemetryDelta
 from labkit.telemetry.subscriber import KVEventMessage, KVEventSubscriber, ObserverSubscriber
@@ -55,6 +57,8 @@ class EngineTap:
     num_blocks: int
     block_size: int
     model: str
+    # The --kv-events-config endpoint the engine was given. vLLM binds wildcard endpoints
+    # and CONNECTS to concrete ones (`publisher_binds`); the reader takes the other side.
     kv_events_endpoint: str | None = None
     pids: list[int] = field(default_factory=list)
     weights_bytes: int = 0  # per GPU (rank), the engine's own figure or the plan's
@@ -152,7 +156,8 @@ class LiveTelemetry:
         for e in engines:
             if e.kv_events_endpoint:
                 sub = KVEventSubscriber(e.kv_events_endpoint,
-                                        callback=lambda m, n=e.name: self._on_kv(n, m))
+                                        callback=lambda m, n=e.name: self._on_kv(n, m),
+                                        bind=not publisher_binds(e.kv_events_endpoint))
                 self.kv_subs[e.name] = sub
                 self._closers.append(sub)
             scraper = MetricsScraper(f"{e.base_url}/metrics", interval=max(interval, 0.25),
@@ -253,8 +258,11 @@ class LiveTelemetry:
         the observer reader has had a batch from every engine (each observer publisher says
         hello when a subscriber joins: ObserverPublisher.greet), and each KV-event reader has
         completed its handshake with its engine (vLLM's KV publisher cannot say hello; its
-        subscription follows the handshake by a loopback round trip). Returns True if
-        connected, False on timeout (the views still work; the first events may be missed).
+        subscription follows the handshake by a loopback round trip). vLLM connects its KV
+        publisher to a concrete endpoint, so that reader binds it (`publisher_binds`): with
+        both sides connecting no handshake ever happens. Returns True if connected, False on
+        timeout (the views still work; the first events may be missed); `missing()` then
+        says which readers were still waiting.
         """
         deadline = time.monotonic() + timeout
         names = {e.name for e in self.engines}
@@ -269,6 +277,14 @@ class LiveTelemetry:
             if not sub.connected.wait(max(0.0, deadline - time.monotonic())):
                 return False
         return True
+
+    def missing(self) -> list[str]:
+        """Readers that have not heard their engine yet: "observer:NAME", "kv-events:NAME"."""
+        out = []
+        if self.obs_sub is not None:
+            out += [f"observer:{e.name}" for e in self.engines if e.name not in self._heard]
+        out += [f"kv-events:{n}" for n, sub in self.kv_subs.items() if not sub.connected.is_set()]
+        return out
 
     def reconnecting(self, name: str) -> None:
         """Engine `name` restarts: `wait_connected` waits for its new publishers again."""
