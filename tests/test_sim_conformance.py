@@ -13,8 +13,14 @@ import pytest
 
 from labkit.bench.conformance import check, compare, load_traces, replay
 
-RECORDINGS = Path(__file__).resolve().parents[1] / "labkit" / "data" / "recordings"
+DATA = Path(__file__).resolve().parents[1] / "labkit" / "data"
+RECORDINGS = DATA / "recordings"
+# Recordings kept apart from the top level (docs/record-replay.md) and conformance traces
+# (tests/gpu/record_conformance.py, docs/conformance.md).
+TRACES = sorted([*RECORDINGS.glob("*.lkrec"), *RECORDINGS.glob("cpu-tier/*.lkrec"),
+                 *(DATA / "conformance").glob("*.lkrec")])
 FULL = {
+    ("real-h100-1gpu-cpu-tier", "colocated"),
     ("real-h200-1gpu-example", "prefill"), ("real-h200-1gpu-example", "decode"),
     ("real-h200-1gpu-fp8", "prefill"), ("real-h200-1gpu-fp8", "decode"),
     ("real-h200x2-nixl-chunk256", "prefill"), ("real-h200x2-nixl", "decode"),
@@ -26,7 +32,7 @@ def _at_least(value: float | None, floor: float) -> bool:
     return value is None or value >= floor  # None: the recording has nothing to compare
 
 
-@pytest.mark.parametrize("path", sorted(RECORDINGS.glob("*.lkrec")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", TRACES, ids=lambda p: p.stem)
 def test_shipped_recording_conforms(path: Path) -> None:
     results = check(str(path))
     assert results, "no engine with scheduler steps in the recording"
@@ -50,3 +56,12 @@ def test_compare_reports_the_first_differing_step() -> None:
     res = compare(trace.steps, sim)
     assert res["first_diff"]["step"] == i and res["block_ids_equal"] < 100.0
     assert res["scheduled_tokens_equal"] == 100.0
+
+
+def test_a_single_colocated_engine_reads_its_config_from_the_header() -> None:
+    """The header's config holds `colocated: True` beside the engines' configs: one
+    colocated engine ("colocated", role "both") takes the prefill side's, not the boolean."""
+    (trace,) = load_traces(str(RECORDINGS / "cpu-tier" / "real-h100-1gpu-cpu-tier.lkrec"))
+    assert trace.name == "colocated"
+    assert trace.settings["num_gpu_blocks"] == 96 and trace.settings["block_size"] == 16
+    assert trace.settings["max_num_seqs"] == 256

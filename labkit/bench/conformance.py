@@ -82,7 +82,7 @@ def load_traces(path: str) -> list[EngineTrace]:
         published = [ev for ev in steps_ev if _published(ev)]
         if not published:
             continue
-        settings = _settings(events, cfg.get(e["role"]) or cfg.get(name) or {},
+        settings = _settings(events, _engine_cfg(cfg, name, e["role"]),
                              plan_engines.get(name) or plan_engines.get(e["role"]) or {}, cfg)
         steps = [Step(i, dict(ev.num_scheduled_tokens), {k: list(v) for k, v in ev.new_block_ids.items()},
                       dict(ev.num_computed_tokens), sorted(ev.preempted), ev.num_free)
@@ -91,6 +91,19 @@ def load_traces(path: str) -> list[EngineTrace]:
         sends = _sends_done(events, published)
         traces.append(EngineTrace(name, e["kind"], settings, steps, requests, sends))
     return traces
+
+
+def _engine_cfg(cfg: dict[str, Any], name: str, role: str) -> dict[str, Any]:
+    """The header's config of one engine: by role or name ("prefill", "decode"), the
+    prefill side's for a single colocated engine (role "both", named "colocated"). The
+    header's other fields are not engine configs (`colocated` is a boolean, `connector`
+    a string), so only dicts count."""
+    for key in (role, name):
+        if isinstance(cfg.get(key), dict):
+            return cfg[key]
+    if role == "both" or cfg.get("colocated") is True:
+        return cfg["prefill"] if isinstance(cfg.get("prefill"), dict) else {}
+    return {}
 
 
 def _settings(events: list[Any], cfg: dict[str, Any], plan: dict[str, Any], lab_cfg: dict[str, Any]) -> dict[str, Any]:
