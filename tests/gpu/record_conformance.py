@@ -102,10 +102,13 @@ def run_case(out: Path, name: str, case: dict[str, Any], port: int) -> Path:
     from labkit.models import get_model, write_model_dir
 
     model_dir = write_model_dir(get_model("lab-1b"), Path("/tmp/lk-models/lab-1b"))
+    # Exact KV bytes (lab-1b: 1 MiB per 16-token block) skip the memory profile, so the
+    # cases can start side by side on one GPU (each in its own process: see main).
     llm = LLM(model=str(model_dir),
               load_format="dummy", enforce_eager=True, block_size=16,
               num_gpu_blocks_override=case["blocks"], max_num_batched_tokens=case["chunk"],
-              max_num_seqs=16, max_model_len=4096, gpu_memory_utilization=0.3,
+              kv_cache_memory_bytes=case["blocks"] << 20,
+              max_num_seqs=16, max_model_len=4096, gpu_memory_utilization=0.1,
               async_scheduling=case["async_scheduling"], enable_prefix_caching=True,
               kv_transfer_config={"kv_connector": "LabkitObserverConnector", "kv_role": "kv_both",
                                   "kv_connector_module_path": "labkit.pd.observer",
@@ -114,7 +117,7 @@ def run_case(out: Path, name: str, case: dict[str, Any], port: int) -> Path:
                                                                 "observer_trace": True}})
     params = SamplingParams(max_tokens=case["max_tokens"], ignore_eos=True, temperature=0.0)
     engine = llm.llm_engine
-    for i, p in enumerate(prompts):
+    for i, p in enumerate(prompts):  # a TokensPrompt dict (raw prompts: still taken in 0.26)
         engine.add_request(f"req-{i}", {"prompt_token_ids": p}, params)
     step = 0
     aborted = False
@@ -122,6 +125,7 @@ def run_case(out: Path, name: str, case: dict[str, Any], port: int) -> Path:
         engine.step()
         step += 1
         if case.get("abort") and step == 3 and not aborted:  # mid-prefill at chunk 64
+            # external ids: LLMEngine.abort_request maps them to the internal (suffixed) ones
             engine.abort_request([f"req-{i}" for i in range(1, 1 + case["abort"])])
             aborted = True
         rec.write(col.poll())
@@ -129,7 +133,10 @@ def run_case(out: Path, name: str, case: dict[str, Any], port: int) -> Path:
     rec.write(col.poll())
     path = rec.close()
     col.close()
-    del llm
+    try:  # one case per process is the safe way (the batch does that); this frees the GPU early
+        llm.llm_engine.engine_core.shutdown()
+    except Exception:
+        pass
     return path
 
 
@@ -138,7 +145,8 @@ def main(argv: list[str]) -> int:
     outdir = Path(out)
     outdir.mkdir(parents=True, exist_ok=True)
     rc = 0
-    for k, name in enumerate(names or list(CASES)):
+    for name in names or list(CASES):
+        k = list(CASES).index(name)
         t0 = time.time()
         try:
             path = run_case(outdir, name, CASES[name], 5700 + k)

@@ -22,13 +22,22 @@ pytestmark = pytest.mark.gpu
 
 
 def test_observer_drops_nothing_on_a_real_pd_pair(tmp_path: Path) -> None:
+    import time
+
     from labkit.lab import Lab
 
     lab = Lab(mode="vllm", model="lab-1b", run_dir=tmp_path, num_gpus=1, connector="example")
     res: dict[str, Any] = {"describe": lab.describe()}
-    lab.start(progress=False)
+    stages: list[tuple[str, float]] = []
+    lab.start(progress=lambda stage, frac: stages.append((stage, time.time())))
     try:
         tel = lab.telemetry()
+        # Lab.start waits for every reader (LiveTelemetry.wait_connected, 10 s at most)
+        at = dict(stages)
+        res["stages"] = stages
+        res["telemetry_connect_s"] = at["ready"] - at["connecting the telemetry"]
+        res["telemetry_missing"] = tel.missing()
+        res["kv_peers"] = {n: s.num_peers for n, s in tel.kv_subs.items()}
         model = lab.plan.model.name
         with Poller(tel) as poll:
             stream(lab.url, model, prompt_ids(PROMPT_TOKENS), 32)
@@ -52,6 +61,7 @@ def test_observer_drops_nothing_on_a_real_pd_pair(tmp_path: Path) -> None:
         for kind in ("StepScheduled", "RequestAllocated", "RequestFinished", "PoolSnapshot"):
             assert events.get(f"{name}:{kind}", 0) > 0, (name, kind, events)
     assert events.get("prefill:LayerTiming", 0) > 0  # worker side too
+    assert res["telemetry_missing"] == [] and res["telemetry_connect_s"] < 5.0, res
     assert res["observer_drops"] == {}, res
     assert set(res["num_dropped"].values()) == {0}, res
     assert res["warnings"] == {"prefill": [], "decode": []}
