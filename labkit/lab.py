@@ -289,6 +289,7 @@ class Lab:
         self._telemetry: Any = None
         self._observer_endpoint: str | None = None
         self._ports: dict[str, Any] = {}  # xPyD: engine_ports(plan), taken at start
+        self._kv_dir: Path | None = None  # xPyD: the engines' KV-event IPC sockets
 
     # ------------------------------------------------------------------ planning
     def _plan(self) -> Plan:
@@ -391,8 +392,7 @@ class Lab:
         ep = self.plan.engine(name)
         ports = self._ports.get(name)  # xPyD: the plan's own ports for this engine
         port = port or (ports.http if ports else free_port())
-        kv_ep = kv_ep or (ports.kv_events_endpoint() if ports else
-                          f"tcp://127.0.0.1:{free_port()}")
+        kv_ep = kv_ep or (self._kv_ipc(name) if ports else f"tcp://127.0.0.1:{free_port()}")
         log = self.run_dir / f"{name}.log"
         if self.kind == "vllm":
             from labkit.engines.vllm import VLLMEngine
@@ -416,6 +416,23 @@ class Lab:
             observer_endpoint=self._observer_endpoint, served_model_name=self.plan.model.name,
             kv_load_timeout=self.kv_load_timeout)
 
+    def _kv_ipc(self, name: str) -> str:
+        """xPyD: engine `name`'s KV-event endpoint, a local IPC socket. vLLM's publisher
+        CONNECTS to a concrete TCP address (one reader binds it) but BINDS an ipc:// one, so
+        two readers can subscribe: the proxy's router (prefix index) and the lab's telemetry.
+        In the run directory, or a short folder under /tmp where that path is too long for a
+        Unix socket (about 100 bytes)."""
+        folder = self.run_dir / "kv-events"
+        if len(str(folder.resolve())) > 80:
+            import hashlib
+            import tempfile
+
+            tag = hashlib.sha1(str(self.run_dir.resolve()).encode()).hexdigest()[:10]
+            folder = Path(tempfile.gettempdir()) / f"labkit-kv-{tag}"
+        folder.mkdir(parents=True, exist_ok=True)
+        self._kv_dir = folder
+        return f"ipc://{folder.resolve()}/{name}"
+
     def _start_proxy(self, port: int | None = None) -> None:
         if self.plan.connector is None:  # colocated: no proxy, talk to the engine
             return
@@ -426,7 +443,7 @@ class Lab:
             [e.base_url for e in pre], [e.base_url for e in dec], self.plan.connector,
             self.read_timeout, prefill_names=[e.name for e in pre],
             decode_names=[e.name for e in dec],
-            kv_events=kv if all(kv) else None,  # type: ignore[arg-type]
+            kv_events=kv if self.is_xpyd and all(kv) else None,  # type: ignore[arg-type]
             policy=self.routing_policy, block_size=self.plan.engines[0].config.block_size,
             kind=self.kind, port=port, log_path=self.run_dir / "proxy.log")  # type: ignore[arg-type]
         self.proxy.start()
@@ -493,6 +510,11 @@ class Lab:
         for eng in list(self.engines.values()):
             eng.stop()
         self._remove_kv_storage()
+        if self._kv_dir is not None:
+            import shutil
+
+            shutil.rmtree(self._kv_dir, ignore_errors=True)
+            self._kv_dir = None
         self.state_path.unlink(missing_ok=True)
         if self.state_path.parent != self.run_dir:
             with contextlib.suppress(OSError):

@@ -30,6 +30,9 @@ def _add_mode_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speed", type=float, default=1.0,
                    help="simulated seconds per wall second (simulator only; 0 = as fast as possible)")
     p.add_argument("--run-dir", type=Path, help="where logs and connector storage go")
+    p.add_argument("--routing-policy", choices=["round-robin", "least-loaded", "kv-aware"],
+                   default="round-robin", help="xPyD: how the proxy picks each request's "
+                   "engines (switch live: POST /router on the proxy)")
 
 
 def make_lab(a: argparse.Namespace, owner: str):  # -> labkit.lab.Lab
@@ -41,7 +44,8 @@ def make_lab(a: argparse.Namespace, owner: str):  # -> labkit.lab.Lab
                           "name a directory (it is created if missing), or leave --run-dir out")
     return Lab(config_from_args(a), mode=a.mode or None, run_dir=a.run_dir, speed=a.speed,
                port=getattr(a, "port", None), owner=owner,
-               read_timeout=getattr(a, "read_timeout", None))
+               read_timeout=getattr(a, "read_timeout", None),
+               routing_policy=getattr(a, "routing_policy", "round-robin"))
 
 
 # ---- labkit up / status / down -------------------------------------------------------------

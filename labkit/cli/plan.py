@@ -23,7 +23,7 @@ from labkit.vocab import GiB
 
 EXIT_CONFIG_ERROR = 2  # a bad config or bad input: `error: ... / fix: ...` on stderr
 DEFAULT_PORTS = (8100, 8200)  # prefill, decode (as in the fixtures)
-NIXL_SIDE_CHANNEL_PORTS = (5600, 5610)
+NIXL_SIDE_CHANNEL_PORTS = (5600, 5610)  # engine i: 5600 + 10 i
 
 
 # ---- labkit plan ----------------------------------------------------------------------------
@@ -102,6 +102,10 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
                         "the KV dtype and block size, as in vLLM")
     p.add_argument("--connector", choices=["auto", "example", "nixl"], default="auto")
     p.add_argument("--colocated", action="store_true", help="one engine for both phases (no PD)")
+    p.add_argument("--num-prefill", "--prefill", dest="num_prefill", type=int, default=1,
+                   metavar="N", help="xPyD: prefill engines, each on GPUs of its own (default 1)")
+    p.add_argument("--num-decode", "--decode", dest="num_decode", type=int, default=1,
+                   metavar="M", help="xPyD: decode engines, each on GPUs of its own (default 1)")
     p.add_argument("--no-enable-chunked-prefill", dest="no_chunked_prefill",
                    action="store_true", help="a prompt must fit one step")
     _alias(p, "--no-chunked-prefill", dest="no_chunked_prefill", action="store_true")
@@ -125,7 +129,8 @@ def config_from_args(a: argparse.Namespace) -> PDConfig:
         num_gpu_blocks=a.num_gpu_blocks, kv_cache_memory=a.kv_cache_memory,
         connector=a.connector, num_gpus=a.num_gpus, gpu_type=a.gpu_type,
         colocated=a.colocated, enable_chunked_prefill=not a.no_chunked_prefill,
-        load_format=a.load_format, kv_offloading_size=a.kv_offloading_size)
+        load_format=a.load_format, kv_offloading_size=a.kv_offloading_size,
+        num_prefill=a.num_prefill, num_decode=a.num_decode)
     for role in ("prefill", "decode"):
         util = getattr(a, f"{role}_util", None)
         if util is not None:
@@ -148,6 +153,8 @@ FLAGS = {
     "enable_chunked_prefill": "--enable-chunked-prefill", "speed": "--speed", "port": "--port",
     "prefill_tp": "--prefill-tp", "decode_tp": "--decode-tp", "prefill_pp": "--prefill-pp",
     "decode_pp": "--decode-pp", "read_timeout": "--read-timeout",
+    "num_prefill": "--num-prefill", "num_decode": "--num-decode",
+    "routing_policy": "--routing-policy",
 }
 _NAMES = "|".join(sorted(FLAGS, key=len, reverse=True))
 _ASSIGN = re.compile(r"(?<![\w.-])(mode|" + _NAMES + r")=('[^']*'|\"[^\"]*\"|[\w.]+)")
@@ -200,11 +207,17 @@ def _model_dir(a: argparse.Namespace, plan: Plan) -> str:
 
 
 def commands_for(plan: Plan, model_dir: str) -> list[dict]:
-    """Per engine: its environment and its `vllm serve` argv (fixed example ports)."""
+    """Per engine: its environment and its `vllm serve` argv (fixed example ports; xPyD: the
+    j-th engine of a role gets its role's HTTP port + j, engine i the side channel 5600 + 10 i,
+    room for a TP block)."""
     out = []
+    seen = {"prefill": 0, "decode": 0}
     for i, ep in enumerate(plan.engines):
-        env = env_for(ep, plan, side_channel_port=NIXL_SIDE_CHANNEL_PORTS[i])
-        argv = serve_command(None, plan, i, model_dir, DEFAULT_PORTS[i])
+        j = seen.get(ep.role, 0)
+        seen[ep.role] = j + 1
+        http = DEFAULT_PORTS[1 if ep.role == "decode" else 0] + j
+        env = env_for(ep, plan, side_channel_port=NIXL_SIDE_CHANNEL_PORTS[0] + 10 * i)
+        argv = serve_command(None, plan, i, model_dir, http)
         out.append({"engine": ep.name, "env": env, "argv": argv})
     return out
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,6 +79,7 @@ class Flight:
     first_token: float | None = None
     ids: dict[str, str | None] = field(default_factory=dict)
     usage: dict[str, Any] = field(default_factory=dict)
+    on_finish: Callable[[], None] | None = field(default=None, repr=False)  # once, at finish
 
     async def relay(self, resp: httpx.Response) -> AsyncIterator[bytes]:
         """Pass decode's SSE through chunk by chunk, timestamping each token on the way."""
@@ -170,6 +171,8 @@ class Flight:
             e2e_s=now - self.arrival,
             prefill_engine=self.prefill.url if self.prefill else None,
             decode_engine=self.decode.url if self.decode else None,
+            prefill_name=self.prefill.label if self.prefill else None,
+            decode_name=self.decode.label if self.decode else None,
             prompt_tokens=self.usage.get("prompt_tokens"),
             completion_tokens=self.usage.get(
                 "completion_tokens", self.num_tokens if self.first_token else None
@@ -179,4 +182,7 @@ class Flight:
         self.metrics.requests.labels(self.route, str(status)).inc()
         self.metrics.e2e.observe(now - self.arrival)
         self.metrics.in_flight.dec()
+        if self.on_finish is not None:
+            done, self.on_finish = self.on_finish, None
+            done()
         return response

@@ -15,7 +15,11 @@ Connector modes (set once, at start):
                prompt goes to decode, which finds the KV in the shared storage.
 
 Engines are plain base URLs (`http://127.0.0.1:8100`); a labkit simulated engine speaks the same
-API. An engine may add `labkit_timing` (a dict of engine-measured wall-clock seconds, e.g.
+API. Several prefill and decode URLs (xPyD, as vLLM's disaggregated examples take them) are
+routed by labkit/pd/router.py: round-robin, least-loaded (each engine's /metrics) or kv-aware
+(the prefill engines' KV events), switched live with `POST /router {"policy": ...}`. The
+timeline's `prefill_start` and `kv_transfer_start` name the engine chosen (`engine_name`) and
+why (`routing`: the router's Decision); `finish` names both (`prefill_name`, `decode_name`). An engine may add `labkit_timing` (a dict of engine-measured wall-clock seconds, e.g.
 `{"kv_transfer_start": t0, "kv_transfer_end": t1}`) to its JSON answer or to its FIRST SSE chunk;
 the timeline keeps it as `engine_timing` on `prefill_end` / `kv_transfer_end`.
 
@@ -27,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import json
 import logging
 import uuid
@@ -44,6 +47,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from labkit.pd.flight import Flight, ProxyMetrics
+from labkit.pd.router import POLICIES, Policy, Router
 from labkit.pd.timeline import Timeline, timeline_router
 from labkit.pd.upstream import (  # noqa: F401  (public names of the proxy module)
     CHAT,
@@ -58,6 +62,7 @@ from labkit.pd.upstream import (  # noqa: F401  (public names of the proxy modul
     prefill_request,
     release_request,
 )
+from labkit.pd.watch import LOAD_INTERVAL_S, EngineWatch
 
 logger = logging.getLogger(__name__)
 CONNECTORS: tuple[str, ...] = ("nixl", "example")
@@ -108,7 +113,14 @@ class _Admission:
 
 
 class PDProxy:
-    """Round-robin prefill and decode engines, the two-step request, timeline and metrics."""
+    """Routes each request to a prefill and a decode engine (labkit/pd/router.py), carries the
+    two-step request, keeps the timeline and metrics.
+
+    Args (beyond create_app's): prefill_names / decode_names: the engines' names for the
+    router and the timeline (default "prefill-0", ...); policy: the routing policy at start;
+    block_size: the engines' KV block size (kv-aware cuts prompts with it); kv_events: prefill
+    engine name -> its KV-event endpoint (kv-aware's prefix index).
+    """
 
     def __init__(
         self,
@@ -121,6 +133,13 @@ class PDProxy:
         max_in_flight: int = MAX_IN_FLIGHT,
         max_queued: int = MAX_QUEUED,
         max_body_bytes: int = MAX_BODY_BYTES,
+        *,
+        prefill_names: list[str] | None = None,
+        decode_names: list[str] | None = None,
+        policy: Policy = "round-robin",
+        block_size: int = 16,
+        kv_events: dict[str, str] | None = None,
+        load_interval: float = LOAD_INTERVAL_S,
     ) -> None:
         if max_in_flight < 1 or max_queued < 0 or max_body_bytes < 1:
             raise ValueError("max_in_flight and max_body_bytes must be >= 1, max_queued >= 0")
@@ -135,13 +154,26 @@ class PDProxy:
         self.max_body_bytes = max_body_bytes
         timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
         self.health_timeout = httpx.Timeout(min(read_timeout or 5.0, 5.0), connect=connect_timeout)
-        self.prefills = [self._engine("prefill", u, timeout, max_in_flight) for u in prefill_urls]
-        self.decodes = [self._engine("decode", u, timeout, max_in_flight) for u in decode_urls]
-        self._next_prefill = itertools.cycle(self.prefills)
-        self._next_decode = itertools.cycle(self.decodes)
+        pnames = engine_names("prefill", prefill_urls, prefill_names)
+        dnames = engine_names("decode", decode_urls, decode_names)
+        if len(set(pnames + dnames)) < len(pnames) + len(dnames):
+            raise ValueError(f"engine names must differ: {pnames + dnames}")
+        unknown = set(kv_events or {}) - set(pnames)
+        if unknown:
+            raise ValueError(f"KV events for {sorted(unknown)}, which are not prefill engines "
+                             f"({pnames})")
+        self.prefills = [self._engine("prefill", u, timeout, max_in_flight, n)
+                         for u, n in zip(prefill_urls, pnames, strict=True)]
+        self.decodes = [self._engine("decode", u, timeout, max_in_flight, n)
+                        for u, n in zip(decode_urls, dnames, strict=True)]
+        self._by_name = {e.label: e for e in self.prefills + self.decodes}
+        self.router = Router(pnames, dnames, policy, block_size=block_size)
+        self.watch = EngineWatch(self.router, self.prefills + self.decodes, kv_events or {},
+                                 load_interval)
 
     @staticmethod
-    def _engine(role: str, url: str, timeout: httpx.Timeout, max_conn: int) -> Engine:
+    def _engine(role: str, url: str, timeout: httpx.Timeout, max_conn: int,
+                label: str = "") -> Engine:
         url = url.rstrip("/").removesuffix("/v1")
         # Drop idle connections well before the engine does: vLLM's uvicorn closes them after
         # VLLM_HTTP_TIMEOUT_KEEP_ALIVE (5 s, vllm/envs.py); a POST sent on a connection the
@@ -151,10 +183,35 @@ class PDProxy:
         limits = httpx.Limits(max_connections=max_conn + 8, max_keepalive_connections=max_conn,
                               keepalive_expiry=UPSTREAM_KEEPALIVE_S)
         client = httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits, trust_env=False)
-        return Engine(role, url, client)
+        return Engine(role, url, client, label or role)
+
+    async def start(self) -> None:
+        """Subscribe to the engines' KV events and start reading their loads."""
+        await self.watch.start()
 
     async def aclose(self) -> None:
+        await self.watch.close()
         await asyncio.gather(*(e.client.aclose() for e in self.prefills + self.decodes))
+
+    def routing(self) -> dict[str, Any]:
+        """GET /router: the policy, the engines, what was routed where, the index, the loads."""
+        return {"policy": self.router.policy, "policies": list(POLICIES),
+                "prefill": self.router.prefill, "decode": self.router.decode,
+                **self.watch.describe()}
+
+    def set_policy(self, policy: str) -> dict[str, Any]:
+        """Switch the routing policy for the requests that arrive from now on.
+
+        Raises:
+            ProxyError: 400 for a policy the router does not have.
+        """
+        if policy not in POLICIES:
+            raise ProxyError(400, error_body(
+                f"unknown routing policy {policy!r}; one of {list(POLICIES)}", 400,
+                "BadRequestError", "policy"))
+        self.router.policy = policy  # type: ignore[assignment]
+        logger.info("routing policy: %s", policy)
+        return self.routing()
 
     async def completions(self, request: Request, route: str) -> Response:
         """POST /v1/completions or /v1/chat/completions: wait for a slot (or 503), then carry."""
@@ -239,8 +296,7 @@ class PDProxy:
         decode_took_it = False
         try:
             prefill_reply = await self._prefill(fl, body, headers)
-            fl.decode = decode = next(self._next_decode)
-            tl.record(fl.req_id, "kv_transfer_start", engine=decode.url)
+            fl.decode = decode = self._route_decode(fl, body)
             fl.decode_sent = tl.now()
             with decode.errors():
                 upstream = decode.client.build_request(
@@ -342,15 +398,44 @@ class PDProxy:
             logger.warning("could not release %s's blocks on %s: %s", fl.req_id, fl.prefill.url,
                            exc)
 
+    async def _route_prefill(self, fl: Flight, body: dict) -> Engine:
+        """Pick the prefill engine; `prefill_start` says which and why."""
+        tokens: list[int] | None = None
+        if self.router.policy == "kv-aware":
+            tokens = await self.watch.prompt_tokens(body, fl.route, self.prefills[0])
+        decision = self.router.route_prefill(tokens or [], self.watch.loads_of(self.prefills))
+        engine = self._by_name[decision.engine]
+        self.timeline.record(fl.req_id, "prefill_start", engine=engine.url,
+                             engine_name=engine.label, routing=decision.to_event())
+        self.watch.sent(engine)
+        return engine
+
+    def _route_decode(self, fl: Flight, body: dict) -> Engine:
+        """Pick the decode engine (room for prompt + max_tokens); `kv_transfer_start` says
+        which and why. It counts as busy there until the request finishes."""
+        limit = body.get("max_completion_tokens") or body.get("max_tokens") or 16
+        prompt = fl.usage.get("prompt_tokens") or 0
+        need = (prompt if isinstance(prompt, int) else 0) + (limit if isinstance(limit, int) else 16)
+        decision = self.router.route_decode(need, self.watch.loads_of(self.decodes))
+        engine = self._by_name[decision.engine]
+        self.timeline.record(fl.req_id, "kv_transfer_start", engine=engine.url,
+                             engine_name=engine.label, routing=decision.to_event())
+        self.watch.sent(engine)
+        fl.on_finish = lambda: self.watch.answered(engine)
+        return engine
+
     async def _prefill(self, fl: Flight, body: dict, headers: dict[str, str]) -> dict:
         """Run the prefill step; returns the prefill engine's JSON answer."""
         tl = self.timeline
-        fl.prefill = engine = next(self._next_prefill)
-        start = tl.record(fl.req_id, "prefill_start", engine=engine.url)["ts"]
-        with engine.errors():
-            resp = await engine.client.post(
-                fl.route, json=prefill_request(body, fl.route, self.connector), headers=headers
-            )
+        fl.prefill = engine = await self._route_prefill(fl, body)
+        start = tl.now()
+        try:
+            with engine.errors():
+                resp = await engine.client.post(
+                    fl.route, json=prefill_request(body, fl.route, self.connector),
+                    headers=headers)
+        finally:
+            self.watch.answered(engine)
         if resp.status_code >= 400:
             raise ProxyError.from_upstream(engine, resp.status_code, resp.content)
         try:
@@ -420,7 +505,7 @@ def create_app(
     connect_timeout: float = 2.0,
     read_timeout: float | None = 600.0,
     timeline: Timeline | None = None,
-    **limits: int,
+    **limits: Any,
 ) -> FastAPI:
     """The proxy as an ASGI app (serve it with uvicorn on 127.0.0.1).
 
@@ -429,7 +514,9 @@ def create_app(
         connector: "nixl" (kv_transfer_params handshake) or "example" (shared storage).
         connect_timeout / read_timeout: seconds per upstream call (read None: no limit).
         timeline: share a Timeline with the caller (a new one by default).
-        limits: max_in_flight, max_queued, max_body_bytes (PDProxy; module defaults).
+        limits: max_in_flight, max_queued, max_body_bytes (PDProxy; module defaults), and the
+            routing keywords of PDProxy (prefill_names, decode_names, policy, block_size,
+            kv_events).
     Returns:
         A FastAPI app; `app.state.proxy` is the PDProxy, `app.state.timeline` its Timeline.
     """
@@ -438,6 +525,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await proxy.start()
         yield
         await proxy.aclose()
 
@@ -477,5 +565,34 @@ def create_app(
     async def metrics() -> Response:
         return Response(generate_latest(proxy.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    @app.get("/router")
+    async def routing() -> JSONResponse:
+        return JSONResponse(proxy.routing())
+
+    @app.post("/router")
+    async def set_routing(request: Request) -> JSONResponse:
+        """{"policy": "round-robin" | "least-loaded" | "kv-aware"}: switch live."""
+        try:
+            body = json.loads(await request.body())
+        except ValueError:
+            body = None
+        if not isinstance(body, dict) or not isinstance(body.get("policy"), str):
+            return JSONResponse(error_body('send {"policy": "<one of ' + ", ".join(POLICIES)
+                                           + '>"}', 400, "BadRequestError", "policy"),
+                                status_code=400)
+        try:
+            return JSONResponse(proxy.set_policy(body["policy"]))
+        except ProxyError as exc:
+            return exc.response("router")
+
     app.include_router(timeline_router(proxy.timeline))
     return app
+
+
+def engine_names(role: str, urls: list[str], names: list[str] | None) -> list[str]:
+    """The engines' names: given (one per URL), else "prefill-0", "prefill-1", ..."""
+    if names is None:
+        return [f"{role}-{i}" for i in range(len(urls))]
+    if len(names) != len(urls) or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"{len(urls)} {role} URLs need as many {role} names, got {names!r}")
+    return list(names)

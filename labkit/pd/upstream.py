@@ -63,6 +63,7 @@ class Engine:
     role: str  # "prefill" | "decode"
     url: str
     client: httpx.AsyncClient
+    label: str = ""  # the router's name for it ("prefill-0"; the lab's engine name)
 
     @property
     def name(self) -> str:
