@@ -5,6 +5,10 @@ sends one long prompt and then a burst of mixed requests (some sharing a system 
 through the PD proxy, and prints what the engines reported: blocks each engine held, the KV
 that crossed from prefill to decode, and TTFT / ITL per request. Every figure comes from the
 running engines' /metrics, observer events and the proxy's timeline.
+
+With several engines (`labkit demo --num-prefill 2 --num-decode 2`) it prints every engine's
+block strip, which engines served each request, and the routing summary: requests and
+prefix-cache hits per engine under the lab's routing policy (--routing-policy).
 """
 
 from __future__ import annotations
@@ -19,14 +23,17 @@ import httpx
 from labkit.vocab import BLOCK_STATE_CHARS
 
 
-def stream_completion(url: str, model: str, prompt: list[int], max_tokens: int
-                      ) -> dict[str, Any]:
-    """One streamed completion; returns TTFT, ITLs and end-to-end from the client's side."""
+def stream_completion(url: str, model: str, prompt: list[int], max_tokens: int,
+                      req_id: str | None = None) -> dict[str, Any]:
+    """One streamed completion; returns TTFT, ITLs and end-to-end from the client's side
+    (and `req_id`, the X-Request-Id the proxy's timeline knows it by)."""
     t0 = time.perf_counter()
     stamps: list[float] = []
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True,
             "stream": True}
-    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
+    headers = {"X-Request-Id": req_id} if req_id else None
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, headers=headers,
+                      timeout=120) as r:
         if r.is_error:
             r.read()  # the engine's message goes with the error
         r.raise_for_status()
@@ -34,7 +41,7 @@ def stream_completion(url: str, model: str, prompt: list[int], max_tokens: int
             if line.startswith("data: ") and line != "data: [DONE]":
                 stamps.append(time.perf_counter())
     itl = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
-    return {"prompt_tokens": len(prompt), "tokens": len(stamps),
+    return {"req_id": req_id, "prompt_tokens": len(prompt), "tokens": len(stamps),
             "ttft": stamps[0] - t0 if stamps else float("nan"),
             "itl": sum(itl) / len(itl) if itl else float("nan"),
             "e2e": time.perf_counter() - t0}
@@ -100,7 +107,8 @@ def run_demo(lab: Any, num_requests: int = 12, seed: int = 0) -> int:
         rng = random.Random(seed)
         first = [rng.randrange(100, vocab) for _ in range(first_len)]
         print(f"\n1) one {first_len:,}-token prompt through the PD proxy ...", flush=True)
-        results = [stream_completion(url, model, first, max(1, int(32 * scale)))]
+        tag = f"demo-{time.time_ns() % 10**9:09d}"
+        results = [stream_completion(url, model, first, max(1, int(32 * scale)), f"{tag}-0")]
         system = [rng.randrange(100, vocab) for _ in range(system_len)]
         prompts = []
         for i in range(num_requests):
@@ -111,8 +119,8 @@ def run_demo(lab: Any, num_requests: int = 12, seed: int = 0) -> int:
         peak: dict[str, tuple[int, bytes]] = {}
         kv: list[tuple[str, Any]] = []  # (engine, LayerTiming | KVTransfer)
         with ThreadPoolExecutor(8) as pool:
-            futs = [pool.submit(stream_completion, url, model, p, rng.choice(outs))
-                    for p in prompts]
+            futs = [pool.submit(stream_completion, url, model, p, rng.choice(outs),
+                                f"{tag}-{i + 1}") for i, p in enumerate(prompts)]
             while not all(f.done() for f in futs):
                 _fold(tel.poll(), peak, kv)
                 time.sleep(0.1)
@@ -178,12 +186,58 @@ def _report(lab: Any, results: list[dict[str, Any]], peak: dict[str, tuple[int, 
     print("\nPer request, as the client saw it:")
     print("  TTFT = time to first token (queueing + prefill + the KV transfer to decode);")
     print("  ITL  = inter-token latency, the mean gap between two streamed tokens (decode).")
-    print(f"\n{'prompt tok':>10} {'output tok':>10} {'TTFT ms':>8} {'ITL ms':>7} {'e2e ms':>7}")
+    served = _served_by(lab) if getattr(lab, "is_xpyd", False) else {}
+    where = f" {'prefill':>10} {'decode':>9}" if served else ""
+    print(f"\n{'prompt tok':>10} {'output tok':>10} {'TTFT ms':>8} {'ITL ms':>7} "
+          f"{'e2e ms':>7}{where}")
     for r in results:
+        p, d = served.get(r.get("req_id"), ("?", "?"))
         print(f"{r['prompt_tokens']:>10,} {r['tokens']:>10,} {r['ttft'] * 1e3:>8.1f} "
-              f"{r['itl'] * 1e3:>7.2f} {r['e2e'] * 1e3:>7.1f}")
+              f"{r['itl'] * 1e3:>7.2f} {r['e2e'] * 1e3:>7.1f}"
+              + (f" {p:>10} {d:>9}" if served else ""))
+    if served:
+        _print_routing(lab)
     _print_kv_streaming(kv)
     print(f"\nlabel: {label}. Logs: {lab.run_dir}")
+
+
+def _served_by(lab: Any) -> dict[str, tuple[str, str]]:
+    """Request id -> (prefill engine, decode engine), from the proxy's timeline summaries."""
+    try:
+        rows = httpx.get(f"{lab.url}/timeline/requests", params={"limit": 10_000},
+                         timeout=5).json()["requests"]
+    except (httpx.HTTPError, ValueError, KeyError):
+        return {}
+    return {r["req_id"]: (r.get("prefill_name") or "?", r.get("decode_name") or "?")
+            for r in rows}
+
+
+def routing_summary(lab: Any) -> list[str]:
+    """The routing panel in words: the policy, requests per engine, prefix-cache hits per
+    prefill engine (vllm:prefix_cache_hits_total / queries_total, tokens)."""
+    from labkit.bench.routing_served import prefix_cache_counts
+
+    state = lab.routing()
+    hits = prefix_cache_counts(lab)
+    lines = [f"routing policy: {state['policy']} (switch: lab.set_routing_policy(...) or "
+             "POST /router on the proxy)"]
+    for name in state["prefill"]:
+        h, q = hits.get(name, (0, 0))
+        lines.append(f"  {name:>10}: {state['routed'][name]:>3} requests, prefix-cache hits "
+                     f"{h:,} of {q:,} prompt tokens ({h / q if q else 0:.0%})")
+    for name in state["decode"]:
+        lines.append(f"  {name:>10}: {state['routed'][name]:>3} requests")
+    h = sum(v[0] for v in hits.values())
+    q = sum(v[1] for v in hits.values())
+    lines.append(f"  all prefill: {h:,} of {q:,} prompt tokens came from a prefix cache "
+                 f"({h / q if q else 0:.0%})")
+    return lines
+
+
+def _print_routing(lab: Any) -> None:
+    print("\nRouting (the proxy's counts; hits from each prefill engine's /metrics):")
+    for line in routing_summary(lab):
+        print(line)
 
 
 def _print_kv_streaming(kv: list[tuple[str, Any]]) -> None:
