@@ -244,7 +244,7 @@ def test_memory_view_block_count_override_shows_the_pool():
     assert bars["prefill: weights"].text[0] == "40 MiB"
     assert bars["free"].y[0] * GiB == pytest.approx(80 * GiB - 40 * 2**20 - 128 * block)
     note = next(a.text for a in view.figure.layout.annotations if a.name == "segments")
-    assert "weights 40 MiB" in note and "KV 128 MiB (128 blocks × 1 MiB)" in note
+    assert "weights 40 MiB" in note and "KV 128 MiB<br>   (128 blocks × 1 MiB)" in note
     assert "s since" in view.figure.layout.xaxis2.title.text
 
 
@@ -266,3 +266,27 @@ def test_memory_view_block_bytes_from_describe_fp8(tmp_path):
     for e in desc["engines"]:
         del e["kv_bytes_per_block"]  # an older recording's header
     assert MemoryView(MemoryState(), SourceInfo.from_dict(desc)).pools["prefill"] == (128, bf16_block)
+
+
+def test_every_view_titles_its_kind_on_a_line_of_its_own_and_follows_its_box():
+    """The kind (SIMULATED / REAL vLLM / REPLAY) is the title's second line, not an annotation
+    placed from the right edge that a long title runs into; subplot titles start at their
+    plot's left edge; no figure has a width of its own."""
+    from pathlib import Path
+
+    from labkit.telemetry.replay import Replay
+    from labkit.viz.dashboard import Dashboard
+
+    rp = Replay(Path(__file__).resolve().parents[1] / "labkit/data/recordings/real-h200x2-nixl.lkrec",
+                speed=None)  # fmt: skip
+    dash = Dashboard(rp)
+    dash.refresh()
+    for name, view in dash.views.items():
+        layout = view.figure.layout
+        first, second = layout.title.text.split("<br>")
+        assert view.title in first and "REPLAY + REAL vLLM" in second, name
+        assert layout.title.xanchor == "left" and layout.title.yanchor == "top"
+        assert not [a for a in layout.annotations if a.name == "kind-badge"]
+        assert layout.autosize and layout.width is None, name
+        subtitles = [a for a in layout.annotations if a.name is None and a.yanchor == "bottom"]
+        assert subtitles and all(a.xanchor == "left" for a in subtitles), name

@@ -7,7 +7,12 @@ from typing import Any
 
 import plotly.graph_objects as go
 
-from labkit.viz.style import badge, titled
+from labkit.viz.style import titled
+
+SUBTITLE_LINE_PX = 16  # one line of a 12 px subplot title
+# plotly.js anchors a two-line title's block as if it were its first line: the pad makes room
+# for the second (the kind) so that the first is not cut at the top.
+TITLE_PAD_PX = 22
 
 
 class View:
@@ -22,17 +27,28 @@ class View:
         self._drawn_version = -1
         self.figure = go.FigureWidget()
 
-    def _label(self, fig: go.FigureWidget, height: int) -> None:
-        """Title with the kind suffix + the kind badge: a SIMULATED figure says so."""
+    def _label(self, fig: go.FigureWidget, height: int, subtitle_lines: int = 1) -> None:
+        """Title on top, its kind (SIMULATED / REAL vLLM / REPLAY) on a line of its own under
+        it, then the first row's subplot titles (`subtitle_lines` lines), then the plot:
+
+            KV-cache block allocation          <- title, 15 px, top left of the figure
+            ■ REPLAY + REAL vLLM               <- the kind, in its colour
+            prefill (prefill, REAL vLLM)       <- subplot titles, 12 px, left on their plot
+            +------------------------------+
+
+        Nothing is placed from the right edge, so a narrow cell cannot push one text onto
+        another; the width is the figure's box (autosize, no width anywhere)."""
         fig.update_layout(
-            title=dict(text=titled(self.title, self.labels()), x=0.01, xanchor="left"),
+            title=dict(text=titled(self.title, self.labels()), x=0, xref="container",
+                       xanchor="left", y=1, yref="container", yanchor="top",
+                       pad=dict(l=8, t=TITLE_PAD_PX), font=dict(size=15)),
             height=height,
             autosize=True,  # width follows the figure's box (no fixed width anywhere)
-            margin=dict(l=50, r=20, t=70, b=40),
+            margin=dict(l=50, r=20, t=54 + SUBTITLE_LINE_PX * subtitle_lines, b=40),
             template="plotly_white",
             legend=dict(orientation="h", y=-0.12),
         )
-        fig.add_annotation(**badge(self.labels()))
+        left_align_subplot_titles(fig)
 
     def labels(self) -> list[str]:
         """The kinds a label names: the data's own, plus "replay" for a recording."""
@@ -49,11 +65,7 @@ class View:
         kinds = sorted(set(kinds))
         if kinds and kinds != self.kinds:
             self.kinds = kinds
-            with self.figure.batch_update():
-                self.figure.layout.title.text = titled(self.title, self.labels())
-                for a in self.figure.layout.annotations:
-                    if a.name == "kind-badge":
-                        a.update(badge(self.labels()))
+            self.figure.layout.title.text = titled(self.title, self.labels())
 
     def update(self) -> bool:
         """Redraw if the state changed since the last draw; True if it did."""
@@ -70,3 +82,18 @@ class View:
 
     def draw(self) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+def left_align_subplot_titles(fig: go.Figure) -> None:
+    """make_subplots centres each subplot title over its plot, so a title wider than a narrow
+    plot runs off both sides; start each at its plot's left edge instead, in 12 px."""
+    lefts = {}
+    for key in fig.layout:
+        if key.startswith("xaxis") and fig.layout[key].domain:
+            x0, x1 = fig.layout[key].domain
+            lefts[round((x0 + x1) / 2, 6)] = x0
+    for a in fig.layout.annotations:
+        if a.name is None and a.xref == "paper" and a.yanchor == "bottom" and a.x is not None:
+            x0 = lefts.get(round(a.x, 6))
+            if x0 is not None:
+                a.update(x=x0, xanchor="left", align="left", font=dict(size=12))

@@ -20,7 +20,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from labkit.viz.base import View
+from labkit.viz.base import SUBTITLE_LINE_PX, View
 from labkit.viz.blockstate import BlockMapState, EngineBlocks
 from labkit.viz.requests import RequestIds
 from labkit.viz.style import REQUEST_COLORS, STATE_COLORS, kind_label
@@ -146,17 +146,21 @@ def block_grid(eng: EngineBlocks, max_cells: int = MAX_CELLS, ids: RequestIds | 
 
 
 def summary(eng: EngineBlocks, grid: BlockGrid, first: int = 0) -> str:
-    """Subplot title (two short lines, so a narrow cell does not cut it): engine, role, kind,
-    the counts, and what one cell stands for."""
+    """Subplot title in SUMMARY_LINES short lines (each fits a 360 px cell): engine, role,
+    kind; the blocks and what one cell stands for; the counts."""
     free, cached, used, shared = (int(c) for c in grid.counts)
     if first:
-        cells = f" · zoom: blocks {first:,}–{first + grid.num_cells - 1:,}, one per cell"
+        cells = f" · zoom: blocks {first:,}–{first + grid.num_cells - 1:,}"
     else:
-        cells = "" if grid.blocks_per_cell == 1 else f" · {grid.blocks_per_cell} blocks per cell"
+        cells = "" if grid.blocks_per_cell == 1 else f" · {grid.blocks_per_cell} per cell"
     return (
-        f"<b>{eng.name}</b> ({eng.role}, {kind_label(eng.kind)}): {max(eng.num_blocks - 1, 0):,} blocks{cells}"
-        f"<br>in use {used + shared:,} (shared {shared:,}) · cached {cached:,} · free {free:,}"
+        f"<b>{eng.name}</b> ({eng.role}, {kind_label(eng.kind)})"
+        f"<br>{max(eng.num_blocks - 1, 0):,} blocks{cells}"
+        f"<br>in use {used + shared:,} (shared {shared:,})<br>cached {cached:,} · free {free:,}"
     )
+
+
+SUMMARY_LINES = 4
 
 
 class BlockMapView(View):
@@ -173,8 +177,10 @@ class BlockMapView(View):
         self.names = list(state.engines)
         self.zoomed: dict[str, int] = {}  # engine -> first block shown, one per cell
         n = max(len(self.names), 1)
-        base = make_subplots(
-            rows=n, cols=1, vertical_spacing=0.16 / n,
+        height = 300 * n + 190
+        plot_px = height - (54 + SUBTITLE_LINE_PX * SUMMARY_LINES) - 40
+        base = make_subplots(  # room between the maps for the next one's title
+            rows=n, cols=1, vertical_spacing=min(0.5, (SUBTITLE_LINE_PX * SUMMARY_LINES + 12) / plot_px),
             subplot_titles=[summary(e, block_grid(e, 1)) for e in state.engines.values()] or [""],
         )  # fmt: skip
         self.figure = go.FigureWidget(base)
@@ -195,8 +201,8 @@ class BlockMapView(View):
             self.figure.add_trace(go.Scatter(
                 x=[None], y=[None], mode="markers", name=name, hoverinfo="skip",
                 marker=dict(symbol="square", size=12, color=color, line=dict(color="#868e96", width=1))))
-        self._label(self.figure, height=300 * n + 110)
-        self.figure.update_layout(margin=dict(t=90), legend=dict(y=-0.04, yanchor="top"))
+        self._label(self.figure, height=height, subtitle_lines=SUMMARY_LINES)
+        self.figure.update_layout(legend=dict(y=-0.04, yanchor="top"))
         for tr in self.figure.data[: len(self.names)]:
             tr.on_click(self._clicked)
         self._modes: dict[str, bool] = {}

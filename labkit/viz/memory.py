@@ -136,7 +136,7 @@ class MemoryView(View):
             for eng in self.engines:
                 w, kv = per_gpu[g].get((eng, "weights"), 0), per_gpu[g].get((eng, "KV cache"), 0)
                 if w or kv:
-                    pool = f" ({self.pool_note[eng]})" if eng in self.pool_note else ""
+                    pool = f"<br>   ({self.pool_note[eng]})" if eng in self.pool_note else ""
                     lines.append(f"{label} {eng}: weights {fmt_bytes(w)} · KV {fmt_bytes(kv)}{pool}")
         for a in self.figure.layout.annotations:
             if a.name == "segments":

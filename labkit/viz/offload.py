@@ -91,7 +91,7 @@ class OffloadView(View):
 
     def __init__(self, state: OffloadState, kinds: Any = ("sim",)) -> None:
         super().__init__(state, kinds)
-        fig = make_subplots(rows=2, cols=1, row_heights=[0.4, 0.6], vertical_spacing=0.18,
+        fig = make_subplots(rows=2, cols=1, row_heights=[0.4, 0.6], vertical_spacing=0.26,
                             subplot_titles=("host blocks by state", "GPU<->CPU bytes per step"))
         self.figure = go.FigureWidget(fig)
         for i, name in enumerate(HOST_STATE_NAMES):

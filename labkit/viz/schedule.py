@@ -13,7 +13,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from labkit.viz.base import View
+from labkit.viz.base import SUBTITLE_LINE_PX, View
 from labkit.viz.requests import RequestIds
 from labkit.viz.state import ScheduleState, StepRecord
 from labkit.viz.style import kind_label
@@ -57,7 +57,7 @@ def step_segments(steps: list[StepRecord], ids: RequestIds | None = None, t0: fl
 class ScheduleView(View):
     """One row per engine: prefill-chunk bars, decode bar, budget line."""
 
-    title = "Scheduled tokens per step (chunked prefill)"
+    title = "Scheduled tokens per step"
 
     def __init__(self, state: ScheduleState, engines: list[tuple[str, str, str]],
                  ids: RequestIds | Callable[[], RequestIds] | None = None) -> None:  # fmt: skip
@@ -67,7 +67,8 @@ class ScheduleView(View):
         self.names = [n for n, _, _ in engines]
         n = max(len(self.names), 1)
         self.titles = [f"<b>{e}</b> ({r}, {kind_label(k)})" for e, r, k in engines] or [" "]
-        base = make_subplots(rows=n, cols=1, vertical_spacing=0.15 / n, subplot_titles=self.titles,
+        gap = (2 * SUBTITLE_LINE_PX + 14) / (240 * n + 120 - 86 - 40)  # a title and its note
+        base = make_subplots(rows=n, cols=1, vertical_spacing=min(0.4, gap), subplot_titles=self.titles,
                              shared_xaxes=True)  # one time range for every engine
         fig = self.figure = go.FigureWidget(base)
         for i, _ in enumerate(self.names):
@@ -84,9 +85,9 @@ class ScheduleView(View):
                                      legendgroup="b", showlegend=first),
                           row=i + 1, col=1)  # fmt: skip
             fig.update_yaxes(title_text="tokens", row=i + 1, col=1)
-        fig.update_xaxes(title_text="s since the first step (one bar per scheduler step)", row=n, col=1)
+        fig.update_xaxes(title_text="s since the first step (a bar per step)", row=n, col=1)
         fig.update_layout(barmode="overlay", bargap=0.1)
-        self._label(fig, height=240 * n + 120)
+        self._label(fig, height=240 * n + 120, subtitle_lines=2)
 
     @property
     def ids(self) -> RequestIds:
@@ -116,5 +117,5 @@ class ScheduleView(View):
             budget = max(seg["by"], default=0)
             off_scale = 0 < peak < budget / 4
             bud.update(x=seg["bx"], y=[] if off_scale else seg["by"])
-            note = f" · token budget {budget} (off scale: peak {peak})" if off_scale else ""
+            note = f"<br>token budget {budget} (off scale: peak {peak})" if off_scale else ""
             self.figure.layout.annotations[i].text = self.titles[i] + note

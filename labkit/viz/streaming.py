@@ -7,7 +7,7 @@ from __future__ import annotations
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from labkit.viz.base import View
+from labkit.viz.base import SUBTITLE_LINE_PX, View
 from labkit.viz.state import RequestTimes, TransferState
 
 PHASES = (  # (name, colour) in the order a PD request lives them
@@ -23,6 +23,7 @@ CLOCKS = (  # where each phase's ends come from (all: the host's wall clock)
     "decode's first step after the transfer → proxy finish",
 )
 RATE_COLOR = "#0c8599"  # not KV transfer's colour: a rate bar is not a Gantt phase
+HEIGHT = 860  # px: the Gantt, the per-layer bars and the rate, one under the other
 NOOP_S = 20e-6  # a per-layer hook that returns within 20 µs does no per-layer work
 _HOVER = "%{customdata[0]}<br>%{customdata[1]}: %{customdata[2]:.2f} ms from %{base:.3f} s%{customdata[3]}<extra></extra>"
 
@@ -57,10 +58,12 @@ class StreamingView(View):
         super().__init__(state, kinds)
         self.peak = link_peak(link)
         self.measured = measured_peak or MEASURED_PEAKS.get(link or "")
+        # One column: the Gantt, then per layer, then the rate. Each gets the figure's whole
+        # width, so a 360 px cell reads as well as a wide page.
         base = make_subplots(
-            rows=2, cols=2, column_widths=[0.58, 0.42], horizontal_spacing=0.12,
-            vertical_spacing=0.2, specs=[[{"rowspan": 2}, {}], [None, {}]],
-            subplot_titles=["per request: s since the run started (host clock)",
+            rows=3, cols=1, row_heights=[0.5, 0.22, 0.28],
+            vertical_spacing=(6 * SUBTITLE_LINE_PX) / (HEIGHT - 54 - 2 * SUBTITLE_LINE_PX - 40),
+            subplot_titles=["per request<br>s since the run started (host clock)",
                             "per layer, last pass (ms)", "KV transfer rate (GB/s, log)"],
         )  # fmt: skip
         fig = self.figure = go.FigureWidget(base)
@@ -71,27 +74,27 @@ class StreamingView(View):
             )  # fmt: skip
         # Side by side by hand: the figure's barmode is "overlay" for the Gantt.
         fig.add_trace(go.Bar(name="save per layer (prefill)", marker_color="#f08c00", x=[], y=[],
-                             offset=-0.4, width=0.4), 1, 2)  # fmt: skip
+                             offset=-0.4, width=0.4), 2, 1)  # fmt: skip
         fig.add_trace(go.Bar(name="load per layer (decode)", marker_color="#1971c2", x=[], y=[],
-                             offset=0.0, width=0.4), 1, 2)  # fmt: skip
-        fig.add_trace(go.Bar(name="achieved GB/s", marker_color=RATE_COLOR, x=[], y=[]), 2, 2)
-        label = (f"datasheet peak: {self.peak[0]} {self.peak[1]:.4g} GB/s" if self.peak
+                             offset=0.0, width=0.4), 2, 1)  # fmt: skip
+        fig.add_trace(go.Bar(name="achieved GB/s", marker_color=RATE_COLOR, x=[], y=[]), 3, 1)
+        label = (f"datasheet peak:<br>{self.peak[0]} {self.peak[1]:.4g} GB/s" if self.peak
                  else "datasheet peak: unknown link")  # fmt: skip
         fig.add_trace(go.Scatter(name=label, mode="lines", line=dict(color="black", dash="dash"),
-                                 x=[], y=[]), row=2, col=2)  # fmt: skip
-        mlabel = (f"measured path peak: {self.measured[0]} {self.measured[1]:.4g} GB/s"
+                                 x=[], y=[]), row=3, col=1)  # fmt: skip
+        mlabel = (f"measured path peak:<br>{self.measured[0]} {self.measured[1]:.4g} GB/s"
                   if self.measured else "measured path peak: not measured for this link")  # fmt: skip
         fig.add_trace(go.Scatter(name=mlabel, mode="lines", line=dict(color="#c92a2a", dash="dot"),
-                                 x=[], y=[]), row=2, col=2)  # fmt: skip
-        fig.update_layout(barmode="overlay", legend=dict(orientation="h", y=-0.14, yanchor="top"))
+                                 x=[], y=[]), row=3, col=1)  # fmt: skip
+        fig.update_layout(barmode="overlay", legend=dict(orientation="h", y=-0.06, yanchor="top"))
         fig.update_yaxes(autorange="reversed", type="category", row=1, col=1)
         fig.update_xaxes(title_text="s since the run started", row=1, col=1)
-        fig.update_yaxes(type="log", row=2, col=2)
-        fig.update_xaxes(type="category", row=2, col=2)
+        fig.update_yaxes(type="log", row=3, col=1)
+        fig.update_xaxes(type="category", row=3, col=1)
         fig.add_annotation(text="", name="layer-note", xref="x2 domain", yref="y2 domain",
                            x=0.5, y=0.5, showarrow=False, font=dict(size=11, color="#495057"),
                            align="center")  # fmt: skip
-        self._label(fig, height=560)
+        self._label(fig, height=HEIGHT, subtitle_lines=2)
 
     def draw(self) -> None:
         st: TransferState = self.state

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Iterable
-from typing import Any
 
 from labkit.vocab import KIND_COLORS, kind_label  # noqa: F401  (the views' one import of them)
 
@@ -26,20 +25,17 @@ def kinds_label(kinds: Iterable[str]) -> str:
 
 
 def titled(title: str, kinds: Iterable[str]) -> str:
-    """A figure title that always carries the kind: 'KV-cache blocks — SIMULATED'."""
-    return f"{title} — {kinds_label(kinds)}"
+    """A figure title that always carries the kind, on a line of its own in the kind's colour
+    (the badge), so neither a long title nor a narrow cell puts one on the other:
+    'KV-cache blocks' / '■ SIMULATED'."""
+    return f"<b>{title}</b><br>{badge(kinds)}"
 
 
-def badge(kinds: Iterable[str]) -> dict[str, Any]:
-    """A layout annotation in the top-right corner naming the kind (e.g. SIMULATED)."""
+def badge(kinds: Iterable[str]) -> str:
+    """The kind as the title's second line: bold, in the kind's colour (grey when mixed)."""
     kinds = sorted(set(kinds))
     color = KIND_COLORS.get(kinds[0], "#444") if len(kinds) == 1 else "#444"
-    return dict(
-        text=f"<b>{kinds_label(kinds)}</b>",
-        xref="paper", yref="paper", x=1.0, y=1.0, xanchor="right", yanchor="bottom",
-        yshift=32, showarrow=False, font=dict(color="white", size=12), bgcolor=color,
-        borderpad=4, name="kind-badge",
-    )  # fmt: skip
+    return f'<span style="font-size:12px;color:{color}"><b>■ {kinds_label(kinds)}</b></span>'
 
 
 def request_color(req_id: str) -> str:
