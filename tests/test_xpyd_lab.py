@@ -109,6 +109,7 @@ def test_unknown_policy_is_refused_and_changes_nothing(lab) -> None:
 def test_telemetry_and_views_see_four_engines(lab) -> None:
     from labkit.telemetry.source import SourceInfo
     from labkit.viz.blocks import BlockMapView
+    from labkit.viz.routing import RoutingState, RoutingView
     from labkit.viz.state import BlockMapState
 
     tel = lab.telemetry()
@@ -116,20 +117,26 @@ def test_telemetry_and_views_see_four_engines(lab) -> None:
     assert [e.name for e in info.engines] == [*PREFILL, *DECODE]
     state = BlockMapState({e.name: (e.role, e.kind, e.num_blocks, e.block_size)
                            for e in info.engines})
-    tel.poll()
+    routing = RoutingState([(e.name, e.role) for e in info.engines])
     for i in range(4):
         lab.complete(_prompt(500 + i, 400), max_tokens=4)
     import time
 
+    want = lab.routing()["routed"]
     deadline = time.monotonic() + 10
     metrics_from: set[str] = set()
     while time.monotonic() < deadline:
         delta = tel.poll()
         for batch in delta.observer:
             state.apply(batch)
+        for ev in delta.timeline:
+            routing.apply_timeline(ev)
+        for m in delta.metrics:
+            routing.apply_metrics(m)
         metrics_from |= {m.engine for m in delta.metrics}
         if metrics_from == set(PREFILL + DECODE) and all(
-                e.version > 0 for e in state.engines.values()):
+                e.version > 0 for e in state.engines.values()) and all(
+                len(routing.routed[n]) == want[n] for n in want):
             break
         time.sleep(0.2)
     assert metrics_from == set(PREFILL + DECODE)
@@ -138,6 +145,13 @@ def test_telemetry_and_views_see_four_engines(lab) -> None:
     view.update()
     heatmaps = [t for t in view.figure.data if t.type == "heatmap"]
     assert len(heatmaps) == 4 and all(len(t.z) > 0 for t in heatmaps)
+    # the routing panel counts what the proxy routed, engine by engine
+    assert {n: len(routing.routed[n]) for n in want} == want
+    assert set(routing.hits) == set(PREFILL)  # prefix hits come from prefill engines only
+    panel = RoutingView(routing, [info.kind])
+    panel.update()
+    assert [list(panel.figure.data[j].y)[-1] for j in range(4)] == [want[n] for n in want]
+    assert "prefill-0:" in panel.summary() and "prefix-cache hits" in panel.summary()
 
 
 def test_kv_aware_finds_more_prefix_hits_than_round_robin(tmp_path) -> None:
