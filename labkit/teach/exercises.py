@@ -265,3 +265,20 @@ def check_kv_gpus(
         hint,
         reveal,
     )
+
+
+def check_prefix_hit_rate(result: Any, answer: Any, *, tolerance: float = 0.10,
+                          reveal: bool = False) -> Verdict:
+    """A predicted prefix-cache hit rate (a fraction, e.g. 0.6) against a routing run's own
+    (labkit.bench.routing PolicyResult or routing_served ServedResult: hit tokens over the
+    prompt tokens the prefill engines looked up); right within `tolerance` (10 points)."""
+    expected = round(float(result.hit_rate), 3)
+    try:
+        ok = abs(float(answer) - expected) <= tolerance
+    except (TypeError, ValueError):
+        ok = False
+    hint = ("each turn's prompt is the conversation so far: a turn can hit everything its "
+            "previous turn sent (if it lands on the same prefill engine), and every turn "
+            "can hit the shared system prompt; the new message and the last answer never hit")
+    return _verdict(answer, expected, ok, f"the prefix-cache hit rate under {result.policy}",
+                    hint, reveal)

@@ -155,3 +155,24 @@ class RoutingView(View):
 
 def _color(j: int) -> str:
     return REQUEST_COLORS[j % len(REQUEST_COLORS)]
+
+
+def routing_panel(source: Any) -> RoutingView:
+    """A RoutingView for a TelemetrySource (a lab's `telemetry()`, a replay): its engines
+    from `describe()`; call `follow(panel, source)` to fold what is new and redraw."""
+    info = source.describe()
+    engines = [(e["name"], e["role"]) for e in info.get("engines", [])]
+    kinds = [info.get("kind", "sim"), *(e.get("kind", "sim") for e in info.get("engines", []))]
+    return RoutingView(RoutingState(engines), kinds)
+
+
+def follow(panel: RoutingView, source: Any) -> RoutingView:
+    """Fold one `poll()` of `source` into the panel's state and redraw (what a dashboard
+    refresh does for its views)."""
+    delta = source.poll()
+    for ev in delta.timeline:
+        panel.state.apply_timeline(ev)
+    for m in delta.metrics:
+        panel.state.apply_metrics(m)
+    panel.update()
+    return panel
