@@ -142,3 +142,44 @@ def test_old_recordings_decode_with_no_drops() -> None:
     assert decode_observer_batch(old).num_dropped == 0
     new = ObserverBatch("decode", "decode", "vllm", 1.0, [], num_dropped=7)
     assert decode_observer_batch(encode_observer_batch(new)).num_dropped == 7
+
+
+def test_an_async_load_counts_its_external_tokens_once(observer) -> None:
+    """A CPU-tier hit (OffloadingConnector inside MultiConnector, vLLM 0.26 scheduler.py
+    `schedule`): update_state_after_alloc runs when the load is admitted (its blocks, the
+    request set WAITING_FOR_REMOTE_KVS) and again when the request is scheduled after
+    `finished_recving` (num_computed_tokens != 0: no second get_num_new_matched_tokens; the
+    table has grown by the blocks of the new tokens). The observer reports both allocations,
+    as the simulator does (labkit/teach/live.py explains them), with the 960 loaded tokens
+    on the first only, one KVTransfer, and no synchronous load on the scheduled step."""
+    conn = _connector(observer, None)
+    events: list[object] = []
+    conn._emit = events.append
+    req = SimpleNamespace(request_id="a2", num_prompt_tokens=1024, num_computed_tokens=0)
+
+    def blocks(n: int) -> SimpleNamespace:
+        return SimpleNamespace(get_block_ids=lambda: (list(range(1, n + 1)),))
+
+    def step(new: list[SimpleNamespace], sched: dict[str, int]) -> object:
+        so = SimpleNamespace(
+            scheduled_new_reqs=new, num_scheduled_tokens=sched,
+            total_num_scheduled_tokens=sum(sched.values()),
+            scheduled_cached_reqs=SimpleNamespace(req_ids=[], num_computed_tokens=[],
+                                                  new_block_ids=[], resumed_req_ids=set()),
+            preempted_req_ids=set(), finished_req_ids=set())
+        return conn.build_connector_meta(so)
+
+    assert conn.get_num_new_matched_tokens(req, 0) == (0, False)  # no local hit
+    conn.update_state_after_alloc(req, blocks(60), 0)  # MultiConnector: 0 to other children
+    req.num_computed_tokens = 960  # set by the scheduler for the async load
+    step([], {})
+    conn.update_connector_output(SimpleNamespace(finished_recving={"a2"}, finished_sending=None))
+    conn.update_state_after_alloc(req, blocks(64), 0)
+    meta = step([SimpleNamespace(req_id="a2", block_ids=(list(range(1, 65)),),
+                                 num_computed_tokens=960)], {"a2": 64})
+    allocs = [e for e in events if type(e).__name__ == "RequestAllocated"]
+    loads = [e for e in events if type(e).__name__ == "KVTransfer"]
+    assert [(len(e.block_ids), e.num_external_tokens) for e in allocs] == [(60, 960), (64, 0)]
+    assert sum(e.num_external_tokens for e in allocs) == 960
+    assert [(e.direction, e.num_tokens) for e in loads] == [("recv", 960)]
+    assert meta.load_tokens == {}  # not loaded again on the step that runs it
