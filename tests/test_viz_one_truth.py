@@ -196,3 +196,25 @@ def test_simulated_lab_per_layer_timings_follow_the_connector(tmp_path, connecto
         assert ("decode", "load") not in layers
         assert len(save_bars.x) == 0 and len(load_bars.x) == 0
         assert "has no per-layer phase here" in note and "one read" in note
+
+
+def test_trace_phases_add_up_to_the_proxy_wait(tmp_path):
+    """Notebook 06's three numbers as one story: the proxy's wait for decode's first byte is
+    decode taking the request + the connector's own transfer (its KVTransfer recv) + decode's
+    first step; prefill's send is named apart."""
+    from labkit.lab import Lab
+    from labkit.teach import live
+
+    with Lab(mode="sim", model="lab-tiny", chunk=512, num_gpu_blocks=96, max_num_seqs=16,
+             run_dir=tmp_path / "run") as lab:  # fmt: skip
+        trace = live.send(lab, prompt_len=1000, max_tokens=16)
+    rows = trace.phases().rows
+    wait, taken, transfer, first_step, send = (r["ms"] for r in rows)
+    assert "proxy" in rows[0]["part"] and "prefill's send" in rows[4]["part"]
+    assert taken + transfer + first_step == pytest.approx(wait, abs=1e-6)
+    assert min(taken, transfer, first_step) >= 0
+    recv = next(e for b in trace.observer for e in b.events
+                if isinstance(e, KVTransfer) and e.direction == "recv")
+    assert transfer == pytest.approx((recv.end - recv.start) * 1e3, abs=1e-3)
+    table = {r["ms"] for r in trace.transfers().rows}
+    assert any(abs(t - transfer) < 1e-3 for t in table)  # the same figure as trace.transfers()

@@ -5,6 +5,7 @@ GPU machine and the simulator elsewhere (every table is labelled with the lab's 
     trace.steps()       # one row per engine step: tokens scheduled, blocks allocated
     trace.transfers()   # KV moved prefill -> decode: tokens, bytes, milliseconds
     trace.timeline()    # the proxy's timeline of the request
+    trace.phases()      # the proxy's wait for decode, part by part (one story with the above)
     trace.block_map()   # the dashboard's block-map view, folded from the same events
 
 The events come from labkit's observer (a KV connector inside vLLM, or the simulator's
@@ -142,6 +143,45 @@ class Trace:
             for ev in self.events
         ]
         return Result("the request through the PD proxy", self.kind, rows)
+
+    def phases(self) -> Result:
+        """The proxy's wait for decode, split by the side that knows each part: decode taking
+        the request (before its connector starts), the KV transfer (the connector's own
+        start/end, as the streaming view draws it), decode's first step (after the KV landed);
+        and prefill's send, which is not a part of the wait (NIXL: prefill holds its blocks
+        from its finish until decode's read lands; ExampleConnector: saves inside prefill)."""
+        from labkit.viz.state import TransferState
+
+        st = TransferState()
+        for b in self.observer:
+            st.apply(b)
+        for ev in self.events:
+            st.apply_timeline(ev)
+        r = next((r for r in st.rows() if r.joined and r.proxy_transfer_end is not None), None)
+        title = "the proxy's wait for decode, part by part"
+        if r is None or r.proxy_transfer_start is None or r.proxy_transfer_end is None:
+            return Result(title, self.kind, [], note="no request went through the PD proxy")
+        t_in, t_out = r.proxy_transfer_start, r.proxy_transfer_end
+        rows = [{"part": "proxy: kv_transfer_start -> kv_transfer_end (decode's first byte)",
+                 "ms": (t_out - t_in) * 1e3, "clock": "proxy"}]
+        if r.recv_start is not None and r.recv_end is not None:
+            rows += [
+                {"part": "  decode takes the request, allocates blocks, starts the read",
+                 "ms": (r.recv_start - t_in) * 1e3, "clock": "proxy -> decode's connector"},
+                {"part": f"  KV transfer ({r.connector} on decode: recv)",
+                 "ms": (r.recv_end - r.recv_start) * 1e3, "clock": "decode's connector"},
+                {"part": "  decode's next step computes the first token, streams it back",
+                 "ms": (t_out - r.recv_end) * 1e3, "clock": "decode's connector -> proxy"},
+            ]
+        if r.send_start is not None and r.send_end is not None:
+            held = ("prefill holds its blocks from its finish until decode's read lands "
+                    "(overlaps the wait)" if "nixl" in r.connector.lower()
+                    else "prefill saves the KV inside its forward (before the wait)")
+            rows.append({"part": f"prefill's send: {held}",
+                         "ms": (r.send_end - r.send_start) * 1e3, "clock": "prefill's connector"})
+        return Result(title, self.kind, rows,
+                      note="every time is the host's wall clock; the indented parts add up to "
+                      "the proxy's wait")
 
     def block_map(self) -> Any:
         """The dashboard's block-map view after the request (a plotly FigureWidget)."""
