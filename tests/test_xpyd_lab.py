@@ -168,5 +168,5 @@ def test_kv_aware_finds_more_prefix_hits_than_round_robin(tmp_path) -> None:
     assert rr.num_ok == ka.num_ok == 32
     assert sum(rr.query_tokens.values()) == sum(ka.query_tokens.values())  # same prompts
     assert ka.total_hit_tokens > rr.total_hit_tokens
-    assert ka.hit_rate - rr.hit_rate >= 0.04  # seen: 72.7 % vs 63.0 %, 75.1 % vs 67.4 %
+    assert ka.hit_rate - rr.hit_rate >= 0.03  # seen: 72.7 % vs 63.0 %, 72.2 % vs 66.8 %
     assert min(rr.requests.values()) == 16  # round-robin split them evenly
