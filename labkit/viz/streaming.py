@@ -150,10 +150,10 @@ class StreamingView(View):
             head = ""
         if "nixl" in conn.lower():
             notes.append("NIXL: decode pulls every layer of a request in one read<br>"
-                         "after prefill finished (the KV transfer bar, left)")  # fmt: skip
+                         "after prefill finished (the KV transfer bar, above)")  # fmt: skip
         elif "example" in conn.lower() and "load (decode)" not in shown:
             notes.append("ExampleConnector: decode loads all layers before its forward<br>"
-                         "(start_load_kv: the KV transfer bar, left)")  # fmt: skip
+                         "(start_load_kv: the KV transfer bar, above)")  # fmt: skip
         text = "<br>".join([t for t in (head, *notes) if t])
         for a in self.figure.layout.annotations:
             if a.name == "layer-note":

@@ -32,12 +32,13 @@ def free_port() -> int:
 
 def main(out: str, recording: str = "real-h200x2-nixl") -> None:
     sys.path.insert(0, str(HERE.parents[1]))
-    from labkit.cli.lab import voila_args
+    from labkit.cli.lab import voila_args, voila_env
 
     port = free_port()
     voila = subprocess.Popen([*voila_args(NOTEBOOK, port), "--no-browser"], cwd=HERE,
                              stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                             start_new_session=True, env={**os.environ, "LABKIT_REPLAY": recording})
+                             start_new_session=True,  # voila_env: the offline template voila_args names
+                             env={**voila_env(), "LABKIT_REPLAY": recording})
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
