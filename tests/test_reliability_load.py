@@ -57,8 +57,9 @@ async def drive(
             "max_tokens": MAX_TOKENS,
             "ignore_eos": True,
             "stream": i % stream_every == 0,
-            "stream_options": {"include_usage": True},
         }
+        if body["stream"]:  # vLLM refuses stream_options without stream (400), as the proxy does
+            body["stream_options"] = {"include_usage": True}
         async with gate:
             t0 = time.monotonic()
             async with client.stream(
