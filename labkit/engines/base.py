@@ -152,7 +152,10 @@ class EngineHandle:
 
     def health(self, timeout: float = 2.0) -> bool:
         try:
-            return httpx.get(f"{self.base_url}/health", timeout=timeout).status_code == 200
+            from labkit.auth import headers
+
+            return httpx.get(f"{self.base_url}/health", timeout=timeout,
+                             headers=headers()).status_code == 200
         except httpx.HTTPError:
             return False
 

@@ -46,6 +46,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from labkit import auth
 from labkit.pd.flight import Flight, ProxyMetrics
 from labkit.pd.router import POLICIES, Policy, Router
 from labkit.pd.timeline import Timeline, timeline_router
@@ -182,7 +183,8 @@ class PDProxy:
         # admitted never waits for a connection, and an engine never sees more at once.
         limits = httpx.Limits(max_connections=max_conn + 8, max_keepalive_connections=max_conn,
                               keepalive_expiry=UPSTREAM_KEEPALIVE_S)
-        client = httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits, trust_env=False)
+        client = httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits, trust_env=False,
+                                   headers=auth.headers())  # a cluster lab's token, if any
         return Engine(role, url, client, label or role)
 
     async def start(self) -> None:
@@ -533,6 +535,7 @@ def create_app(
         title="labkit PD proxy", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
     )
     app.state.proxy, app.state.timeline = proxy, proxy.timeline
+    app.add_middleware(auth.BearerAuth, token=auth.token())  # a cluster lab's token; none: open
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

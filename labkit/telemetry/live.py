@@ -194,7 +194,9 @@ class LiveTelemetry:
 
     def _follow_timeline(self) -> None:
         cursor = 0
-        with httpx.Client(timeout=2.0) as client:
+        from labkit.auth import headers
+
+        with httpx.Client(timeout=2.0, headers=headers()) as client:
             while not self._stop.is_set():
                 try:
                     r = client.get(f"{self.proxy_url}/timeline", params={"since": cursor})

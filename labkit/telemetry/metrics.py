@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from labkit import auth
+
 logger = logging.getLogger(__name__)
 
 Labels = tuple[tuple[str, str], ...]  # sorted (name, value) pairs: hashable, order-free
@@ -143,7 +145,7 @@ def scrape(url: str, client: httpx.Client | None = None, timeout: float = 5.0) -
     """GET `/metrics` once and parse it. Raises `httpx.HTTPError` when the engine is not up."""
     target = metrics_url(url)
     if client is None:
-        with httpx.Client(timeout=timeout) as c:
+        with httpx.Client(timeout=timeout, headers=auth.headers()) as c:
             response = c.get(target)
     else:
         response = client.get(target, timeout=timeout)
@@ -179,7 +181,7 @@ class MetricsScraper:
         self._thread.start()
 
     def _run(self) -> None:
-        with httpx.Client(timeout=self._timeout) as client:
+        with httpx.Client(timeout=self._timeout, headers=auth.headers()) as client:
             while not self._stop.is_set():
                 started = time.monotonic()
                 self.scrape_once(client)

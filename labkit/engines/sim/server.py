@@ -121,6 +121,9 @@ def create_app(args: SimServerArgs) -> FastAPI:
     app = FastAPI(title="labkit simulated vLLM engine", lifespan=lifespan)
     app.state.runner = runner
     app.add_middleware(BodyLimit)
+    from labkit.auth import BearerAuth, token
+
+    app.add_middleware(BearerAuth, token=token())  # a cluster lab's token; none: no check
     api = OpenAIServing(runner)
 
     @app.exception_handler(APIError)

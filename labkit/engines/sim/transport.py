@@ -217,7 +217,10 @@ class NetworkTransport(KVTransport):
 
     def _http(self) -> httpx.AsyncClient:
         if self._client is None:
-            self._client = httpx.AsyncClient(timeout=self.timeout, trust_env=False)
+            from labkit.auth import headers
+
+            self._client = httpx.AsyncClient(timeout=self.timeout, trust_env=False,
+                                             headers=headers())
         return self._client
 
     def notify_read_done(self, remote_engine_id: str, remote_request_id: str, at: float) -> None:
