@@ -75,6 +75,7 @@ LINKS: dict[str, LinkSpec] = {
     "nvlink": LinkSpec("nvlink", "NVLink 4 (18 links)", 450e9, 3e-6),
     "pcie": LinkSpec("pcie", "PCIe Gen5 x16", 64e9, 5e-6),
     "rdma": LinkSpec("rdma", "InfiniBand NDR 400 Gb/s (RDMA)", 50e9, 5e-6),
+    "roce": LinkSpec("roce", "RoCE v2 over 200 GbE (RDMA)", 25e9, 5e-6),
     "tcp": LinkSpec("tcp", "TCP over 25 GbE", 3.125e9, 50e-6),
 }
 
@@ -95,6 +96,20 @@ ACHIEVED: dict[tuple[str, str], LinkSpec] = {
     ("example-save", "same-gpu"): LinkSpec("same-gpu", "ExampleConnector save, as measured (H200)",
                                            2.0e9, 4.1e-4),
 }
+
+
+# Across nodes (labkit/cluster), one NIC per GPU: not measured yet. The NVLink run above moved
+# 12.1 GB/s over a 450 GB/s link, so the link did not bound it: NIXL's own path did (UCX,
+# one read per request). Across nodes the same path runs over the NIC, so a cross-node read
+# gets at most the smaller of that measured 12.1 GB/s and the NIC's peak, with the NIC's
+# latency: never faster than NVLink as measured (InfiniBand NDR and RoCE 200 GbE: 12.1 GB/s;
+# TCP over 25 GbE: its 3.1 GB/s peak). An upper bound until a two-node run measures it.
+NIXL_MEASURED_BW = ACHIEVED[("nixl", "nvlink")].bandwidth
+for _key in ("rdma", "roce", "tcp"):
+    _nic = LINKS[_key]
+    ACHIEVED[("nixl", _key)] = LinkSpec(
+        _key, f"{_nic.name}, NixlConnector bound: min(NIC peak, NVLink as measured)",
+        min(_nic.bandwidth, NIXL_MEASURED_BW), _nic.latency)
 
 
 def achieved_link(connector: str, link: LinkSpec) -> LinkSpec:

@@ -145,7 +145,9 @@ def vllm_args(
     observer_endpoint (wraps the connector with labkit's observer in MultiConnector),
     connector_extra (merged into the transfer connector's kv_connector_extra_config),
     kv_events_endpoint (e.g. "tcp://127.0.0.1:5557") and kv_events_topic ("kv"),
-    served_model_name. `engine` may be None: the plan's resolved config is used; when
+    served_model_name, host (the bind address; default 127.0.0.1: a cluster plan names the
+    node's), distributed_executor_backend ("ray" for a cluster plan: TP/PP across nodes
+    through vLLM's Ray executor). `engine` may be None: the plan's resolved config is used; when
     given, its extra_args are appended.
     """
     x = dict(extra or {})
@@ -154,7 +156,7 @@ def vllm_args(
     args = [
         str(model_dir),
         "--host",
-        "127.0.0.1",
+        str(x.get("host") or "127.0.0.1"),
         "--port",
         str(int(port)),
         "--tensor-parallel-size",
@@ -178,6 +180,8 @@ def vllm_args(
     ]
     if c.load_format == "dummy":
         args += ["--load-format", "dummy"]
+    if x.get("distributed_executor_backend"):
+        args += ["--distributed-executor-backend", str(x["distributed_executor_backend"])]
     if c.enforce_eager:
         args.append("--enforce-eager")
     if c.num_gpu_blocks_override is not None:
