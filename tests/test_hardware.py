@@ -38,9 +38,20 @@ def test_fp8_kv_support_follows_compute_capability():
 
 
 def test_links():
-    assert set(LINKS) == {"same-gpu", "nvlink", "pcie", "rdma", "tcp"}
+    assert set(LINKS) == {"same-gpu", "nvlink", "pcie", "rdma", "roce", "tcp"}
     assert LINKS["nvlink"].bandwidth > LINKS["pcie"].bandwidth > LINKS["tcp"].bandwidth
     assert all(link.latency > 0 for link in LINKS.values())
+
+
+def test_cross_node_links_never_beat_nvlink_as_measured():
+    from labkit.hardware import achieved_link
+
+    nvlink = achieved_link("nixl", LINKS["nvlink"])
+    for key in ("rdma", "roce", "tcp"):
+        link = achieved_link("nixl", LINKS[key])
+        assert link.bandwidth <= min(nvlink.bandwidth, LINKS[key].bandwidth)
+        assert link.latency >= nvlink.latency and "bound" in link.name
+    assert achieved_link("nixl", LINKS["tcp"]).bandwidth < nvlink.bandwidth
 
 
 @pytest.mark.parametrize(
