@@ -235,6 +235,36 @@ def _done(batches: list[Any], engines: int) -> bool:
     return len(finished) >= engines and (engines == 1 or sent)
 
 
+def complete_streamed(lab: Any, prompt: list[int], max_tokens: int) -> dict[str, Any]:
+    """One completion through the lab's proxy, streamed, folded into a completion body.
+
+    Streamed, the proxy's first byte from decode is decode's first token, so its
+    `kv_transfer_end` closes the wait after decode's first step (trace.phases()); a whole
+    JSON answer would arrive after every decode step."""
+    import json
+
+    import httpx
+
+    body = {"model": lab.plan.model.name, "prompt": prompt, "max_tokens": max_tokens,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    out: dict[str, Any] = {"choices": [{"index": 0, "text": "", "finish_reason": None}]}
+    with httpx.stream("POST", f"{lab.url}/v1/completions", json=body, timeout=120) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            data = line[len("data:"):].strip() if line.startswith("data:") else ""
+            if not data or data == "[DONE]":
+                continue
+            chunk = json.loads(data)
+            for k in ("id", "object", "created", "model", "usage"):
+                if chunk.get(k) is not None:
+                    out[k] = chunk[k]
+            for c in chunk.get("choices") or []:
+                out["choices"][0]["text"] += c.get("text") or ""
+                out["choices"][0]["finish_reason"] = c.get("finish_reason") or \
+                    out["choices"][0]["finish_reason"]
+    return out
+
+
 def send(
     lab: Any, prompt_len: int = 600, max_tokens: int = 8, *, seed: int = 0, wait_s: float = 10.0
 ) -> Trace:
@@ -244,7 +274,7 @@ def send(
     tel.wait_connected(10.0)  # ZMQ joins late; at once when the readers are already connected
     tel.poll()  # drop what came before
     t = time.monotonic()
-    response = lab.complete(token_prompt(prompt_len, seed), max_tokens=max_tokens)
+    response = complete_streamed(lab, token_prompt(prompt_len, seed), max_tokens)
     trace = Trace(lab.kind, prompt_len, response, describe=tel.describe())
     deadline = time.monotonic() + wait_s
     while True:
