@@ -290,3 +290,70 @@ def test_every_view_titles_its_kind_on_a_line_of_its_own_and_follows_its_box():
         assert layout.autosize and layout.width is None, name
         subtitles = [a for a in layout.annotations if a.name is None and a.yanchor == "bottom"]
         assert subtitles and all(a.xanchor == "left" for a in subtitles), name
+
+
+def engines_8_synthetic(steps: int = 6) -> BlockMapState:
+    """8 simulated engines: 4 synthetic PD pairs (labkit/viz/synthetic.py), 100k and 512
+    blocks by turns, renamed prefill-<i> / decode-<i>."""
+    from labkit.viz.synthetic import SyntheticSource
+
+    pairs = [SyntheticSource(num_blocks=100_000 if i % 2 == 0 else 512, seed=i, arrival_p=0.9)
+             for i in range(4)]
+    st = BlockMapState({f"{r}-{i}": (r, "sim", src.num_blocks, 16)
+                        for i, src in enumerate(pairs) for r in ("prefill", "decode")})
+    for _ in range(steps):
+        for i, src in enumerate(pairs):
+            for b in src.poll().observer:
+                name = b.engine_id.replace("-0", f"-{i}")
+                st.apply(ObserverBatch(name, b.role, b.kind, b.ts, b.events))
+    return st
+
+
+def test_block_map_of_8_engines_is_a_grid_of_two_columns():
+    """8 simulated engines: 4 rows x 2 columns of maps (not 8 stacked, ~2,600 px), titles
+    of short lines, the container's width; super-cells, hover, zoom and legend as with one."""
+    import re
+
+    from labkit.viz.blocks import map_grid
+
+    st = engines_8_synthetic()
+    names = list(st.engines)
+    view = BlockMapView(st)
+    assert view.update()
+    lay = view.figure.layout
+    heat = [t for t in view.figure.data if t.type == "heatmap"]
+    assert len(heat) == 8 and all(len(t.z) > 0 for t in heat)
+    xdom = {tuple(lay[t.xaxis.replace("x", "xaxis")].domain) for t in heat}
+    ydom = {tuple(lay[t.yaxis.replace("y", "yaxis")].domain) for t in heat}
+    assert (len(ydom), len(xdom)) == map_grid(8) == (4, 2)
+    # row by row: map i sits in column i % 2, and its title is annotation i, on its left edge
+    for i, t in enumerate(heat):
+        x0 = lay[t.xaxis.replace("x", "xaxis")].domain[0]
+        assert x0 == sorted(d[0] for d in xdom)[i % 2]
+        assert names[i] in lay.annotations[i].text and lay.annotations[i].x == pytest.approx(x0)
+    assert lay.height <= 1200 and lay.width is None and lay.autosize
+    for a in lay.annotations[:8]:
+        lines = re.sub(r"</?b>", "", a.text).split("<br>")
+        assert len(lines) == 4 and max(map(len, lines)) <= 27, lines
+    assert "SIMULATED" in lay.title.text and "SIMULATED" not in lay.annotations[0].text
+    assert names[:2] == ["prefill-0", "decode-0"] and len(names) == 8
+    big = heat[0]  # 100k blocks: super-cells with their mix, hover says so
+    assert len(big.z) <= MAX_CELLS and "click: block by block" in big.text[0]
+    assert "/cell" in lay.annotations[0].text
+    fine = heat[2]  # prefill-1, 512 blocks: one per cell, in-use blocks in their request's colour
+    assert fine.text[1].startswith("block 1<br>") and (np.asarray(fine.z) >= Z_REQ0).any()
+    assert len([t for t in view.figure.data if t.type == "scatter"]) == 5  # the legend
+    view.zoom(names[5], 5000)  # decode-2, 100k blocks
+    assert "zoom: 5,000" in lay.annotations[5].text and len(heat[5].z) == MAX_CELLS
+    view.zoom(names[5], None)
+    assert "zoom" not in lay.annotations[5].text
+
+
+def test_block_map_of_3_engines_hides_the_empty_cell():
+    st = BlockMapState({n: ("decode", "sim", 64, 16) for n in ("decode-0", "decode-1", "decode-2")})
+    view = BlockMapView(st)
+    view.update()
+    lay = view.figure.layout
+    assert lay.height <= 700 and len(lay.annotations) == 3
+    assert lay.xaxis4.visible is False and lay.yaxis4.visible is False
+    assert lay.xaxis3.visible is not False

@@ -145,27 +145,59 @@ def block_grid(eng: EngineBlocks, max_cells: int = MAX_CELLS, ids: RequestIds | 
     return BlockGrid(z, x, y, text, k, rows, cols, counts)
 
 
-def summary(eng: EngineBlocks, grid: BlockGrid, first: int = 0) -> str:
-    """Subplot title in SUMMARY_LINES short lines (each fits a 360 px cell): engine, role,
-    kind; the blocks and what one cell stands for; the counts."""
+def summary(eng: EngineBlocks, grid: BlockGrid, first: int = 0, *, short: bool = False,
+            with_kind: bool = True) -> str:
+    """Subplot title in SUMMARY_LINES short lines: engine, role, kind; the blocks and what
+    one cell stands for; the counts. Each line fits a 360 px cell; `short` (a map in a grid
+    of two columns) keeps each line to ~25 characters, half of that cell, and names the kind
+    only if `with_kind` (the figure's title names it when every engine has the same)."""
     free, cached, used, shared = (int(c) for c in grid.counts)
+    num_blocks = f"{max(eng.num_blocks - 1, 0):,} blocks"
+    if short:
+        head = f"<b>{eng.name}</b>" + ("" if eng.role in eng.name else f" ({eng.role})")
+        if with_kind:
+            head += f" · {kind_label(eng.kind)}"
+        if first:
+            cells = f"zoom: {first:,}–{first + grid.num_cells - 1:,}"
+        else:
+            cells = num_blocks + ("" if grid.blocks_per_cell == 1 else f" · {grid.blocks_per_cell}/cell")
+        return (f"{head}<br>{cells}<br>in use {_count(used + shared)} (shared {_count(shared)})"
+                f"<br>cached {_count(cached)} · free {_count(free)}")
     if first:
         cells = f" · zoom: blocks {first:,}–{first + grid.num_cells - 1:,}"
     else:
         cells = "" if grid.blocks_per_cell == 1 else f" · {grid.blocks_per_cell} per cell"
     return (
         f"<b>{eng.name}</b> ({eng.role}, {kind_label(eng.kind)})"
-        f"<br>{max(eng.num_blocks - 1, 0):,} blocks{cells}"
+        f"<br>{num_blocks}{cells}"
         f"<br>in use {used + shared:,} (shared {shared:,})<br>cached {cached:,} · free {free:,}"
     )
 
 
+def _count(n: int) -> str:
+    """A count in at most 5 characters for a grid's title: 9,999, 25.3k, 255k, 1.2M."""
+    if n < 10_000:
+        return f"{n:,}"
+    if n < 99_950:
+        return f"{n / 1e3:.1f}k"
+    return f"{n / 1e3:.0f}k" if n < 999_500 else f"{n / 1e6:.1f}M"
+
+
 SUMMARY_LINES = 4
+MAP_PX, GRID_MAP_PX = 300, 240  # height per engine (one column) / per row of the grid
+
+
+def map_grid(num_engines: int) -> tuple[int, int]:
+    """(rows, cols) of the maps: one column up to two engines, then two (8 engines: 4 x 2)."""
+    cols = 1 if num_engines <= 2 else 2
+    return max(1, math.ceil(num_engines / cols)), cols
 
 
 class BlockMapView(View):
-    """One heatmap per engine, stacked; hover names block ids, owners and tokens; a legend of
-    the states; click a super-cell to zoom to its blocks, click again to zoom out."""
+    """One heatmap per engine: stacked up to two engines, then a grid of two columns (row by
+    row, shorter titles: 8 engines fit ~1,150 px, not ~2,600); the width is the container's.
+    Hover names block ids, owners and tokens; a legend of the states; click a super-cell to
+    zoom to its blocks, click again to zoom out."""
 
     title = "KV-cache block allocation"
 
@@ -177,21 +209,31 @@ class BlockMapView(View):
         self.names = list(state.engines)
         self.zoomed: dict[str, int] = {}  # engine -> first block shown, one per cell
         n = max(len(self.names), 1)
-        height = 300 * n + 190
+        self.rows, self.cols = map_grid(n)
+        self.short = self.cols > 1
+        height = (GRID_MAP_PX if self.short else MAP_PX) * self.rows + 190
         plot_px = height - (54 + SUBTITLE_LINE_PX * SUMMARY_LINES) - 40
+        grid0 = {name: block_grid(e, 1) for name, e in state.engines.items()}
         base = make_subplots(  # room between the maps for the next one's title
-            rows=n, cols=1, vertical_spacing=min(0.5, (SUBTITLE_LINE_PX * SUMMARY_LINES + 12) / plot_px),
-            subplot_titles=[summary(e, block_grid(e, 1)) for e in state.engines.values()] or [""],
+            rows=self.rows, cols=self.cols, horizontal_spacing=0.06,
+            vertical_spacing=min(0.5, (SUBTITLE_LINE_PX * SUMMARY_LINES + 12) / plot_px),
+            subplot_titles=[self._summary(e, grid0[name]) for name, e in state.engines.items()]
+            or [""],
         )  # fmt: skip
         self.figure = go.FigureWidget(base)
         for i, _ in enumerate(self.names):
+            row, col = self.cell(i)
             self.figure.add_trace(
                 go.Heatmap(z=[], x=[], y=[], showscale=False, hoverongaps=False,
                            hovertemplate=_HOVER, showlegend=False),
-                row=i + 1, col=1,
+                row=row, col=col,
             )  # fmt: skip
-            self.figure.update_yaxes(autorange="reversed", showticklabels=False, row=i + 1, col=1)
-            self.figure.update_xaxes(showticklabels=False, row=i + 1, col=1)
+        for i in range(self.rows * self.cols):  # an odd count leaves the last cell empty
+            row, col = self.cell(i)
+            shown = i < len(self.names) or not self.names
+            self.figure.update_yaxes(autorange="reversed", showticklabels=False, visible=shown,
+                                     row=row, col=col)
+            self.figure.update_xaxes(showticklabels=False, visible=shown, row=row, col=col)
         # The legend of the states (and of request colours) as marker-only entries.
         legend = [(BLOCK_STATE_NAMES[0], STATE_COLORS[0]), (BLOCK_STATE_NAMES[1], STATE_COLORS[1]),
                   (BLOCK_STATE_NAMES[2] + " (request unknown)", STATE_COLORS[2]),
@@ -203,12 +245,22 @@ class BlockMapView(View):
                 marker=dict(symbol="square", size=12, color=color, line=dict(color="#868e96", width=1))))
         self._label(self.figure, height=height, subtitle_lines=SUMMARY_LINES)
         self.figure.update_layout(legend=dict(y=-0.04, yanchor="top"))
+        if self.short:  # no tick labels: the side margins go to the two columns of titles
+            self.figure.update_layout(margin=dict(l=12, r=12))
         for tr in self.figure.data[: len(self.names)]:
             tr.on_click(self._clicked)
         self._modes: dict[str, bool] = {}
         self._shapes: dict[str, tuple[int, int, int]] = {}
         self._grids: dict[str, BlockGrid] = {}
         self._bump = 0
+
+    def cell(self, i: int) -> tuple[int, int]:
+        """(row, col) of map `i`, 1-based, row by row (make_subplots' order of titles)."""
+        return i // self.cols + 1, i % self.cols + 1
+
+    def _summary(self, eng: EngineBlocks, grid: BlockGrid, first: int = 0) -> str:
+        kinds = {e.kind for e in self.state.engines.values()}
+        return summary(eng, grid, first, short=self.short, with_kind=len(kinds) > 1)
 
     @property
     def ids(self) -> RequestIds:
@@ -265,4 +317,4 @@ class BlockMapView(View):
                 tr.x, tr.y = grid.x, grid.y
             tr.z = grid.z
             tr.text = np.asarray(grid.text)  # a str array: validated in C, not per item
-            self.figure.layout.annotations[i].text = summary(eng, grid, first)
+            self.figure.layout.annotations[i].text = self._summary(eng, grid, first)

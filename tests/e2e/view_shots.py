@@ -12,7 +12,8 @@ status 1.
 Sources: `real` replays the shipped REAL recording real-h200x2-nixl to its end (the views
 say REAL vLLM + REPLAY); `sim` starts a simulated PD lab (labkit.Lab(mode="sim")), sends the
 demo workload's first prompts through its proxy for a few seconds and draws what came (the
-views say SIMULATED). Files: `view-<view>-<source>.png` at the widest width, and
+views say SIMULATED); `sim-8-engines` (the block map only) folds 4 synthetic PD pairs
+(labkit/viz/synthetic.py), its grid of 8 maps. Files: `view-<view>-<source>.png` at the widest width, and
 `view-<view>-<source>-<width>.png` for each narrower one.
 """
 
@@ -129,6 +130,30 @@ def fold_sim(seconds: float = 12.0) -> Any:
         lab.stop()
 
 
+def fold_engines(num_pairs: int = 4, polls: int = 6) -> Any:
+    """The block map of 2 x `num_pairs` simulated engines (synthetic PD pairs,
+    labkit/viz/synthetic.py, 100k and 512 blocks by turns): its grid of maps and their titles."""
+    from types import SimpleNamespace
+
+    from labkit.telemetry.observer_schema import ObserverBatch
+    from labkit.viz.blocks import BlockMapView
+    from labkit.viz.blockstate import BlockMapState
+    from labkit.viz.synthetic import SyntheticSource
+
+    pairs = [SyntheticSource(num_blocks=100_000 if i % 2 == 0 else 512, seed=i, arrival_p=0.9)
+             for i in range(num_pairs)]
+    state = BlockMapState({f"{r}-{i}": (r, "sim", src.num_blocks, 16)
+                           for i, src in enumerate(pairs) for r in ("prefill", "decode")})
+    for _ in range(polls):
+        for i, src in enumerate(pairs):
+            for b in src.poll().observer:
+                state.apply(ObserverBatch(b.engine_id.replace("-0", f"-{i}"), b.role, b.kind,
+                                          b.ts, b.events))
+    view = BlockMapView(state)
+    view.update()
+    return SimpleNamespace(views={"blocks": view})
+
+
 def shoot(dash: Any, source: str, out: Path, widths: list[int]) -> list[str]:
     """Photograph and measure each view of `dash` at each width; returns the problems."""
     from playwright.sync_api import sync_playwright
@@ -168,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recording", default="real-h200x2-nixl")
     ap.add_argument("--no-sim", action="store_true", help="only the REAL replay")
     ap.add_argument("--no-real", action="store_true", help="only the simulated lab")
+    ap.add_argument("--no-engines8", action="store_true",
+                    help="not the block map of 8 simulated engines (synthetic, no lab)")
     ap.add_argument("--json", action="store_true", help="print the problems as JSON")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
@@ -177,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         found += shoot(fold_replay(args.recording), "real-replay", args.out, args.widths)
     if not args.no_sim:
         found += shoot(fold_sim(), "sim", args.out, args.widths)
+    if not args.no_engines8:
+        found += shoot(fold_engines(4), "sim-8-engines", args.out, args.widths)
     print(json.dumps(found, indent=1) if args.json else "\n".join(found) or "no text out of place")
     return 1 if found else 0
 
