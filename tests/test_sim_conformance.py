@@ -20,7 +20,7 @@ RECORDINGS = DATA / "recordings"
 TRACES = sorted([*RECORDINGS.glob("*.lkrec"), *RECORDINGS.glob("cpu-tier/*.lkrec"),
                  *(DATA / "conformance").glob("*.lkrec")])
 FULL = {
-    ("real-h100-1gpu-cpu-tier", "colocated"),
+    ("real-h100-1gpu-cpu-tier", "colocated"), ("real-h100-chunked-long", "engine"),
     ("real-h200-1gpu-example", "prefill"), ("real-h200-1gpu-example", "decode"),
     ("real-h200-1gpu-fp8", "prefill"), ("real-h200-1gpu-fp8", "decode"),
     ("real-h200x2-nixl-chunk256", "prefill"), ("real-h200x2-nixl", "decode"),

@@ -108,7 +108,9 @@ def run_case(out: Path, name: str, case: dict[str, Any], port: int) -> Path:
               load_format="dummy", enforce_eager=True, block_size=16,
               num_gpu_blocks_override=case["blocks"], max_num_batched_tokens=case["chunk"],
               kv_cache_memory_bytes=case["blocks"] << 20,
-              max_num_seqs=16, max_model_len=4096, gpu_memory_utilization=0.1,
+              # vLLM refuses a pool that cannot hold one max_model_len request
+              max_num_seqs=16, max_model_len=min(4096, case["blocks"] * 16),
+              gpu_memory_utilization=0.1,
               async_scheduling=case["async_scheduling"], enable_prefix_caching=True,
               kv_transfer_config={"kv_connector": "LabkitObserverConnector", "kv_role": "kv_both",
                                   "kv_connector_module_path": "labkit.pd.observer",
