@@ -214,7 +214,8 @@ def test_live_trace_and_dashboard_session(tmp_path, monkeypatch) -> None:
         trace = live.send(lab, prompt_len=600, max_tokens=4)
         dash = session.DashboardSession(lab)
         try:
-            assert dash.box.children == (dash.dashboard.widget,) and dash.dashboard.running
+            assert dash.box.children == (dash.watch.beat, dash.dashboard.widget)
+            assert dash.dashboard.running and dash.watch.timeout_s is None  # not Voila: no watch
             assert dash.summary() == "no traffic sent yet"
             fut = dash.send(workloads.fixed(3, prompt_len=100, output_len=4, rate=20.0))
             result = fut.result(timeout=60)
@@ -261,7 +262,7 @@ def test_apply_restarts_the_lab_and_keeps_the_previous_run(tmp_path, monkeypatch
         assert dash.lab is not lab and dash.lab.is_running()
         assert dash.lab.plan.engine("prefill").max_num_batched_tokens == 64
         assert all(not pids_in_group(g) for g in old_groups)  # the old engines are gone
-        assert dash.box.children[0] is dash.dashboard.widget
+        assert dash.box.children[1] is dash.dashboard.widget
         acc = dash.box.children[-1]
         assert acc.children[0] is old_widget and "max_num_batched_tokens 256" in acc.get_title(0)
         assert dash.loads[-1].result(timeout=60).records  # the controls' workload was sent

@@ -138,3 +138,38 @@ def test_workload_knobs_start_from_what_was_applied():
     wl = WorkloadSettings(rate=1.5, prompt_len=300, output_len=20, shared_prefix=0.25)
     panel = ControlPanel(base=base_cfg(), workload=wl)
     assert panel.workload() == wl
+
+
+def test_threaded_applies_run_on_one_thread_that_outlives_them():
+    """Engines die with the thread that started them (PR_SET_PDEATHSIG): a relaunch must run
+    on a thread that stays alive after Apply returns, the same one for every panel."""
+    import threading
+    import time
+
+    threads: list[threading.Thread] = []
+    panels = [ControlPanel(on_apply=lambda s: threads.append(threading.current_thread()),
+                           base=base_cfg(), threaded=True) for _ in range(2)]  # fmt: skip
+    for panel in panels:  # a relaunch builds a new panel: the thread is the process's
+        panel.apply_button.click()
+        deadline = time.monotonic() + 5
+        while panel.busy and time.monotonic() < deadline:
+            time.sleep(0.01)
+    time.sleep(0.1)
+    assert len(threads) == 2 and threads[0] is threads[1]
+    assert threads[0] is not threading.main_thread() and threads[0].is_alive()
+
+
+def test_a_workload_the_plan_would_refuse_is_said_and_not_applied():
+    """PP=2 caps max_model_len at the chunk (prefill not chunked): 600-token prompts with a
+    256-token chunk would all get 400; Apply says so and relaunches nothing."""
+    calls: list[LabSettings] = []
+    cfg = base_cfg()
+    panel = ControlPanel(on_apply=calls.append, base=cfg, simulated=True)
+    panel.num_gpus.value = 4
+    panel.pp.value = 2
+    panel.max_num_batched_tokens.value = 256
+    panel.prompt_len.value, panel.output_len.value = 600, 48
+    assert panel.apply() is None and calls == []
+    assert "max_model_len is 256" in panel.message.value and "648" in panel.message.value
+    panel.prompt_len.value = 200
+    assert panel.apply() is not None and len(calls) == 1

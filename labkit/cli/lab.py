@@ -160,6 +160,9 @@ def register_dashboard(sub: argparse._SubParsersAction) -> None:
                                          "(http://127.0.0.1:PORT)")
     p.add_argument("--port", type=int, default=8866)
     p.add_argument("--no-browser", action="store_true")
+    p.add_argument("--replay", metavar="NAME",
+                   help="play a recording instead of starting a lab: a .lkrec file or a shipped "
+                        "name such as real-h200x2-nixl (`labkit replay --list`)")
     p.set_defaults(func=cmd_dashboard)
 
 
@@ -170,11 +173,18 @@ def dashboard_notebook() -> Path:
 
 
 OFFLINE_TEMPLATE = "labkit-offline"
-# Kernels of closed pages go: Voila's kernels are culled once idle this long (s) with no
-# page connected; a reloaded page's new lab takes the old one over at once anyway.
-CULL = ["--MappingKernelManager.cull_idle_timeout=120",
-        "--MappingKernelManager.cull_interval=30",
-        "--MappingKernelManager.cull_connected=False"]
+# Kernels of closed pages go. The dashboard's 4 Hz updates keep a kernel busy, so the culler
+# alone never fires: a closed page stops sending its heartbeat, and PAGE_TIMEOUT_S later the
+# kernel stops its lab and its updates (labkit/teach/page.py); the idle kernel is then
+# culled (no page connected, idle this long, checked this often). A reloaded page's new
+# lab takes the old one over at once anyway.
+PAGE_TIMEOUT_S = 90  # > a minute: Chromium runs a background tab's timers once a minute
+CULL = ["--MappingKernelManager.cull_idle_timeout=60",
+        "--MappingKernelManager.cull_interval=15",
+        "--MappingKernelManager.cull_connected=False",
+        # A kernel that ends (a reloaded page's new kernel takes its lab over and ends it)
+        # stays ended: restarted, it would hold no page and no lab, only memory.
+        "--KernelManager.autorestart=False"]
 
 
 def offline_template(root: Path) -> Path:
@@ -208,14 +218,20 @@ def voila_args(notebook: str | Path, port: int, offline: bool = True) -> list[st
     return [*args, f"--template={OFFLINE_TEMPLATE}"] if offline else args
 
 
-def voila_env(root: Path | None = None) -> dict[str, str]:
-    """The environment for `voila_args(..., offline=True)`: JUPYTER_PATH finds the template."""
+def voila_env(root: Path | None = None, replay: str | None = None) -> dict[str, str]:
+    """The environment for `voila_args(..., offline=True)`: JUPYTER_PATH finds the template;
+    the kernels learn the page timeout and the recording to play (`replay`), if any."""
     import os
     import tempfile
+
+    from labkit.teach.page import PAGE_TIMEOUT_ENV, REPLAY_ENV
 
     root = offline_template(root or Path(tempfile.mkdtemp(prefix="labkit-voila-")))
     env = dict(os.environ)
     env["JUPYTER_PATH"] = os.pathsep.join(filter(None, [str(root), env.get("JUPYTER_PATH")]))
+    env.setdefault(PAGE_TIMEOUT_ENV, str(PAGE_TIMEOUT_S))
+    if replay:
+        env[REPLAY_ENV] = replay
     return env
 
 
@@ -224,10 +240,21 @@ def cmd_dashboard(a: argparse.Namespace) -> int:
         print("labkit dashboard: Voila is not installed (pip install 'labkit[lab]')",
               file=sys.stderr)
         return 1
+    replay = None
+    if a.replay:
+        from labkit.telemetry.replay import recordings, resolve
+
+        try:
+            replay = str(resolve(a.replay).resolve())
+        except FileNotFoundError:
+            print(error_line(f"no recording {a.replay!r}",
+                             f"name a .lkrec file or one of: {', '.join(recordings())}"),
+                  file=sys.stderr)
+            return EXIT_CONFIG_ERROR
     args = voila_args(dashboard_notebook(), a.port)
     if a.no_browser:
         args.append("--no-browser")
-    proc = subprocess.Popen(args, env=voila_env())
+    proc = subprocess.Popen(args, env=voila_env(replay=replay))
 
     def on_term(signum: int, frame: object) -> None:
         raise KeyboardInterrupt

@@ -7,6 +7,7 @@
     placement        planner tables: TP/PP placement, per-GPU memory, the 4-GPU "KV on other GPUs" claim check
     live             what a running Lab (real vLLM or simulated) did, as tables
     session          a running Lab + its live dashboard (Apply restarts the lab)
+    page             the dashboard page: a heartbeat from the page, replays with time controls
 
 Every runner returns a `Result` (rows as dicts + whether they were measured, simulated or
 planned). Modules load lazily: `import labkit.teach` pulls in neither torch nor plotly.
@@ -25,6 +26,7 @@ _SUBMODULES = (
     "placement",
     "live",
     "session",
+    "page",
     "result",
 )
 _EXPORTS = {"Result": "labkit.teach.result"}

@@ -100,7 +100,11 @@ class DashboardSession:
         self.dashboard: Any = None
         self.loads: list[Future] = []
         self.previous: list[tuple[str, Any]] = []  # (title, frozen dashboard widget), newest first
+        from labkit.teach.page import PageWatch
+
+        self.watch = PageWatch(on_gone=self.stop)  # `labkit dashboard`: a closed page stops it
         self._show()
+        self.watch.start()
 
     def _hardware(self) -> Any:
         if self.lab.kind != "sim":
@@ -123,7 +127,8 @@ class DashboardSession:
             controls={"kv_cache_memory": getattr(self.lab, "kv_cache_memory", None),
                       "workload": self.workload, "threaded": True},
         )
-        self.box.children = (self.dashboard.widget, *self._history())
+        # The heartbeat first: the box keeps its view (and its timer) when the rest changes.
+        self.box.children = (self.watch.beat, self.dashboard.widget, *self._history())
         self.dashboard.start()
 
     def _history(self) -> tuple[Any, ...]:
@@ -220,6 +225,7 @@ class DashboardSession:
 
     def stop(self) -> None:
         """Stop refreshing and stop the lab (traffic still running then fails fast)."""
+        self.watch.stop()
         if self.dashboard is not None:
             self.dashboard.stop()
         self.lab.stop()

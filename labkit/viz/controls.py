@@ -212,7 +212,6 @@ class ControlPanel:
             finally:
                 self._done()
             return
-        import threading
 
         def run() -> None:
             try:
@@ -220,7 +219,7 @@ class ControlPanel:
             finally:
                 self._done()
 
-        threading.Thread(target=run, name="labkit-apply", daemon=True).start()
+        apply_worker().submit(run)
 
     def _done(self) -> None:
         with self._lock:
@@ -238,6 +237,9 @@ class ControlPanel:
             self._say(f"✗ {e}", "#c92a2a")
             return None
         settings = LabSettings(cfg, plan, self.workload())
+        if (why := too_long(settings)) is not None:
+            self._say(f"✗ {why}", "#c92a2a")
+            return None
         self.last_settings = settings
         if self.on_apply is None:
             self._say("✓ valid (no on_apply given: nothing restarted)", "#2b8a3e")
@@ -297,6 +299,35 @@ class StartupProgress:
         if state.failed and state.errors:
             stage = f"failed: {state.errors[-1][:80]}"
         self.update(stage, state.progress, engine, failed=state.failed)
+
+
+def too_long(settings: LabSettings) -> str | None:
+    """Why every request of the workload would be refused (400) by the planned engines, or
+    None. PP > 1 (ExampleConnector, chunked prefill off) caps max_model_len at the chunk."""
+    wl = settings.workload
+    need = wl.prompt_len + wl.output_len
+    for ep in settings.plan.engines:
+        if ep.max_model_len and need > ep.max_model_len:
+            return (f"{ep.name}: max_model_len is {ep.max_model_len} tokens in this plan, and "
+                    f"prompt + output tokens are {need}: every request would be refused. "
+                    "Send shorter prompts, or raise max_num_batched_tokens (with PP > 1 "
+                    "prefill is not chunked, so a prompt must fit one step)")
+    return None
+
+
+_APPLY_WORKER: Any = None
+
+
+def apply_worker() -> Any:
+    """The one thread that runs threaded Applies, alive as long as the process. Engines die
+    when the thread that started them ends (PR_SET_PDEATHSIG, labkit/engines/launch.py): a
+    relaunch on a short-lived thread would lose its new engines the moment it returned."""
+    global _APPLY_WORKER
+    if _APPLY_WORKER is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _APPLY_WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labkit-apply")
+    return _APPLY_WORKER
 
 
 def engines_of(cfg: Any) -> list[Any]:

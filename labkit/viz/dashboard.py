@@ -25,6 +25,7 @@ from labkit.viz.controls import ControlPanel, StartupProgress
 from labkit.viz.latency import LatencyView
 from labkit.viz.memory import MemoryView
 from labkit.viz.offload import OffloadState, OffloadView
+from labkit.viz.replay_controls import ReplayControls
 from labkit.viz.schedule import ScheduleView
 from labkit.viz.state import BlockMapState, LatencyState, MemoryState, ScheduleState, TransferState
 from labkit.viz.streaming import StreamingView
@@ -54,6 +55,8 @@ class Dashboard:
         interval: seconds between refreshes (0.25 = 4 Hz).
         max_cells: block-map cells per engine before blocks are grouped into super-cells.
         controls: more keywords for the ControlPanel (kv_cache_memory, workload, threaded).
+        autoplay: a replay source starts playing at once; False: paused at 0 until its
+            time controls' play() (`replay_controls`).
     """
 
     def __init__(
@@ -65,6 +68,7 @@ class Dashboard:
         interval: float = 0.25,
         max_cells: int = 4096,
         controls: dict[str, Any] | None = None,
+        autoplay: bool = True,
     ) -> None:
         self.source = source
         self.info = SourceInfo.from_dict(source.describe())
@@ -90,9 +94,12 @@ class Dashboard:
         self.progress = StartupProgress()
         self.controls = ControlPanel(on_apply=on_apply, base=config, hardware=hardware,
                                      **(controls or {}))
+        self.replay_controls: ReplayControls | None = None
         if self.info.kind == "replay":
             self.controls.disable("A replay: what was recorded is shown as it ran; Apply "
                                   "needs a live lab.")
+            if hasattr(source, "seek"):
+                self.replay_controls = ReplayControls(source, autoplay=autoplay)
         self.header = w.HTML(self._header_html())
         self.status = w.HTML("")
         self._task: asyncio.Task | None = None
@@ -135,23 +142,33 @@ class Dashboard:
         its box (a FigureWidget's own `layout` is plotly's, so a plain Box sizes it)."""
         v = self.views
 
-        def cell(view: str, width: str) -> w.Box:
-            return w.Box([v[view].figure], layout=w.Layout(width=width, min_width="0",
+        def cell(view: str, basis: str = "100%") -> w.Box:
+            # Two to a row where they fit (basis 420 px each), one per row where they don't.
+            return w.Box([v[view].figure], layout=w.Layout(flex=f"1 1 {basis}", min_width="0",
                                                            overflow="hidden"))  # fmt: skip
+
+        def row(*cells: w.Box) -> w.Box:
+            return w.Box(list(cells), layout=w.Layout(display="flex", flex_flow="row wrap",
+                                                      width="100%"))  # fmt: skip
 
         figs = w.VBox(
             [
-                w.HBox([cell("blocks", "50%"), cell("streaming", "50%")]),
-                w.HBox([cell("schedule", "50%"), cell("memory", "50%")]),
-                cell("latency", "100%"),
-                cell("offload", "100%"),  # the CPU tier under the block maps
+                row(cell("blocks", "420px"), cell("streaming", "420px")),
+                row(cell("schedule", "420px"), cell("memory", "420px")),
+                cell("latency"),
+                cell("offload"),  # the CPU tier under the block maps
             ],
-            layout=w.Layout(flex="1 1 auto", min_width="0"),
+            layout=w.Layout(flex="1 1 560px", min_width="0"),
         )
-        side = w.VBox([self.progress.widget, self.controls.widget],
+        time_controls = [self.replay_controls.widget] if self.replay_controls else []
+        side = w.VBox([self.progress.widget, *time_controls, self.controls.widget],
                       layout=w.Layout(flex=f"0 0 {CONTROLS_WIDTH}", width=CONTROLS_WIDTH,
                                       margin="0 0 0 8px"))  # fmt: skip
-        return w.VBox([self.header, self.status, w.HBox([figs, side], layout=w.Layout(width="100%"))])
+        # The controls sit right of the figures on a wide page, under them on a narrow one
+        # (JupyterLab beside a file browser, a laptop): the figures never shrink to a strip.
+        body = w.Box([figs, side], layout=w.Layout(display="flex", flex_flow="row wrap",
+                                                   width="100%"))  # fmt: skip
+        return w.VBox([self.header, self.status, body])
 
     def _repr_mimebundle_(self, **kwargs: Any) -> Any:
         return self.widget._repr_mimebundle_(**kwargs)
@@ -190,6 +207,8 @@ class Dashboard:
             t3 = clock()
             view.update()
             self.timings[name] = clock() - t3
+        if self.replay_controls is not None:
+            self.replay_controls.sync()  # after the draw: an ended replay pauses, drawn
         self.num_refreshes += 1
         return dict(self.timings)
 
