@@ -30,6 +30,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from labkit import auth
 from labkit.engines.base import EngineHandle
 from labkit.plan import ConfigError, EngineConfig, PDConfig, Plan, validate
 from labkit.plan.ports import free_port
@@ -216,11 +217,20 @@ class Lab:
         kv_load_timeout: simulated decode engines only: seconds a NIXL read waits for the
             prefill engine's handshake before the request fails (vLLM's 5 s).
         owner: who started it ("python", "dashboard", "labkit up"); `labkit status` shows it.
+        cluster: "auto", "ray://host:port" or a Ray address: the engines run on the nodes of
+            a Ray cluster (a ClusterLab, labkit/cluster; `pip install labkit[cluster]`).
 
     Raises:
         ConfigError: a configuration vLLM would refuse, or a keyword Lab does not know
             (with the one it has), before anything starts.
     """
+
+    def __new__(cls, *args: Any, cluster: str | None = None, **kwargs: Any) -> Lab:
+        if cluster is not None and cls is Lab:  # then ClusterLab.__init__ runs, with cluster
+            from labkit.cluster.lab import ClusterLab
+
+            return super().__new__(ClusterLab)
+        return super().__new__(cls)
 
     def __init__(self, config: PDConfig | None = None, *, model: str = "lab-1b",
                  max_num_batched_tokens: int | None = None, tp: int = 1, pp: int = 1,
@@ -473,7 +483,7 @@ class Lab:
 
         if self.proxy is None:
             raise RuntimeError("this lab has no proxy running (not started, or colocated)")
-        r = httpx.get(f"{self.proxy.base_url}/router", timeout=5)
+        r = httpx.get(f"{self.proxy.base_url}/router", timeout=5, headers=auth.headers())
         r.raise_for_status()
         return r.json()
 
@@ -495,7 +505,8 @@ class Lab:
         self.routing_policy = policy
         if self.proxy is None:
             return {"policy": policy}
-        r = httpx.post(f"{self.proxy.base_url}/router", json={"policy": policy}, timeout=5)
+        r = httpx.post(f"{self.proxy.base_url}/router", json={"policy": policy}, timeout=5,
+                       headers=auth.headers())
         r.raise_for_status()
         return r.json()
 
@@ -603,7 +614,8 @@ class Lab:
 
         body = {"model": self.plan.model.name, "prompt": prompt, "max_tokens": max_tokens,
                 "ignore_eos": True, **kw}
-        r = httpx.post(f"{self.url}/v1/completions", json=body, timeout=120)
+        r = httpx.post(f"{self.url}/v1/completions", json=body, timeout=120,
+                       headers=auth.headers())  # a cluster lab's token, if any
         r.raise_for_status()
         return r.json()
 
