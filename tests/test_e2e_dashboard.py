@@ -38,6 +38,7 @@ from test_e2e_voila import (  # noqa: E402  (skips this module where chromium/pl
     FIGURES,
     PROBE,
     ROOT,
+    figures,
     free_port,
     tagged_pids,
     wait_port,
@@ -137,14 +138,9 @@ def wait_until(page: Page, ok: Callable[[], Any], timeout: float, what: str) -> 
 
 
 def dashboard_figures(page: Page) -> dict[str, dict[str, Any]]:
-    """The five views' figures by name (titles read as text), or {} until all are drawn."""
-    figs: dict[str, dict[str, Any]] = {}
-    for fig in page.evaluate(PROBE):
-        title = re.sub(r"<[^>]+>", "", fig["title"])
-        for view, start in FIGURES.items():
-            if title.startswith(start) and view not in figs:  # the live one; frozen runs follow
-                figs[view] = fig
-    return figs if len(figs) >= 5 else {}
+    """The five views' figures by name (the live run's), or {} until all are drawn."""
+    figs = figures(page)
+    return figs if len(figs) >= len(FIGURES) else {}
 
 
 def blocks_per_engine(figs: dict[str, Any]) -> dict[str, int]:

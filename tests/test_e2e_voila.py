@@ -14,6 +14,7 @@ skipped with the reason when either is missing.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -167,8 +168,9 @@ def figures(page: Page) -> dict[str, dict[str, Any]]:
     """The dashboard's figures by view name, as the page's plotly.js holds them."""
     out: dict[str, dict[str, Any]] = {}
     for fig in page.evaluate(PROBE):
+        title = re.sub(r"<[^>]+>", "", fig["title"])  # titles are set in <b>...</b>
         for view, start in FIGURES.items():
-            if fig["title"].startswith(start):
+            if title.startswith(start) and view not in out:  # the live run's (frozen ones follow)
                 out[view] = fig
     return out
 
