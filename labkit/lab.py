@@ -687,3 +687,16 @@ def _progress(progress: Progress | bool, title: str) -> Progress:
             bar.close()
 
     return report
+
+
+# `Lab.__new__` (which makes a ClusterLab when cluster= is given) would hide __init__'s keywords
+# from help() and inspect.signature; the signature a user sees is __init__'s, with cluster.
+_init_sig = inspect.signature(Lab.__init__)
+Lab.__signature__ = _init_sig.replace(  # type: ignore[attr-defined]
+    parameters=[
+        *[p for p in list(_init_sig.parameters.values())[1:] if p.kind is not p.VAR_KEYWORD],
+        inspect.Parameter("cluster", inspect.Parameter.KEYWORD_ONLY, default=None,
+                          annotation="str | None"),
+        *[p for p in _init_sig.parameters.values() if p.kind is p.VAR_KEYWORD],
+    ]
+)

@@ -20,6 +20,7 @@ EXPECTED = [
     "06-pd-disaggregation",
     "07-parameter-data-separation",
     "08-dashboard",
+    "09-xpyd-routing",
 ]
 
 
