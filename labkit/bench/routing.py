@@ -95,8 +95,24 @@ class TurnRecord:
         return None if self.first_token is None else self.first_token - self.arrival
 
 
+class PrefixHits:
+    """Prefix-cache hits of a routing run: `hit_tokens` and `query_tokens` per prefill engine."""
+
+    hit_tokens: dict[str, int]
+    query_tokens: dict[str, int]
+
+    @property
+    def total_hit_tokens(self) -> int:
+        return sum(self.hit_tokens.values())
+
+    @property
+    def hit_rate(self) -> float:
+        total = sum(self.query_tokens.values())
+        return self.total_hit_tokens / total if total else 0.0
+
+
 @dataclass
-class PolicyResult:
+class PolicyResult(PrefixHits):
     """One policy's run, per prefill engine: prompt tokens looked up in the prefix cache and
     found there (vllm:prefix_cache_queries_total / hits_total; a request preempted and
     recomputed is looked up again), requests routed there."""
@@ -109,14 +125,6 @@ class PolicyResult:
     ttft_p99_s: float
     records: list[TurnRecord] = field(repr=False, default_factory=list)
 
-    @property
-    def total_hit_tokens(self) -> int:
-        return sum(self.hit_tokens.values())
-
-    @property
-    def hit_rate(self) -> float:
-        total = sum(self.query_tokens.values())
-        return self.total_hit_tokens / total if total else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in asdict(self).items() if k != "records"}

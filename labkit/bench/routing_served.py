@@ -20,11 +20,11 @@ from typing import Any
 
 import httpx
 
-from labkit.bench.routing import ChatWorkload
+from labkit.bench.routing import ChatWorkload, PrefixHits
 
 
 @dataclass
-class ServedResult:
+class ServedResult(PrefixHits):
     """One workload through one served lab, per prefill engine (metric deltas over the run)."""
 
     policy: str
@@ -34,15 +34,6 @@ class ServedResult:
     num_ok: int
     num_failed: int
     errors: list[str] = field(default_factory=list, repr=False)
-
-    @property
-    def total_hit_tokens(self) -> int:
-        return sum(self.hit_tokens.values())
-
-    @property
-    def hit_rate(self) -> float:
-        q = sum(self.query_tokens.values())
-        return self.total_hit_tokens / q if q else 0.0
 
     def line(self) -> str:
         per = ", ".join(f"{n} {self.hit_tokens[n]:,} ({self.requests.get(n, 0)} req)"
