@@ -16,11 +16,11 @@ from pathlib import Path
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from simpair import sim_pd_processes
 
 from labkit.engines.sim.clock import SimClock
 from labkit.engines.sim.connector import InProcessTransport, NixlConnector, nixl_extra_config
 from labkit.engines.sim.engine import SimEngine
-from labkit.engines.sim.process import SimEngineProcess
 from labkit.hardware import LINKS
 
 pytestmark = pytest.mark.timeout(60)
@@ -189,20 +189,8 @@ def _metric(url: str, name: str) -> float:
 @pytest.fixture
 def processes(tmp_path: Path) -> Iterator[tuple[str, str]]:
     cfg = '{"kv_connector": "NixlConnector", "kv_connector_extra_config": {"kv_lease_duration": 2}}'
-    engines = [SimEngineProcess(role, role=role, connector="nixl", run_dir=tmp_path,
-                                log_path=tmp_path / f"{role}.log", fast=True, model="lab-1b",
-                                gpu_type="h100", max_model_len=4096, num_gpu_blocks=256,
-                                kv_transfer_config=cfg)
-               for role in ("prefill", "decode")]
-    try:
-        for e in engines:
-            e.start()
-        for e in engines:
-            e.wait_ready(timeout=30)
-        yield engines[0].base_url, engines[1].base_url
-    finally:
-        for e in engines:
-            e.stop()
+    with sim_pd_processes(tmp_path, "nixl", num_gpu_blocks=256, kv_transfer_config=cfg) as urls:
+        yield urls
 
 
 def test_engine_processes_expire_unread_blocks_and_count_them(processes: tuple[str, str]) -> None:

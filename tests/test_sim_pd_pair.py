@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from simpair import sim_pd_processes
 
 from labkit.engines.base import EngineStartError
 from labkit.engines.sim.process import SimEngineProcess
@@ -49,19 +50,8 @@ def wait_for(check, timeout: float = 5.0) -> bool:
 @pytest.fixture(params=["example", "nixl"])
 def pair(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, str, str, Path]]:
     connector = request.param
-    engines = [SimEngineProcess(role, role=role, connector=connector, run_dir=tmp_path,
-                                log_path=tmp_path / f"{role}.log", fast=True, model="lab-1b",
-                                gpu_type="h100", max_model_len=4096, kv_link="nvlink")
-               for role in ("prefill", "decode")]
-    try:
-        for e in engines:
-            e.start()
-        for e in engines:
-            e.wait_ready(timeout=30)
-        yield connector, engines[0].base_url, engines[1].base_url, tmp_path
-    finally:
-        for e in engines:
-            e.stop()
+    with sim_pd_processes(tmp_path, connector, kv_link="nvlink") as (prefill, decode):
+        yield connector, prefill, decode, tmp_path
 
 
 def test_prefill_then_decode(pair: tuple[str, str, str, Path]) -> None:
