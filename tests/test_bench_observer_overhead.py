@@ -52,3 +52,15 @@ def test_table_prints_the_interval():
     text = oo.format_table(result)
     assert "95% lo" in text and "95% width" in text
     assert "narrower than 0.020" in text and ": yes after 4 rounds" in text
+
+
+def test_token_figures_from_offline_token_times():
+    """--method offline: TTFT from the run's start, ITL from consecutive token stamps,
+    throughput over the run's wall time; a request with no token counts as an error."""
+    times = {"a": [1.1, 1.2, 1.4], "b": [1.3, 1.35], "c": []}
+    f = oo.token_figures(1.0, 2.0, times, prompt=100)
+    assert f["ok"] == 2 and f["errors"] == 1
+    assert f["out_tok_s"] == pytest.approx(5.0) and f["total_tok_s"] == pytest.approx(205.0)
+    assert f["req_s"] == pytest.approx(2.0)
+    assert f["ttft_p50_ms"] == pytest.approx(200.0)  # median of 100 and 300 ms
+    assert f["itl_p50_ms"] == pytest.approx(100.0)  # gaps 100, 200, 50 ms

@@ -17,6 +17,16 @@ the interval of the throughput ratio and of the ITL ratio are both narrower than
         --output 64 --concurrency 16 --rounds 3 --json overhead.json
     python -m labkit.bench.observer_overhead --rounds 8 --ci-width 0.02 --budget-s 200
 
+`--method offline` is the quieter measure: no HTTP and no load generator. Each variant is
+an offline `vllm.LLM` in a process of its own (the observed one publishing to a subscriber in
+this process, as a Lab's engines do); a round submits the same `--requests` prompts to each
+at once (the scheduler batches up to `--concurrency` of them, `max_num_seqs`) and steps the
+engine to the end, timing every token as the engine hands it out: throughput is tokens over
+the run's wall time, TTFT and ITL come from those token times.
+
+    python -m labkit.bench.observer_overhead --method offline --requests 128 --prompt 512 \
+        --output 128 --concurrency 32 --rounds 8 --ci-width 0.02 --budget-s 240
+
 Needs real vLLM and an NVIDIA GPU (it measures the real engine; there is nothing to simulate).
 """
 
@@ -26,6 +36,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import statistics
 import sys
 import tempfile
@@ -224,6 +235,166 @@ def run(gpu: int = 0, model: str = "lab-1b", requests: int = 64, prompt: int = 5
     return out
 
 
+# ---- --method offline: engine-side, no HTTP ---------------------------------------------------
+
+
+def token_figures(t_start: float, t_end: float, token_times: dict[str, list[float]],
+                  prompt: int) -> dict[str, float]:
+    """The served method's figures from an offline run: `token_times[req]` holds the wall
+    time each of the request's output tokens was handed out (one entry per token)."""
+    done = [ts for ts in token_times.values() if ts]
+    span = t_end - t_start
+    out_tokens = sum(len(ts) for ts in done)
+    ttft = [ts[0] - t_start for ts in done]
+    itl = [b - a for ts in done for a, b in zip(ts, ts[1:], strict=False)]
+    return {"ok": len(done), "errors": len(token_times) - len(done),
+            "req_s": len(done) / span if span > 0 else 0.0,
+            "out_tok_s": out_tokens / span if span > 0 else 0.0,
+            "total_tok_s": (out_tokens + prompt * len(done)) / span if span > 0 else 0.0,
+            "ttft_p50_ms": statistics.median(ttft) * 1e3 if ttft else float("nan"),
+            "itl_p50_ms": statistics.median(itl) * 1e3 if itl else float("nan")}
+
+
+def _offline_worker(conn: Any, kwargs: dict[str, Any], prompt: int, output: int,
+                    vocab_size: int) -> None:
+    """One variant's process: an offline vllm.LLM that runs ("run", seed, n) rounds."""
+    import random as _random
+
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(**kwargs)
+    engine = llm.llm_engine
+    params = SamplingParams(max_tokens=output, ignore_eos=True, temperature=0.0)
+    conn.send(("ready", None))
+    while True:
+        msg = conn.recv()
+        if msg[0] != "run":
+            break
+        _, seed, n, tag = msg
+        rng = _random.Random(seed)
+        prompts = [[rng.randrange(1000, vocab_size - 1) for _ in range(prompt)] for _ in range(n)]
+        times: dict[str, list[float]] = {}
+        t0 = time.time()
+        for i, ids in enumerate(prompts):
+            rid = f"{tag}-{seed}-{i}"
+            times[rid] = []
+            engine.add_request(rid, {"prompt_token_ids": ids}, params)
+        while engine.has_unfinished_requests():
+            for ro in engine.step():
+                t = time.time()
+                got = len(ro.outputs[0].token_ids) if ro.outputs else 0
+                ts = times.setdefault(ro.request_id, [])
+                ts.extend([t] * (got - len(ts)))  # one stamp per new token
+        conn.send(("done", token_figures(t0, time.time(), times, prompt)))
+    try:
+        engine.engine_core.shutdown()
+    except Exception:
+        pass
+    conn.send(("bye", None))
+
+
+def run_offline(model: str = "lab-1b", requests: int = 128, prompt: int = 512,
+                output: int = 128, concurrency: int = 32, rounds: int = 8,
+                num_gpu_blocks: int = 4096, run_dir: Path | None = None,
+                ci_width: float | None = None, max_rounds: int = 200,
+                budget_s: float | None = None, gpu: int = 0,
+                enforce_eager: bool = True) -> dict[str, Any]:
+    """`--method offline`: both variants as offline engines in processes of their own, with
+    fixed KV pools (no memory profile: they start together), rounds alternating in order."""
+    import multiprocessing as mp
+
+    from labkit.models import get_model, write_model_dir
+    from labkit.plan.devices import cuda_visible_devices, engine_gpu_env
+    from labkit.plan.ports import free_port
+    from labkit.plan.vllm_args import kv_transfer_config
+    from labkit.telemetry.subscriber import ObserverSubscriber
+
+    spec = get_model(model)
+    run_dir = run_dir or Path(tempfile.mkdtemp(prefix="labkit-overhead-"))
+    model_dir = str(write_model_dir(spec, run_dir / "model"))
+    page = spec.kv_bytes_per_token("auto") * 16
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    batches = [0]
+    sub = ObserverSubscriber(endpoint, bind=True,
+                             callback=lambda b: batches.__setitem__(0, batches[0] + 1))
+    base = dict(model=model_dir, load_format="dummy", enforce_eager=enforce_eager,
+                block_size=16, num_gpu_blocks_override=num_gpu_blocks,
+                kv_cache_memory_bytes=page * num_gpu_blocks, gpu_memory_utilization=0.2,
+                max_num_seqs=concurrency, max_model_len=prompt + output + 16,
+                enable_prefix_caching=True)
+    observed = kv_transfer_config(None, "both", run_dir, endpoint, observer_name="observed")
+    kwargs = {"plain": base, "observed": {**base, "kv_transfer_config": observed}}
+    for k, v in engine_gpu_env([gpu]).items():  # the children inherit it
+        os.environ[k] = v
+    ctx = mp.get_context("spawn")
+    procs: dict[str, Any] = {}
+    conns: dict[str, Any] = {}
+    out: dict[str, Any] = {"method": "offline", "gpu": gpu,
+                           "cuda_visible_devices": cuda_visible_devices([gpu]), "model": spec.name,
+                           "requests": requests, "prompt": prompt, "output": output,
+                           "concurrency": concurrency, "num_gpu_blocks": num_gpu_blocks,
+                           "enforce_eager": enforce_eager, "ci_width_target": ci_width,
+                           "runs": {v: [] for v in VARIANTS}}
+    try:
+        t_start = time.perf_counter()
+        for name in VARIANTS:
+            conns[name], child = ctx.Pipe()
+            procs[name] = ctx.Process(target=_offline_worker, name=f"overhead-{name}",
+                                      args=(child, kwargs[name], prompt, output, spec.vocab_size),
+                                      daemon=False)  # vLLM starts its own processes
+            procs[name].start()
+        for name in VARIANTS:
+            if not conns[name].poll(900):
+                raise SystemExit(f"{name} engine did not start in 900 s")
+            conns[name].recv()
+            out[f"{name}_start_s"] = round(time.perf_counter() - t_start, 1)
+
+        def one(name: str, seed: int, n: int) -> dict[str, float]:
+            conns[name].send(("run", seed, n, name))
+            return conns[name].recv()[1]
+
+        for name in VARIANTS:  # warm-up
+            one(name, 10_000, concurrency)
+        t_rounds, last, i, out["stopped_by"] = time.perf_counter(), 0.0, 0, "rounds"
+        last_round = max(rounds, max_rounds) if ci_width else rounds
+        while i < last_round:
+            if ci_width and i >= rounds and ci_reached(out["runs"], ci_width):
+                out["stopped_by"] = "ci_width"
+                break
+            spent = time.perf_counter() - t_rounds
+            if budget_s is not None and i >= 2 and spent + last > budget_s:
+                out["stopped_by"] = "budget_s"
+                break
+            t_round = time.perf_counter()
+            for name in (VARIANTS if i % 2 == 0 else VARIANTS[::-1]):
+                out["runs"][name].append(one(name, i, requests))
+            last, i = time.perf_counter() - t_round, i + 1
+            pl, ob = out["runs"]["plain"][-1], out["runs"]["observed"][-1]
+            print(f"round {i}: total tok/s plain {pl['total_tok_s']:.0f} observed "
+                  f"{ob['total_tok_s']:.0f}; ITL p50 {pl['itl_p50_ms']:.2f} / "
+                  f"{ob['itl_p50_ms']:.2f} ms; {last:.1f} s", file=sys.stderr, flush=True)
+        else:
+            out["stopped_by"] = "max_rounds" if ci_width else "rounds"
+        out["rounds"] = i
+        out["rounds_s"] = round(time.perf_counter() - t_rounds, 1)
+        out["observer_batches"] = batches[0]
+    finally:
+        for c in conns.values():
+            try:
+                c.send(("stop",))
+                if c.poll(60):
+                    c.recv()
+            except (OSError, EOFError):
+                pass
+        for p in procs.values():
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+        sub.close()
+    out["summary"] = summarize_runs(out["runs"])
+    return out
+
+
 def summarize_runs(runs: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, Any]]:
     """Median of each figure over the rounds, per variant, observed/plain ratios of the
     medians, and ("ci") each figure's per-round ratio with its 95 % interval (`ratio_ci`)."""
@@ -240,9 +411,11 @@ def summarize_runs(runs: dict[str, list[dict[str, float]]]) -> dict[str, dict[st
 def format_table(result: dict[str, Any]) -> str:
     cols = ("req_s", "out_tok_s", "total_tok_s", "ttft_p50_ms", "itl_p50_ms")
     s = result["summary"]
-    lines = [f"observer overhead: {result['model']}, {result['requests']} requests of "
-             f"{result['prompt']}+{result['output']} tokens, concurrency {result['concurrency']}, "
-             f"median of {result['rounds']} rounds (REAL vLLM, GPU {result['gpu']}, "
+    how = ("offline engines, token times in the engine's process" if
+           result.get("method") == "offline" else "served, HTTP load generator")
+    lines = [f"observer overhead ({how}): {result['model']}, {result['requests']} requests "
+             f"of {result['prompt']}+{result['output']} tokens, concurrency "
+             f"{result['concurrency']}, median of {result['rounds']} rounds (REAL vLLM, GPU {result['gpu']}, "
              f"CUDA_VISIBLE_DEVICES={result.get('cuda_visible_devices', result['gpu'])})",
              f"{'':>9}" + "".join(f"{c:>13}" for c in cols)]
     for row in ("plain", "observed", "ratio"):
@@ -267,6 +440,10 @@ def format_table(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m labkit.bench.observer_overhead",
                                 description=__doc__.split("\n\n")[0])
+    p.add_argument("--method", choices=("served", "offline"), default="served",
+                   help="served: two `vllm serve` engines under an HTTP load generator (what a "
+                        "lab runs); offline: two offline engines stepped in their own processes, "
+                        "token times taken there (quieter)")
     p.add_argument("--gpu", type=int, default=0,
                    help="logical GPU: its position among those CUDA_VISIBLE_DEVICES names")
     p.add_argument("--model", default="lab-1b")
@@ -290,6 +467,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-dir", type=Path)
     p.add_argument("--json", type=Path, help="write the result here")
     a = p.parse_args(argv)
+    if a.method == "offline":
+        result = run_offline(a.model, a.requests, a.prompt, a.output, a.concurrency, a.rounds,
+                             a.num_gpu_blocks or 4096, a.run_dir, a.ci_width, a.max_rounds,
+                             a.budget_s, a.gpu)
+        print(format_table(result), flush=True)
+        if a.json:
+            a.json.write_text(json.dumps(result, indent=1))
+        return 0
     result = run(a.gpu, a.model, a.requests, a.prompt, a.output, a.concurrency, a.rounds,
                  a.util, a.run_dir, a.ci_width, a.max_rounds, a.budget_s, a.num_gpu_blocks,
                  a.go_file)

@@ -47,10 +47,15 @@ def observer_children(
     and a "close" child after it, so per-layer timings are that connector's own wall time
     (labkit/pd/observer.py, "What the times measure"). Only the close (or solo) child
     publishes; both carry the engine's name so its batches say "prefill" / "decode".
+    With LABKIT_OBSERVER_TRACE=1 in the lab's environment the publishing child also sends
+    each request's prompt token ids (`observer_trace`: RequestAdded), what a recording needs
+    to be replayed by the conformance harness (docs/conformance.md).
     """
     extra: dict[str, Any] = {"observer_endpoint": endpoint, "observer_role": role}
     if name:
         extra["observer_name"] = name
+    if os.environ.get("LABKIT_OBSERVER_TRACE") == "1":
+        extra["observer_trace"] = True
     opener = None
     if bracketed:
         extra.update(observer_bracket="close", transfer_connector=bracketed)

@@ -17,6 +17,10 @@ add them to FULL). Cases (default: all):
 - prefix-evict: shared prefixes in a 120-block pool, later requests re-send evicted ones
 - abort-prefill: chunk 64, long prompts, two requests aborted mid-prefill
 - chunked-long: chunk 256, 3,000-token prompts in a 260-block pool
+- pd-decode-preempt: a PD decode engine (ExampleConnector, kv_both, async scheduling on) with
+  the ~100-block pool of preempt-async: a prefill engine (its own offline LLM, run first in the
+  same process, then shut down) stores the prompts' KV under /dev/shm; the decode engine loads
+  it (WAITING_FOR_REMOTE_KVS is not used: ExampleConnector loads synchronously) and preempts
 """
 from __future__ import annotations
 
@@ -36,6 +40,8 @@ CASES: dict[str, dict[str, Any]] = {
     "abort-prefill": dict(blocks=200, chunk=64, async_scheduling=True, prompts=[1500] * 4, max_tokens=32,
                           abort=2),
     "chunked-long": dict(blocks=260, chunk=256, async_scheduling=True, prompts=[3000, 2000, 1000], max_tokens=64),
+    "pd-decode-preempt": dict(blocks=100, chunk=2048, async_scheduling=True, prompts=[700] * 6, max_tokens=200,
+                              pd=True),
 }
 
 
@@ -83,6 +89,35 @@ class _Collector:
         self._sock.close(linger=0)
 
 
+def _pd_decode_config(model_dir: Path, run_dir: Path, endpoint: str,
+                      prompts: list[list[int]]) -> dict[str, Any]:
+    """Run the prefill side (an offline LLM with ExampleConnector, ample pool, max_tokens=1)
+    so the prompts' KV is in ExampleConnector's storage; return the decode engine's
+    kv_transfer_config: MultiConnector [observer open, ExampleConnector, observer close], as
+    a Lab's decode engine has it (labkit.plan.vllm_args.kv_transfer_config), tracing on."""
+    from vllm import LLM, SamplingParams
+
+    from labkit.plan.vllm_args import kv_transfer_config
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    prefill = LLM(model=str(model_dir), load_format="dummy", enforce_eager=True, block_size=16,
+                  num_gpu_blocks_override=1024, kv_cache_memory_bytes=1024 << 20,
+                  max_model_len=4096, gpu_memory_utilization=0.1,
+                  kv_transfer_config=kv_transfer_config("example", "prefill", run_dir))
+    prefill.generate([{"prompt_token_ids": p} for p in prompts],
+                     SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=False)
+    try:
+        prefill.llm_engine.engine_core.shutdown()
+    except Exception:
+        pass
+    del prefill
+    cfg = kv_transfer_config("example", "decode", run_dir, endpoint, observer_name="engine")
+    for child in cfg["kv_connector_extra_config"]["connectors"]:
+        if child["kv_connector"] == "LabkitObserverConnector":
+            child["kv_connector_extra_config"]["observer_trace"] = True
+    return cfg
+
+
 def run_case(out: Path, name: str, case: dict[str, Any], port: int) -> Path:
     from vllm import LLM, SamplingParams
 
@@ -102,6 +137,13 @@ def run_case(out: Path, name: str, case: dict[str, Any], port: int) -> Path:
     from labkit.models import get_model, write_model_dir
 
     model_dir = write_model_dir(get_model("lab-1b"), Path("/tmp/lk-models/lab-1b"))
+    observer = {"kv_connector": "LabkitObserverConnector", "kv_role": "kv_both",
+                "kv_connector_module_path": "labkit.pd.observer",
+                "kv_connector_extra_config": {"observer_endpoint": endpoint,
+                                              "observer_name": "engine",
+                                              "observer_trace": True}}
+    if case.get("pd"):
+        observer = _pd_decode_config(model_dir, out / f"kv-{name}", endpoint, prompts)
     # Exact KV bytes (lab-1b: 1 MiB per 16-token block) skip the memory profile, so the
     # cases can start side by side on one GPU (each in its own process: see main).
     llm = LLM(model=str(model_dir),
@@ -112,11 +154,7 @@ def run_case(out: Path, name: str, case: dict[str, Any], port: int) -> Path:
               max_num_seqs=16, max_model_len=min(4096, case["blocks"] * 16),
               gpu_memory_utilization=0.1,
               async_scheduling=case["async_scheduling"], enable_prefix_caching=True,
-              kv_transfer_config={"kv_connector": "LabkitObserverConnector", "kv_role": "kv_both",
-                                  "kv_connector_module_path": "labkit.pd.observer",
-                                  "kv_connector_extra_config": {"observer_endpoint": endpoint,
-                                                                "observer_name": "engine",
-                                                                "observer_trace": True}})
+              kv_transfer_config=observer)
     params = SamplingParams(max_tokens=case["max_tokens"], ignore_eos=True, temperature=0.0)
     engine = llm.llm_engine
     for i, p in enumerate(prompts):  # a TokensPrompt dict (raw prompts: still taken in 0.26)
