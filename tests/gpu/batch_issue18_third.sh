@@ -44,6 +44,7 @@ rec "real-$GPU-1gpu-fp8" num_gpus=1 connector=example kv_cache_dtype=fp8
     [ -f "$f" ] && timeout 120 python3 -m labkit.bench.conformance "$f" 2>&1 | tail -n 8
   done
   echo "== b"; tail -n 3 "$W"/b/*.out; ls -la "$W"/b
+  python3 tests/gpu/count_events.py "$W"/b/*.lkrec
   for f in "$W"/b/*.lkrec; do
     [ -f "$f" ] && timeout 120 python3 -m labkit.bench.conformance "$f" 2>&1 | tail -n 8
   done
