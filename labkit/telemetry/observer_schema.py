@@ -133,7 +133,8 @@ class KVTransfer(msgspec.Struct, tag=True):
 class HostTierSnapshot(msgspec.Struct, tag=True):
     """The CPU tier of vLLM's KV offload (--kv-offloading-size), one byte per CPU block
     (labkit.vocab HOST_* values: free, stored, storing, loading); <= 4 Hz, like PoolSnapshot.
-    `num_stored`: readable blocks (a prefix hit can load them back)."""
+    `num_stored`: readable blocks (a prefix hit can load them back). From real vLLM: the CPU
+    manager's `BlockStatus.ref_cnt` per block (-1 storing, 0 stored, > 0 loading)."""
 
     ts: float
     num_blocks: int
@@ -145,7 +146,14 @@ class HostTierSnapshot(msgspec.Struct, tag=True):
 class OffloadTransfer(msgspec.Struct, tag=True):
     """One finished GPU<->CPU copy job of the offload connector; `transfer_type` is vLLM's
     label: "GPU_to_CPU" (a store) | "CPU_to_GPU" (a load after a CPU-tier hit). `step` is
-    the scheduler step it was built in (-1: unknown)."""
+    the scheduler step it was built in (-1: unknown). `num_blocks`: CPU blocks of the job.
+
+    What `start`/`end` measure depends on the source. Simulator: the modelled copy on the host
+    link. Real vLLM (labkit.pd.observer `OffloadTap`): `start` = when the scheduler built the
+    job (the copy of a load starts in that step's forward pass, a store's in the next step's),
+    `end` = when the scheduler received the last worker's completion; an upper bound on the
+    copy, quantized to engine steps. `num_bytes` there: GPU blocks copied x one GPU block's
+    KV over all layers, of one rank."""
 
     ts: float
     req_id: str
