@@ -2,8 +2,9 @@
 replays each recorded engine with its settings and must match it step for step.
 
 Recordings made before EngineSettings/RequestAdded/num_free existed lack prompts (inferred
-from the steps) and free counts; the engines listed in FULL carry enough to hold the done
-criteria; the others are held to what their recordings allow (docs/conformance.md says why).
+from the steps, the allocations and the KV transfers) and free counts; the engines listed in
+FULL are held to the done criteria, any others to what their recordings allow
+(docs/conformance.md says why).
 """
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from labkit.bench.conformance import check, compare, load_traces, replay
+from labkit.bench.conformance import _kv_sources, check, compare, load_traces, replay
+from labkit.telemetry import observer_schema as obs
 
 DATA = Path(__file__).resolve().parents[1] / "labkit" / "data"
 RECORDINGS = DATA / "recordings"
@@ -23,8 +25,10 @@ FULL = {
     ("real-h100-1gpu-cpu-tier", "colocated"), ("real-h100-chunked-long", "engine"),
     ("real-h200-1gpu-example", "prefill"), ("real-h200-1gpu-example", "decode"),
     ("real-h200-1gpu-fp8", "prefill"), ("real-h200-1gpu-fp8", "decode"),
-    ("real-h200x2-nixl-chunk256", "prefill"), ("real-h200x2-nixl", "decode"),
-    ("real-h200x4-nixl-tp2", "prefill"), ("sim-lab-1b-pd", "prefill"),
+    ("real-h200x2-nixl-chunk256", "prefill"), ("real-h200x2-nixl-chunk256", "decode"),
+    ("real-h200x2-nixl", "prefill"), ("real-h200x2-nixl", "decode"),
+    ("real-h200x4-nixl-tp2", "prefill"), ("real-h200x4-nixl-tp2", "decode"),
+    ("sim-lab-1b-pd", "prefill"), ("sim-lab-1b-pd", "decode"),
 }
 
 
@@ -65,3 +69,36 @@ def test_a_single_colocated_engine_reads_its_config_from_the_header() -> None:
     assert trace.name == "colocated"
     assert trace.settings["num_gpu_blocks"] == 96 and trace.settings["block_size"] == 16
     assert trace.settings["max_num_seqs"] == 256
+
+
+def _recv(tokens: int, end: float) -> obs.KVTransfer:
+    return obs.KVTransfer(ts=end, req_id="r", direction="recv", num_tokens=tokens, num_bytes=0,
+                          start=end - 0.01, end=end, connector="NixlConnector")
+
+
+def test_an_async_load_after_a_local_hit_leaves_the_hits_to_the_recv() -> None:
+    """NIXL decode of a 712-token prompt with 32 blocks (512 tokens) hit locally: the read brings
+    200 tokens, then vLLM computes 711 (`_update_waiting_for_remote_kv`). The hits are
+    712 - 200 = 512, not 711 - 200 = 511 (which shared 31 blocks and scheduled 216 tokens)."""
+    assert _kv_sources(200, _recv(200, 1.0), True, 711, 712, first_ts=2.0) == (200, 512, True)
+    # the recv missing: RequestAllocated's count, the blocks allocated steps before it ran
+    assert _kv_sources(200, None, True, 711, 712, first_ts=2.0) == (200, 512, True)
+    # a synchronous load (ExampleConnector) lands in the step: computed = hits + loaded
+    assert _kv_sources(272, None, False, 288, 300, first_ts=2.0) == (272, 16, False)
+    assert _kv_sources(272, _recv(272, 3.0), False, 288, 300, first_ts=2.0) == (272, 16, False)
+
+
+def test_nixl_prefill_frees_sent_requests_in_the_recorded_order() -> None:
+    """vLLM frees the requests of one step's finished_sending in that set's iteration order,
+    the order the observer emitted their sends in; replaying them as a set reordered the
+    uncached tail blocks that the next allocation takes first."""
+    (trace,) = [t for t in load_traces(str(RECORDINGS / "real-h200x2-nixl.lkrec")) if t.name == "prefill"]
+    from labkit.telemetry.recording import read_recording
+
+    sends = [ev.req_id for _, d in read_recording(str(RECORDINGS / "real-h200x2-nixl.lkrec")).frames
+             for b in d.observer if b.engine_id == "prefill"
+             for ev in b.events if isinstance(ev, obs.KVTransfer) and ev.direction == "send"]
+    replayed = [rid for i in sorted(trace.sends_done) for rid in trace.sends_done[i]]
+    assert replayed == sends[:len(replayed)]  # sends after the last step free nothing replayed
+    assert len(trace.sends_done[4]) == 8  # eight requests' blocks freed before one step
+    assert compare(trace.steps, replay(trace))["block_ids_equal"] == 100.0

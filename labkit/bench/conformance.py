@@ -17,9 +17,12 @@ the steps that scheduled tokens or preempted (in order):
 - preempt/resume steps: same (step, request) preemptions and resumptions;
 - prefix hits: same num_computed_tokens for newly scheduled requests;
 
-and the first differing step, both sides. External KV (a PD decode engine) is replayed as a
-synchronous load of the tokens the trace shows; a NIXL prefill's held blocks are freed at the
-first step after the recorded send ended (docs/conformance.md says what that leaves out).
+and the first differing step, both sides. External KV (a PD decode engine) is replayed from
+what the trace shows: a load that landed (KVTransfer recv) before the request's first step
+after its blocks were allocated steps earlier is asynchronous (WAITING_FOR_REMOTE_KVS), its
+local prefix hits being the tokens the read did not bring; any other load is synchronous. A
+NIXL prefill's held blocks are freed before the first step after the recorded send ended, in
+the order the sends were recorded (docs/conformance.md).
 """
 from __future__ import annotations
 
@@ -131,7 +134,9 @@ def _settings(events: list[Any], cfg: dict[str, Any], plan: dict[str, Any], lab_
 
 
 def _requests(events: list[Any], published: list[obs.StepScheduled]) -> dict[str, dict[str, Any]]:
-    """Per request: prompt, max_tokens, the published-step index it enters before, external tokens."""
+    """Per request: prompt, max_tokens, the published-step index it enters before, and where
+    its first computed tokens came from: `local_hits` (prefix cache) and `external` (the
+    connector), loaded synchronously or asynchronously (`load_async`)."""
     index_of_step = {ev.step: i for i, ev in enumerate(published)}
     added = {ev.req_id: ev for ev in events if isinstance(ev, obs.RequestAdded)}
     allocated: dict[str, int] = {}
@@ -140,6 +145,7 @@ def _requests(events: list[Any], published: list[obs.StepScheduled]) -> dict[str
         if isinstance(ev, obs.RequestAllocated) and ev.req_id not in allocated:
             allocated[ev.req_id] = ev.num_external_tokens
             alloc_at[ev.req_id] = next((j for j, st in enumerate(published) if st.ts >= ev.ts), len(published))
+    recv = {ev.req_id: ev for ev in events if isinstance(ev, obs.KVTransfer) and ev.direction == "recv"}
     first: dict[str, int] = {}
     computed0: dict[str, int] = {}
     prefill: dict[str, int] = {}
@@ -158,24 +164,47 @@ def _requests(events: list[Any], published: list[obs.StepScheduled]) -> dict[str
                 decode[rid] = decode.get(rid, 0) + 1
     out: dict[str, dict[str, Any]] = {}
     for rid in first:
-        ext = allocated.get(rid, 0)
-        if rid in added:
-            a = added[rid]
+        a = added.get(rid)
+        prompt_len = len(a.prompt_token_ids) if a is not None else computed0[rid] + prefill.get(rid, 0)
+        waited = alloc_at.get(rid, first[rid]) < first[rid]  # allocated steps before it ran
+        ext, local, is_async = _kv_sources(allocated.get(rid, 0), recv.get(rid), waited, computed0[rid],
+                                           prompt_len, published[first[rid]].ts)
+        # replayed as an asynchronous load only when it spans published steps (else synchronous:
+        # the same step, blocks and computed tokens)
+        is_async = is_async and waited
+        r = {"at": alloc_at[rid] if is_async else first[rid], "load_async": is_async, "first": first[rid],
+             "external": ext, "local_hits": local}
+        if a is not None:
             at = min((index_of_step[s] for s in index_of_step if s >= a.step), default=first[rid])
-            out[rid] = {"prompt_token_ids": list(a.prompt_token_ids), "max_tokens": a.max_tokens,
-                        "at": min(at, first[rid]), "external": ext, "inferred": False}
+            out[rid] = {**r, "prompt_token_ids": list(a.prompt_token_ids), "max_tokens": a.max_tokens,
+                        "at": min(at, r["at"]), "inferred": False}
         else:
-            prompt_len = computed0[rid] + prefill.get(rid, 0)
-            # An asynchronous load (NIXL): blocks allocated steps before the request runs.
-            is_async = ext > 0 and alloc_at.get(rid, first[rid]) < first[rid]
-            out[rid] = {"prompt_len": prompt_len, "max_tokens": decode.get(rid, 0) + 1,
-                        "at": alloc_at[rid] if is_async else first[rid],
-                        "load_async": is_async, "first": first[rid],
-                        "external": ext if is_async else min(ext, computed0[rid]),
-                        "local_hits": computed0[rid] - min(ext, computed0[rid]), "inferred": True,
+            out[rid] = {**r, "prompt_len": prompt_len, "max_tokens": decode.get(rid, 0) + 1, "inferred": True,
                         "block_ids": tables.get(rid, [])}
     _synthesize_prompts(out)
     return out
+
+
+def _kv_sources(allocated: int, recv: obs.KVTransfer | None, waited: bool, computed: int,
+                prompt_len: int, first_ts: float) -> tuple[int, int, bool]:
+    """(external tokens, local prefix hits, loaded asynchronously) of a request's first step.
+
+    A synchronous load (ExampleConnector) lands in the step that schedules the request:
+    computed = local hits + external. An asynchronous one (NIXL: WAITING_FOR_REMOTE_KVS)
+    ended in a KVTransfer recv before that step (or, if the recv is missing, the blocks were
+    allocated steps earlier: `waited`). NIXL reads the rest of the prompt after the hits
+    (nixl/pull_scheduler.py `get_num_new_matched_tokens`), and vLLM 0.26 computes hits +
+    loaded, one short on a full prompt (scheduler.py `_update_waiting_for_remote_kv`), so the
+    hits are what the read did not bring: held - loaded. The recv's num_tokens is what was
+    read; RequestAllocated's count is the fallback."""
+    landed = recv is not None and recv.end <= first_ts and recv.num_tokens > 0
+    loaded = recv.num_tokens if landed and recv is not None else allocated
+    if loaded > 0 and (landed or waited):
+        held = prompt_len if computed == prompt_len - 1 else computed
+        ext = min(loaded, held)
+        return ext, held - ext, True
+    ext = min(allocated, computed)
+    return ext, computed - ext, False
 
 
 def _synthesize_prompts(reqs: dict[str, dict[str, Any]], block_size: int = 16) -> None:
@@ -240,8 +269,8 @@ class ReplayConnector(ObserverConnector):
 def replay(trace: EngineTrace, model: str = "lab-1b", gpu: str = "h100") -> list[Step]:
     """The simulator's steps for the trace's requests and settings."""
     s = trace.settings
-    external = {rid: r["external"] + (0 if r.get("load_async") else r.get("local_hits", 0))
-                for rid, r in trace.requests.items() if r["external"]}
+    # where the connector's tokens end (local hits + external), as get_num_new_matched_tokens sees it
+    external = {rid: r["local_hits"] + r["external"] for rid, r in trace.requests.items() if r["external"]}
     load_async = {rid for rid, r in trace.requests.items() if r.get("load_async")}
     conn = ReplayConnector("replay", s["block_size"], 1, None,  # type: ignore[arg-type]
                            external=external, load_async=load_async)
@@ -266,8 +295,9 @@ def replay(trace: EngineTrace, model: str = "lab-1b", gpu: str = "h100") -> list
         eng.admit_pending()
         if loads_done.get(i):  # the read landed before this step was scheduled
             eng.scheduler.update_from_kv_xfer_finished(set(), loads_done[i])
-        if trace.sends_done.get(i):
-            eng.scheduler.update_from_kv_xfer_finished(set(trace.sends_done[i]), set())
+        if trace.sends_done.get(i):  # in the recorded order: vLLM frees in finished_sending's
+            # iteration order, the order the observer emitted the sends in
+            eng.scheduler.update_from_kv_xfer_finished(trace.sends_done[i], set())  # type: ignore[arg-type]
         so = None
         for _ in range(8):  # empty steps (nothing schedulable yet) do not count
             so = eng.step().scheduler_output
