@@ -385,3 +385,23 @@ def test_host_block_states_from_ref_counts(observer) -> None:
     refs = np.array([-1, 0, 2, 0], np.int32)
     state = observer.host_block_states(5, ids, refs)
     assert list(state) == [HOST_STORING, HOST_FREE, HOST_STORED, HOST_LOADING, HOST_FREE]
+
+
+@pytest.mark.parametrize("layout", ["colocated", "pd"])
+def test_a_cpu_tier_load_is_labelled_offloading_not_the_pd_connector(observer, layout) -> None:
+    """finished_recving aggregates every child's loads; a request the OffloadingConnector built
+    a load job for came from host memory, whatever connector the observer brackets."""
+    multi, close, events = _engine(observer, layout)
+    close.transfer_connector = "ExampleConnector"
+    sched = next(c for c in multi._connectors
+                 if isinstance(c, OffloadingConnector)).connector_scheduler
+    sched.add_store("a", gpu=[1, 2], keys=["k0", "k1"])
+    _step(multi)
+    _step(multi, completed={0: 1})
+    sched.add_load("b", gpu=[5, 6], keys=["k0", "k1"])
+    _step(multi)
+    multi.update_connector_output(SimpleNamespace(finished_recving={"b", "c"},
+                                                  finished_sending=None,
+                                                  kv_connector_worker_meta=None))
+    recv = {e.req_id: e.connector for e in _of(events, "KVTransfer")}
+    assert recv == {"b": "OffloadingConnector", "c": "ExampleConnector"}

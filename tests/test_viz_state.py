@@ -110,6 +110,16 @@ def test_transfer_state_from_timeline_and_kv_transfer():
     assert st.t0 == pytest.approx(100.0)
 
 
+def test_a_cpu_tier_load_is_not_a_pd_transfer():
+    """The observer labels a load from vLLM's CPU tier OffloadingConnector (it also reports it
+    as OffloadTransfer, drawn by viz/offload.py): the PD transfer Gantt leaves it out."""
+    st = TransferState()
+    st.apply(batch([KVTransfer(0, "a", "recv", 960, 60_000_000, 1.0, 1.002, "OffloadingConnector"),
+                    KVTransfer(0, "b", "recv", 1000, 64_000_000, 1.1, 1.12, "NixlConnector")],
+                   engine="decode-0", role="decode"))
+    assert list(st.requests) == ["b"] and st.connector == "NixlConnector"
+
+
 def test_transfer_state_joins_vllm_ids_into_one_row_per_request():
     """vLLM's internal ids (`cmpl-<id>-0-<8 hex>`, one suffix per engine) join the proxy's id."""
     st = TransferState()

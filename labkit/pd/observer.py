@@ -628,15 +628,19 @@ class LabkitObserverConnector(KVConnectorBase_V1, SupportsHMA):
             return
         try:
             now = time.time()
+            tap = self._offload
             for rid in connector_output.finished_recving or ():
                 ts, tokens = self._async_loads.pop(rid, (now, 0))
                 self._async_done.add(rid)
                 if len(self._async_done) > 4096:
                     self._async_done.pop()
+                # from the CPU tier when the OffloadingConnector built a load job for it
+                source = ("OffloadingConnector" if tap is not None and rid in tap.load_reqs
+                          else self.transfer_connector)
                 self._emit(
                     obs.KVTransfer(ts=now, req_id=rid, direction="recv", num_tokens=tokens,
                                    num_bytes=tokens * self._sched_bytes_per_token, start=ts,
-                                   end=now, connector=self.transfer_connector)
+                                   end=now, connector=source)
                 )
             for rid in connector_output.finished_sending or ():
                 ts, tokens = self._sends.pop(rid, (now, 0))

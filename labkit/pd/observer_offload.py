@@ -118,6 +118,9 @@ class OffloadTap:
         self.step = 0  # the connector's build_connector_meta calls: the scheduler step
         self.num_snapshots = 0
         self.jobs: dict[int, _OffloadJob] = {}
+        # requests with a CPU_to_GPU job (newest 4,096): their finished_recving is a CPU-tier
+        # load, not the PD connector's (MultiConnector loads a request from one child only)
+        self.load_reqs: dict[str, None] = {}
         self._changed = True
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="labkit-host-tier", daemon=True)
@@ -153,6 +156,10 @@ class OffloadTap:
             for jobs, kind, gpu, cpu in ((meta.load_jobs, "CPU_to_GPU", "dst_spec", "src_spec"),
                                          (meta.store_jobs, "GPU_to_CPU", "src_spec", "dst_spec")):
                 for job_id, job in (jobs or {}).items():
+                    if kind == "CPU_to_GPU":
+                        self.load_reqs[str(job.req_id)] = None
+                        if len(self.load_reqs) > 4096:
+                            self.load_reqs.pop(next(iter(self.load_reqs)))
                     self.jobs[int(job_id)] = _OffloadJob(
                         str(job.req_id), kind,
                         [int(b) for b in getattr(job, gpu).block_ids],

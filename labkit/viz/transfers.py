@@ -35,6 +35,9 @@ from labkit.viz.requests import RequestIds, response_id
 
 PHASE_NAMES = ("queue", "prefill", "KV transfer", "decode")
 
+# vLLM's CPU-tier connector: its loads are not PD transfers
+OFFLOAD_CONNECTOR = "OffloadingConnector"
+
 
 @dataclass
 class RequestTimes:
@@ -207,8 +210,8 @@ class TransferState:
                 if r.prefill_done is None:
                     r.prefill_done = ev.ts
                     self.version += 1
-            elif isinstance(ev, KVTransfer):
-                self._transfer(ev)
+            elif isinstance(ev, KVTransfer) and ev.connector != OFFLOAD_CONNECTOR:
+                self._transfer(ev)  # a CPU-tier load is the host-tier panel's (viz/offload.py)
             elif isinstance(ev, LayerTiming):
                 self._layer(batch.engine_id, role, ev)
 
@@ -231,6 +234,8 @@ class TransferState:
             self.version += 1
 
     def _transfer(self, ev: KVTransfer) -> None:
+        """A PD connector's move between engines; CPU-tier loads (KVTransfer from vLLM's
+        OffloadingConnector, which the observer also reports as OffloadTransfer) stay out."""
         r = self._row(ev.req_id)
         self._seen(ev.start)
         r.num_bytes = max(r.num_bytes, ev.num_bytes)
