@@ -44,6 +44,14 @@ def _token_ids(value: Any) -> list[int] | None:
     return None
 
 
+def _unknown_model(resp: httpx.Response) -> bool:
+    """A 404 that is vLLM's "The model `x` does not exist." (the route is there)."""
+    try:
+        return resp.json()["error"]["param"] == "model"
+    except (ValueError, KeyError, TypeError):
+        return False
+
+
 class EngineWatch:
     """Loads, in-flight counts and the prefix index of the proxy's engines (one event loop).
 
@@ -171,7 +179,7 @@ class EngineWatch:
             resp = await engine.client.post("/tokenize", json=req, timeout=5.0)
         except httpx.HTTPError:
             return None
-        if resp.status_code == 404:  # an engine without /tokenize: stop asking
+        if resp.status_code == 404 and not _unknown_model(resp):  # no /tokenize: stop asking
             self._can_tokenize = False
             logger.warning("%s has no /tokenize: kv-aware routing sees text prompts as "
                            "uncached (send token ids)", engine.name)

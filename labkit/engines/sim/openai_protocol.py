@@ -1,7 +1,8 @@
 """The OpenAI protocol of the simulated engine: request bodies and vLLM's error shape.
 
-Bodies follow vllm/entrypoints/openai/completion/protocol.py and chat_completion/protocol.py
-(only the fields the simulator acts on are typed; the rest is accepted and ignored). Errors
+Bodies follow vllm/entrypoints/openai/completion/protocol.py, chat_completion/protocol.py
+and vllm/entrypoints/serve/tokenize/protocol.py (only the fields the simulator acts on are
+typed; the rest is accepted and ignored, as vLLM's OpenAIBaseModel does). Errors
 follow vllm/entrypoints/openai/engine/protocol.py (ErrorResponse) and the validation handler
 of vllm/entrypoints/serve/utils/server_utils.py, so a learner's client sees the same bodies.
 """
@@ -11,7 +12,7 @@ from typing import Annotated, Any
 
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 VLLM_VERSION = "0.26.0"
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -40,15 +41,62 @@ class OpenAIRequest(BaseModel):
     seed: int | None = None
 
 
+class ChatTemplateFields(BaseModel):
+    """How messages become a prompt: the chat-template switches that /v1/chat/completions and
+    /tokenize (chat) share, with vLLM's defaults (the template adds BOS, so no specials)."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def check_generation_prompt(cls, data: Any) -> Any:
+        """vLLM's check of the raw body (an omitted add_generation_prompt passes)."""
+        if isinstance(data, dict) and data.get("continue_final_message") \
+                and data.get("add_generation_prompt"):
+            raise ValueError("Cannot set both `continue_final_message` and "
+                             "`add_generation_prompt` to True.")
+        return data
+
+
 class CompletionRequest(OpenAIRequest):
     # Same union order as vLLM's CompletionRequest.prompt (the error bodies list it).
     prompt: list[NonNegInt] | list[list[NonNegInt]] | str | list[str]
     max_tokens: int | None = 16
+    add_special_tokens: bool = True  # BOS before a text prompt
 
 
-class ChatCompletionRequest(OpenAIRequest):
+class ChatCompletionRequest(ChatTemplateFields, OpenAIRequest):
     messages: list[dict[str, Any]]
     max_completion_tokens: int | None = None
+
+
+# /tokenize and /detokenize (vllm/entrypoints/serve/tokenize/protocol.py)
+class TokenizeCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool | None = False
+
+
+class TokenizeChatRequest(ChatTemplateFields):
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    messages: list[dict[str, Any]]
+    return_token_strs: bool | None = False
+
+
+TokenizeRequest = TokenizeCompletionRequest | TokenizeChatRequest
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    tokens: list[Annotated[int, Field(ge=0, le=2**63 - 1)]]
 
 
 class KVReadRequest(BaseModel):

@@ -3,7 +3,10 @@
 What vllm/entrypoints/openai/completion/serving.py and chat_completion/serving.py do around
 the engine: check the model and the token limits, start one engine request per prompt, and
 shape the outputs as a JSON answer or an SSE stream (`data: {...}\\n\\n` ... `data: [DONE]`),
-matching the captures in ../shared/fixtures/vllm-0.26/http.
+matching the captures in ../shared/fixtures/vllm-0.26/http. And what
+vllm/entrypoints/serve/tokenize/serving.py does: `/tokenize` turns a prompt or messages into
+the very ids a completion or chat request would schedule (one code path for both), so a
+router hashing them sees the blocks the engine caches; `/detokenize` turns ids into text.
 """
 from __future__ import annotations
 
@@ -23,8 +26,12 @@ from labkit.engines.sim.openai_protocol import (
     VLLM_VERSION,
     APIError,
     ChatCompletionRequest,
+    ChatTemplateFields,
     CompletionRequest,
+    DetokenizeRequest,
     OpenAIRequest,
+    TokenizeChatRequest,
+    TokenizeRequest,
 )
 from labkit.engines.sim.runner import EngineRunner
 from labkit.engines.sim.transport import KVLoadError
@@ -85,14 +92,15 @@ class OpenAIServing:
             self._max_token_chars = max((len(t) for t in vocab), default=64) or 64
         return self._max_token_chars
 
-    def _check_text(self, texts: list[str]) -> None:
+    def _check_text(self, texts: list[str], *, check_length: bool = True) -> None:
         """Refuse text that cannot fit before tokenizing it: C characters make at least
         C / (longest token) tokens, so a 10 MB prompt is answered at once, not after ~14 s
-        of tokenizer work; and a lone surrogate gets a 400, not a 500 echoing the body."""
+        of tokenizer work; and a lone surrogate gets a 400, not a 500 echoing the body.
+        `check_length=False`: /tokenize, which counts any length (vLLM sets no limit there)."""
         limit = self.runner.engine.max_model_len
         for text in texts:
             at_least = -(-len(text) // self._longest_token())
-            if at_least > limit:
+            if check_length and at_least > limit:
                 raise APIError(f"This model's maximum context length is {limit} tokens. However, "
                                f"your request has at least {at_least} input tokens "
                                f"({len(text):,} characters). Please reduce the length of the "
@@ -104,19 +112,69 @@ class OpenAIServing:
                 raise APIError(f"The prompt is not valid Unicode: a lone surrogate at character "
                                f"{exc.start} ({exc.reason}).", param="prompt") from None
 
-    async def _prompts(self, prompt: Any) -> list[list[int]]:
+    async def _prompts(self, prompt: Any, add_special_tokens: bool = True, *,
+                       check_length: bool = True) -> list[list[int]]:
+        """A completion's prompt(s) as token ids: text through the tokenizer (BOS added
+        unless `add_special_tokens` is off), ids as they are."""
         tok = self.runner.tokenizer
         texts = [prompt] if isinstance(prompt, str) else (
             list(prompt) if prompt and isinstance(prompt[0], str) else None)
         if texts is not None:
-            self._check_text(texts)
+            self._check_text(texts, check_length=check_length)
             if sum(map(len, texts)) < _TOKENIZE_INLINE:
-                return [tok.encode(t).ids for t in texts]
+                return [tok.encode(t, add_special_tokens=add_special_tokens).ids for t in texts]
             # encode_batch releases the GIL: /health and running streams go on meanwhile
-            return [e.ids for e in await asyncio.to_thread(tok.encode_batch, texts)]
+            encoded = await asyncio.to_thread(tok.encode_batch, texts,
+                                              add_special_tokens=add_special_tokens)
+            return [e.ids for e in encoded]
         if prompt and isinstance(prompt[0], list):
             return [list(p) for p in prompt]
         return [list(prompt)]
+
+    def _render_chat(self, messages: list[dict[str, Any]], opts: ChatTemplateFields) -> list[int]:
+        """Apply the model's chat template (Jinja, as transformers' apply_chat_template does)
+        with the request's switches and tokenize the text (renderers/hf.py render_messages)."""
+        r = self.runner
+        if not r.chat_template:
+            raise APIError("As of transformers v4.44, default chat template is no longer allowed, "
+                           "so you must provide a chat template if the tokenizer does not "
+                           "define one.")
+        if opts.add_generation_prompt and opts.continue_final_message:
+            raise APIError("Cannot set both `continue_final_message` and `add_generation_prompt` "
+                           "to True.", param="continue_final_message")
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        kwargs = {"bos_token": r.bos_token, "eos_token": "</s>",
+                  **(opts.chat_template_kwargs or {}),
+                  "add_generation_prompt": opts.add_generation_prompt, "messages": messages}
+        try:
+            text = env.from_string(r.chat_template).render(**kwargs)
+        except TemplateError as exc:
+            raise APIError(f"The chat template failed on these messages: {exc}") from None
+        if opts.continue_final_message:  # transformers: end the text where the last message does
+            final = messages[-1].get("content") if messages else None
+            final = final.strip() if isinstance(final, str) else ""
+            if not final or final not in text:
+                raise APIError("continue_final_message is set but the final message does not "
+                               "appear in the chat after applying the chat template!",
+                               param="continue_final_message")
+            text = text[:text.rindex(final) + len(final)]
+        return r.tokenizer.encode(text, add_special_tokens=opts.add_special_tokens).ids
+
+    async def _chat_prompt(self, messages: list[dict[str, Any]], opts: ChatTemplateFields, *,
+                           check_length: bool = True) -> list[int]:
+        """The prompt ids of a chat request, for /v1/chat/completions and /tokenize alike."""
+        if opts.chat_template is not None or (opts.chat_template_kwargs or {}).get("chat_template"):
+            raise APIError("Chat template is passed with request, but "
+                           "--trust-request-chat-template is not set. "
+                           "Refused request with untrusted chat template.")
+        texts = [m["content"] for m in messages if isinstance(m.get("content"), str)]
+        self._check_text(texts, check_length=check_length)
+        if sum(map(len, texts)) < _TOKENIZE_INLINE:
+            return self._render_chat(messages, opts)
+        return await asyncio.to_thread(self._render_chat, messages, opts)
 
     def _check_sampling(self, body: OpenAIRequest) -> None:
         """SamplingParams._verify_args's check of n (the simulator makes one choice)."""
@@ -237,7 +295,8 @@ class OpenAIServing:
 
     async def completions(self, body: CompletionRequest) -> Any:
         self._check_model(body.model)
-        rid, runs = self._start("cmpl", await self._prompts(body.prompt), body.max_tokens, body)
+        prompts = await self._prompts(body.prompt, body.add_special_tokens)
+        rid, runs = self._start("cmpl", prompts, body.max_tokens, body)
         await self._reach_kv_source(body)
         created = int(time.time())
         model = self.runner.served_model_name
@@ -283,9 +342,8 @@ class OpenAIServing:
         yield "data: [DONE]\n\n"
 
     async def chat(self, body: ChatCompletionRequest) -> Any:
-        self._check_text([m["content"] for m in body.messages
-                          if isinstance(m.get("content"), str)])
-        prompt = self.runner.render_chat(body.messages)
+        self._check_model(body.model)
+        prompt = await self._chat_prompt(body.messages, body)
         requested = body.max_completion_tokens or body.max_tokens
         rid, runs = self._start("chatcmpl", [prompt], requested, body)
         await self._reach_kv_source(body)
@@ -333,3 +391,33 @@ class OpenAIServing:
                      "system_fingerprint": self.fingerprint}
             yield f"data: {json.dumps(final, separators=(',', ':'))}\n\n"
         yield "data: [DONE]\n\n"
+
+
+    # -------------------------------------------------------------- /tokenize, /detokenize
+    async def tokenize(self, body: TokenizeRequest) -> dict[str, Any]:
+        """ServingTokenization.create_tokenize: the ids the engine would schedule for this
+        prompt or these messages, with no length limit (`count` vs `max_model_len` tells)."""
+        self._check_model(body.model)
+        if isinstance(body, TokenizeChatRequest):
+            ids = await self._chat_prompt(body.messages, body, check_length=False)
+        else:
+            (ids,) = await self._prompts(body.prompt, body.add_special_tokens, check_length=False)
+        tok = self.runner.tokenizer
+        strs = [tok.id_to_token(i) for i in ids] if body.return_token_strs else None
+        return {"count": len(ids), "max_model_len": self.runner.engine.max_model_len,
+                "tokens": ids, "token_strs": strs}
+
+    async def detokenize(self, body: DetokenizeRequest) -> dict[str, Any]:
+        """ServingTokenization.create_detokenize: the text of these ids, special tokens kept
+        (transformers' decode default), unknown ids skipped."""
+        self._check_model(body.model)
+        ids = body.tokens
+        decode = self.runner.tokenizer.decode
+        try:
+            if len(ids) < _TOKENIZE_INLINE:
+                text = decode(ids, skip_special_tokens=False)
+            else:
+                text = await asyncio.to_thread(decode, ids, skip_special_tokens=False)
+        except OverflowError as exc:  # an id past u32: vLLM answers a validation error
+            raise APIError(f"1 validation error:\n  {exc}", 400, "Bad Request", "tokens") from None
+        return {"prompt": text}

@@ -3,7 +3,8 @@
 Endpoints and bodies follow vllm/entrypoints/openai/ (completion/, chat_completion/,
 models/, engine/protocol.py) and the captures in ../shared/fixtures/vllm-0.26/http:
 `/v1/models`, `/v1/completions`, `/v1/chat/completions`, `/health`, `/metrics`, `/version`,
-plus `POST /labkit/kv/read` (the NIXL read notification, see transport.py),
+`/tokenize` and `/detokenize` (vllm/entrypoints/serve/tokenize/), plus
+`POST /labkit/kv/read` (the NIXL read notification, see transport.py),
 `POST /labkit/kv/heartbeat` (the NIXL lease heartbeat) and
 `GET /labkit/info`.
 
@@ -32,8 +33,11 @@ from labkit.engines.sim.openai_protocol import (  # noqa: F401  (public names of
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
     KVHeartbeatRequest,
     KVReadRequest,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
     validation_error_response,
 )
 from labkit.engines.sim.openai_serving import OpenAIServing
@@ -170,6 +174,14 @@ def create_app(args: SimServerArgs) -> FastAPI:
         if req.stream:
             return await api.chat(req)
         return await with_cancellation(raw, api.chat(req))
+
+    @app.post("/tokenize", response_model=None)
+    async def tokenize(req: TokenizeCompletionRequest | TokenizeChatRequest, raw: Request) -> Any:
+        return await with_cancellation(raw, api.tokenize(req))
+
+    @app.post("/detokenize", response_model=None)
+    async def detokenize(req: DetokenizeRequest, raw: Request) -> Any:
+        return await with_cancellation(raw, api.detokenize(req))
 
     @app.post("/labkit/kv/read")
     async def kv_read(req: KVReadRequest) -> dict[str, Any]:
