@@ -154,22 +154,42 @@ def test_telemetry_and_views_see_four_engines(lab) -> None:
     assert "prefill-0:" in panel.summary() and "prefix-cache hits" in panel.summary()
 
 
+def _prefix_hit_bound(wl: ChatWorkload, vocab_size: int, block_size: int, num_engines: int) -> int:
+    """The most prefix-hit tokens any router can get for `wl` on `num_engines` prefill engines
+    that evict nothing: turn k > 0 hits the full blocks of turn k-1's prompt (the reply was
+    computed on decode, so the prefill engine never cached it), turn 0 hits the shared system
+    prompt's full blocks, except on the first request each engine sees."""
+    system = (wl.system_len // block_size) * block_size
+    bound = 0
+    for turns in wl.conversations(vocab_size):
+        bound += system + sum((len(turns[k - 1][0]) // block_size) * block_size
+                              for k in range(1, len(turns)))
+    return bound - min(num_engines, wl.num_conversations) * system
+
+
 def test_kv_aware_finds_more_prefix_hits_than_round_robin(tmp_path) -> None:
     """The same multi-turn chat workload through two fresh served labs: the prefill engines'
-    vllm:prefix_cache_hits_total under kv-aware exceed round-robin's."""
-    wl = ChatWorkload(num_conversations=16, num_turns=4, system_len=512, seed=3)
+    vllm:prefix_cache_hits_total under kv-aware exceed round-robin's, and come near the most
+    any router could get. 15 conversations (odd): they run nearly in lockstep (same think
+    time), so with an even number round-robin kept sending each conversation to the same
+    engine by accident (16: 73.1 % vs kv-aware's 74.0 %, 95 % of the bound, a CI failure);
+    with an odd number it alternates them, as it would under any real arrival pattern."""
+    wl = ChatWorkload(num_conversations=15, num_turns=4, system_len=512, seed=3)
     results = {}
     for policy in ("round-robin", "kv-aware"):
         with _lab(tmp_path / policy, routing_policy=policy) as lab:
             results[policy] = serve_chat(lab, wl, max_tokens=8, time_scale=0.25)
+            bound = _prefix_hit_bound(wl, lab.plan.model.vocab_size,
+                                      lab.plan.engines[0].config.block_size, len(PREFILL))
     rr, ka = results["round-robin"], results["kv-aware"]
-    print("\n" + rr.line() + "\n" + ka.line())
+    print("\n" + rr.line() + "\n" + ka.line() + f"\nbound {bound:,}")
     assert rr.num_failed == ka.num_failed == 0, (rr.errors, ka.errors)
-    assert rr.num_ok == ka.num_ok == 64
+    assert rr.num_ok == ka.num_ok == 60
     assert sum(rr.query_tokens.values()) == sum(ka.query_tokens.values())  # same prompts
-    assert ka.total_hit_tokens > rr.total_hit_tokens
-    assert ka.hit_rate - rr.hit_rate >= 0.01  # seen, 16 conversations: 68.0 vs 75.2 %, 68.0 vs 76.2 %, 70.1 vs 72.4 %
-    assert min(rr.requests.values()) == 32  # round-robin split them evenly
+    assert ka.total_hit_tokens <= bound and rr.total_hit_tokens <= bound
+    assert ka.total_hit_tokens >= 0.9 * bound  # seen: 97.0 to 99.5 % of 44,672
+    assert ka.hit_rate - rr.hit_rate >= 0.04  # seen: 65.6 vs 75.9 %, 67.0 vs 74.5 %, 65.9 vs 74.0 %
+    assert sorted(rr.requests.values()) == [30, 30]  # round-robin split them evenly
 
 
 # ---------------------------------------------------------------- text conversations
