@@ -96,21 +96,34 @@ def test_max_num_seqs_caps_running_requests():
     assert e.stats.request_success == {"length": 3}
 
 
-def test_preemption_by_recompute_then_resume():
+@pytest.mark.parametrize("use_v2_model_runner", [True, False])
+def test_preemption_by_recompute_then_resume(use_v2_model_runner):
     # 24 usable blocks = 384 token slots; two requests of 100 + 200 need 19 blocks each.
     e = engine(num_gpu_blocks=25)
+    e.scheduler.use_v2_model_runner = use_v2_model_runner
     e.add_request("a", prompt(100), 200)
     e.add_request("b", prompt(100, 7), 200)
-    preempted, resumed_seen = [], False
+    preempted, resumed, new = [], [], []
     while e.has_unfinished():
         r = e.step()
-        preempted += r.scheduler_output.preempted_req_ids
-        resumed_seen |= bool(r.scheduler_output.scheduled_cached_reqs.resumed_req_ids)
+        so = r.scheduler_output
+        preempted += so.preempted_req_ids
+        resumed += so.scheduled_cached_reqs.resumed_req_ids
+        new += [(n.req_id, n.num_computed_tokens, len(n.block_ids[0])) for n in so.scheduled_new_reqs]
         # the pool's free count is exactly what no request holds (no prefix is shared here)
         held = sum(len(b) for b in e.kv_cache_manager.req_to_blocks.values())
         assert e.kv_cache_manager.block_pool.get_num_free_blocks() == 24 - held
     assert preempted == ["b"]  # the LAST running request goes, FCFS
-    assert resumed_seen
+    if use_v2_model_runner:
+        # vLLM 0.26 (Model Runner V2, its default for dense models): the resumed request is
+        # sent as a new one, its prefix hits (the blocks freed at preemption, still cached,
+        # come back) as num_computed_tokens and its whole block table as block_ids
+        assert resumed == []
+        assert [n[0] for n in new] == ["a", "b", "b"]
+        rid, hits, num_blocks = new[2]
+        assert hits > 0 and hits % 16 == 0 and num_blocks * 16 >= hits + 1
+    else:
+        assert resumed == ["b"] and [n[0] for n in new] == ["a", "b"]
     assert e.num_preemptions == 1
     assert e.stats.request_success == {"length": 2}
     assert e.stats.generation_tokens == 400  # 2 x 200: recompute re-runs the prompt, not the output

@@ -52,8 +52,10 @@ def test_deferred_frees_preempt_up_to_the_request_itself_and_schedule_nothing() 
     e._inflight = None
     so3 = sched.schedule()
     # A resumes on its 4 cached prompt blocks (the hit is capped at num_tokens - 1 = 64).
-    assert so3.num_scheduled_tokens == {"A": 1} and so3.resumed_req_ids == {"A"}
-    assert so3.scheduled_cached_reqs.num_computed_tokens == [64]
+    # vLLM 0.26's Model Runner V2 takes it as a new request (NewRequestData, whole table).
+    assert so3.num_scheduled_tokens == {"A": 1} and so3.resumed_req_ids == set()
+    assert [(n.req_id, n.num_computed_tokens, len(n.block_ids[0]))
+            for n in so3.scheduled_new_reqs] == [("A", 64, 5)]
 
 
 def test_without_a_consuming_connector_or_in_sync_mode_frees_are_immediate() -> None:

@@ -72,6 +72,11 @@ class Scheduler(OutputUpdates):
         async_scheduling: AsyncScheduler's rules (output placeholders, caching known tokens).
         max_concurrent_batches: batches in flight (2 with async scheduling, PP size with PP);
             with more than one and a KV-consuming connector, block frees are deferred.
+        use_v2_model_runner: vLLM 0.26 runs dense decoder models (every model in
+            labkit.models) on Model Runner V2 (vllm/config/vllm.py
+            `VllmConfig.use_v2_model_runner`, VLLM_USE_V2_MODEL_RUNNER overrides it); the
+            scheduler then sends a resumed request as a new one (NewRequestData with its
+            num_computed_tokens and its whole block table), not in scheduled_cached_reqs.
     """
 
     async_scheduling = False
@@ -80,7 +85,8 @@ class Scheduler(OutputUpdates):
                  max_num_seqs: int = 256, max_model_len: int = 8192, long_prefill_token_threshold: int = 0,
                  connector: SimKVConnector | None = None, scheduler_reserve_full_isl: bool = True,
                  enable_chunked_prefill: bool = True, record_observer_events: bool = False,
-                 async_scheduling: bool = False, max_concurrent_batches: int = 1) -> None:
+                 async_scheduling: bool = False, max_concurrent_batches: int = 1,
+                 use_v2_model_runner: bool = True) -> None:
         self.kv_cache_manager = kv_cache_manager
         self.max_num_scheduled_tokens = max_num_batched_tokens
         self.max_num_running_reqs = max_num_seqs
@@ -102,6 +108,7 @@ class Scheduler(OutputUpdates):
         self.record_observer_events = record_observer_events
         self.observer_events: list[ObserverNote] = []
         self.async_scheduling = async_scheduling
+        self.use_v2_model_runner = use_v2_model_runner
         # vllm/v1/core/sched/scheduler.py __init__: "With overlapping batches (async
         # scheduling or PP), a step may still be writing a freed request's KV blocks. A
         # consumer KV Connector can reallocate and fill those blocks via a load that isn't
@@ -247,6 +254,11 @@ class Scheduler(OutputUpdates):
             token_budget = self._schedule_waiting(token_budget, scheduled, req_to_new_blocks,
                                                   scheduled_new_reqs, scheduled_resumed_reqs)
 
+        # vllm/v1/core/sched/scheduler.py Scheduler.schedule, "Construct the scheduler output":
+        # Model Runner V2 takes resumed requests as new ones.
+        if self.use_v2_model_runner and scheduled_resumed_reqs:
+            scheduled_new_reqs.extend(scheduled_resumed_reqs)
+            scheduled_resumed_reqs.clear()
         new_reqs_data = [
             NewRequestData(r.request_id, r.prompt_token_ids,
                            req_to_new_blocks[r.request_id].get_block_ids(), r.num_computed_tokens)
