@@ -23,7 +23,11 @@ TRACES = sorted([*RECORDINGS.glob("*.lkrec"), *RECORDINGS.glob("cpu-tier/*.lkrec
                  *(DATA / "conformance").glob("*.lkrec")])
 FULL = {
     ("real-h100-1gpu-cpu-tier", "colocated"), ("real-h100-chunked-long", "engine"),
-    ("real-h200-1gpu-example", "prefill"), ("real-h200-1gpu-example", "decode"),
+    ("real-h100-1gpu-cpu-tier-pd", "prefill"), ("real-h100-1gpu-cpu-tier-pd", "decode"),
+    ("real-h100-preempt-async", "engine"), ("real-h100-preempt-sync", "engine"),
+    ("real-h100-pd-decode-preempt", "engine"), ("real-h100-prefix-evict", "engine"),
+    ("real-h100-abort-prefill", "engine"),
+    ("real-h100-1gpu-example", "prefill"), ("real-h100-1gpu-example", "decode"),
     ("real-h200-1gpu-fp8", "prefill"), ("real-h200-1gpu-fp8", "decode"),
     ("real-h200x2-nixl-chunk256", "prefill"), ("real-h200x2-nixl-chunk256", "decode"),
     ("real-h200x2-nixl", "prefill"), ("real-h200x2-nixl", "decode"),
@@ -52,7 +56,7 @@ def test_shipped_recording_conforms(path: Path) -> None:
 
 
 def test_compare_reports_the_first_differing_step() -> None:
-    (trace, *_) = load_traces(str(RECORDINGS / "real-h200-1gpu-example.lkrec"))
+    (trace, *_) = load_traces(str(RECORDINGS / "real-h100-1gpu-example.lkrec"))
     sim = replay(trace)
     assert compare(trace.steps, sim)["first_diff"] is None
     i = next(j for j, st in enumerate(sim) if j > 0 and st.new_block_ids)
@@ -102,3 +106,54 @@ def test_nixl_prefill_frees_sent_requests_in_the_recorded_order() -> None:
     assert replayed == sends[:len(replayed)]  # sends after the last step free nothing replayed
     assert len(trace.sends_done[4]) == 8  # eight requests' blocks freed before one step
     assert compare(trace.steps, replay(trace))["block_ids_equal"] == 100.0
+
+
+CONFORMANCE = DATA / "conformance"
+
+
+def test_preemption_traces_preempt_and_conform() -> None:
+    """The 100-block pools (H100, vLLM 0.26.0): requests are preempted and resumed, on a
+    colocated engine with and without async scheduling and on a PD decode engine that loads
+    through ExampleConnector; every preemption, resume, block id and free count matches. The
+    resumed requests come back as new ones (Model Runner V2), their prefix hits included."""
+    for name, async_scheduling in (("preempt-async", True), ("preempt-sync", False),
+                                   ("pd-decode-preempt", True)):
+        (trace,) = load_traces(str(CONFORMANCE / f"real-h100-{name}.lkrec"))
+        assert trace.settings["num_gpu_blocks"] == 100
+        assert trace.settings["async_scheduling"] is async_scheduling
+        res = compare(trace.steps, replay(trace))
+        assert res["num_preempt_resume"] >= 10, (name, res)
+        resumed_hits = [(st.index, rid) for st in trace.steps for rid, c in st.num_computed_tokens.items() if c]
+        assert resumed_hits, name  # resumed requests with prefix hits, reported as new ones
+        assert res["steps_equal"] == 100.0 and res["prefix_hits_equal"] == 100.0, (name, res["first_diff"])
+
+
+def test_an_abort_is_replayed_where_the_trace_finished_the_request() -> None:
+    """Two requests aborted while one computed its prompt in 64-token chunks and the other
+    waited (never scheduled, so not in the replay): the running one is aborted before the
+    step after its RequestFinished; its blocks come back a step later (deferred free), and
+    the next request waits for room for its whole prompt. Replayed without the abort, the
+    request runs on from that step."""
+    (trace,) = load_traces(str(CONFORMANCE / "real-h100-abort-prefill.lkrec"))
+    (step, rids), = trace.aborts.items()
+    assert [r.split("-")[1] for r in rids] == ["1"]
+    assert not any(r.startswith("req-2-") for r in trace.requests)
+    assert compare(trace.steps, replay(trace))["steps_equal"] == 100.0
+    trace.aborts = {}
+    res = compare(trace.steps, replay(trace))
+    assert res["first_diff"]["step"] == step and res["scheduled_tokens_equal"] < 100.0
+
+
+def test_a_step_scheduled_before_the_previous_output_keeps_its_blocks() -> None:
+    """A PD prefill engine (async scheduling): a 64-token request arrived while a 6,000-token
+    prefill ran, so vLLM scheduled it before that step's output freed the long request's 375
+    blocks (its RequestFinished came after the next StepScheduled). The replay admits the
+    request during that step; without it the free count is 375 blocks too high."""
+    (trace, _) = load_traces(str(RECORDINGS / "real-h100-1gpu-example.lkrec"))
+    assert trace.name == "prefill" and trace.overlapped
+    assert compare(trace.steps, replay(trace))["free_counts_equal"] == 100.0
+    trace.overlapped = set()
+    res = compare(trace.steps, replay(trace))
+    assert res["free_counts_equal"] < 100.0
+    d = res["first_diff"]
+    assert d["sim"]["num_free"] - d["real"]["num_free"] == 375

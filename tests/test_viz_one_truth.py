@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from labkit.telemetry.observer_schema import KVTransfer
+from labkit.telemetry.observer_schema import KVTransfer, RequestAllocated
 from labkit.telemetry.replay import Replay
 from labkit.telemetry.source import TelemetryDelta
 from labkit.viz.requests import response_id
@@ -48,6 +48,19 @@ def connector_times(deltas: list[TelemetryDelta]) -> dict[str, float]:
     return out
 
 
+def no_external_kv(deltas: list[TelemetryDelta]) -> set[str]:
+    """Proxy ids of ExampleConnector requests to which decode allocated no external tokens:
+    the prompt's whole blocks were all in decode's own prefix cache (a re-sent prompt), so
+    nothing was loaded. (NIXL's RequestAllocated counts differently: none excluded there.)"""
+    example = {ev["req_id"] for d in deltas for ev in d.timeline
+               if ev["event"] == "arrival" and ev.get("connector") == "example"}
+    by_response = {ev["decode_id"]: ev["req_id"] for d in deltas for ev in d.timeline
+                   if ev["event"] == "finish" and ev.get("decode_id")}
+    return {rid for d in deltas for b in d.observer if b.role == "decode" for ev in b.events
+            if isinstance(ev, RequestAllocated) and ev.num_external_tokens == 0
+            and (rid := by_response.get(response_id(ev.req_id))) in example}
+
+
 def check_one_truth(deltas: list[TelemetryDelta]) -> int:
     st, view = fold(deltas)
     proxy_ids = [ev["req_id"] for d in deltas for ev in d.timeline if ev["event"] == "arrival"]
@@ -61,7 +74,8 @@ def check_one_truth(deltas: list[TelemetryDelta]) -> int:
     assert list(view.figure.layout.yaxis.categoryarray) == labels
     t0 = st.t0
     recv = connector_times(deltas)
-    assert set(recv) == set(proxy_ids)  # every request's KV went through the connector
+    # every request with KV to move went through the connector
+    assert set(recv) == set(proxy_ids) - no_external_kv(deltas)
     for rid, label in zip(proxy_ids, labels, strict=True):
         spans = []
         for tr in (queue, prefill, transfer, decode):
@@ -72,11 +86,12 @@ def check_one_truth(deltas: list[TelemetryDelta]) -> int:
         assert q0 <= q1 + EPS and q1 <= p0 + EPS and p0 <= p1 + EPS, (rid, spans)
         assert p1 <= x0 + EPS and x0 <= x1 + EPS and x1 <= d0 + EPS and d0 <= d1 + EPS, (rid, spans)
         assert d1 == pytest.approx(finish[rid], abs=1e-6)  # ends at the request's finish
-        assert abs((x1 - x0) - recv[rid]) < 1e-3  # the connector's own time, within 1 ms
+        if rid in recv:  # the connector's own time, within 1 ms (else the proxy's wait, so labelled)
+            assert abs((x1 - x0) - recv[rid]) < 1e-3
     return len(proxy_ids)
 
 
-@pytest.mark.parametrize("name", ["real-h200x2-nixl", "real-h200-1gpu-example",
+@pytest.mark.parametrize("name", ["real-h200x2-nixl", "real-h100-1gpu-example",
                                   "real-h200x4-nixl-tp2", "sim-lab-1b-pd"])  # fmt: skip
 def test_shipped_recording_one_row_per_request(name):
     deltas = list(Replay(RECORDINGS / f"{name}.lkrec", speed=None))

@@ -57,6 +57,10 @@ class EngineTrace:
     steps: list[Step]
     requests: dict[str, dict[str, Any]]  # req_id -> prompt_token_ids, max_tokens, at, external
     sends_done: dict[int, list[str]] = field(default_factory=dict)  # step index -> req ids
+    aborts: dict[int, list[str]] = field(default_factory=dict)  # step index -> req ids aborted before it
+    # steps scheduled before the previous step's output was processed (a request arrived while
+    # that step ran, so the engine did not wait for it)
+    overlapped: set[int] = field(default_factory=set)
 
 
 def _published(ev: obs.StepScheduled) -> bool:
@@ -92,7 +96,8 @@ def load_traces(path: str) -> list[EngineTrace]:
                  for i, ev in enumerate(published)]
         requests = _requests(events, published)
         sends = _sends_done(events, published)
-        traces.append(EngineTrace(name, e["kind"], settings, steps, requests, sends))
+        aborts, overlapped = _aborts_and_overlaps(events, published, requests)
+        traces.append(EngineTrace(name, e["kind"], settings, steps, requests, sends, aborts, overlapped))
     return traces
 
 
@@ -242,6 +247,40 @@ def _sends_done(events: list[Any], published: list[obs.StepScheduled]) -> dict[i
     return out
 
 
+def _aborts_and_overlaps(events: list[Any], published: list[obs.StepScheduled],
+                         requests: dict[str, dict[str, Any]]) -> tuple[dict[int, list[str]], set[int]]:
+    """Aborts and overlapped steps, from when each RequestFinished was emitted.
+
+    A request the trace knows (RequestAdded) that finished before it computed its prompt and
+    max_tokens - 1 outputs was aborted (Scheduler.finish_requests, FINISHED_ABORTED): it is
+    aborted in the replay before the first step scheduled after its RequestFinished. A
+    request that finished normally in step i-1 but whose RequestFinished came after step i
+    was scheduled says step i was scheduled before step i-1's output was processed (with
+    async scheduling the engine core schedules the next step first when there is work; a
+    request that arrived during step i-1 is that work)."""
+    finished = {ev.req_id: ev.ts for ev in events if isinstance(ev, obs.RequestFinished)}
+    total: dict[str, int] = {}
+    last: dict[str, int] = {}
+    for i, st in enumerate(published):
+        for rid, n in st.num_scheduled_tokens.items():
+            total[rid] = total.get(rid, 0) + n
+            last[rid] = i
+    aborts: dict[int, list[str]] = {}
+    overlapped: set[int] = set()
+    for rid, ts in finished.items():
+        r = requests.get(rid)
+        j = next((k for k, st in enumerate(published) if st.ts > ts), None)
+        if r is None or r.get("inferred"):
+            continue
+        done = r["local_hits"] + r["external"] + total.get(rid, 0)
+        if done < len(r["prompt_token_ids"]) + max(1, r["max_tokens"]) - 1:
+            if j is not None:
+                aborts.setdefault(j, []).append(rid)
+        elif j is not None and rid in last and j > last[rid] + 1:
+            overlapped.add(last[rid] + 1)
+    return aborts, overlapped
+
+
 class ReplayConnector(ObserverConnector):
     """The observer, plus the external tokens the trace shows, loaded synchronously."""
 
@@ -288,11 +327,23 @@ def replay(trace: EngineTrace, model: str = "lab-1b", gpu: str = "h100") -> list
     for rid, r in trace.requests.items():
         by_at.setdefault(r["at"], []).append(rid)
     out: list[Step] = []
+    added: set[str] = set()
+
+    def add(rid: str, admit_after: float | None = None) -> None:
+        r = trace.requests[rid]
+        eng.add_request(rid, r["prompt_token_ids"], max(1, r["max_tokens"]), admit_after=admit_after)
+        added.add(rid)
+
     for i in range(len(trace.steps)):
         for rid in by_at.get(i, ()):
-            r = trace.requests[rid]
-            eng.add_request(rid, r["prompt_token_ids"], max(1, r["max_tokens"]))
+            if rid not in added:
+                add(rid)
         eng.admit_pending()
+        for rid in trace.aborts.get(i, ()):
+            eng.abort(rid)
+        if i + 1 in trace.overlapped:  # step i+1's requests arrive while step i runs
+            for rid in by_at.get(i + 1, ()):
+                add(rid, admit_after=float("inf"))  # admitted at step i+1 (admit_pending)
         if loads_done.get(i):  # the read landed before this step was scheduled
             eng.scheduler.update_from_kv_xfer_finished(set(), loads_done[i])
         if trace.sends_done.get(i):  # in the recorded order: vLLM frees in finished_sending's

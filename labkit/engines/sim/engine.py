@@ -188,8 +188,12 @@ class SimEngine:
     # -- requests -----------------------------------------------------------------------
     def add_request(self, req_id: str, prompt_token_ids: list[int], max_tokens: int, *,
                     ignore_eos: bool = True, kv_transfer_params: dict[str, Any] | None = None,
-                    arrival_time: float | None = None, block_hashes: list[int] | None = None) -> None:
+                    arrival_time: float | None = None, block_hashes: list[int] | None = None,
+                    admit_after: float | None = None) -> None:
         """Queue a request (vLLM rejects prompts over max_model_len at the API; so does this).
+
+        `admit_after` (async scheduling): the request reaches the scheduler only for a step
+        scheduled after that time (trace replays: it arrived while the current step ran).
 
         `block_hashes`: the prompt's chained block hashes if already known (same block size
         and hash algorithm, e.g. from another SimEngine of the cluster); computed otherwise.
@@ -210,7 +214,7 @@ class SimEngine:
             kv_transfer_params=kv_transfer_params,
             block_hashes=block_hashes[: len(prompt_token_ids) // self.block_size] if block_hashes else None)
         if self.async_scheduling:
-            self._inbox.add(self.clock.now(), request)
+            self._inbox.add(self.clock.now() if admit_after is None else admit_after, request)
         else:
             self.scheduler.add_request(request)
 
