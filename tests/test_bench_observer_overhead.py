@@ -64,3 +64,21 @@ def test_token_figures_from_offline_token_times():
     assert f["req_s"] == pytest.approx(2.0)
     assert f["ttft_p50_ms"] == pytest.approx(200.0)  # median of 100 and 300 ms
     assert f["itl_p50_ms"] == pytest.approx(100.0)  # gaps 100, 200, 50 ms
+
+
+def test_a_noop_connector_arm_splits_the_cost():
+    """--noop-connector: connector/plain is vLLM's cost of carrying a connector,
+    observed/connector the observer's own; their product is observed/plain."""
+    runs = _runs([100, 110, 90, 105], [96, 105.6, 86.4, 100.8])  # observed: -4 % each round
+    mid = _runs([100, 110, 90, 105], [98, 107.8, 88.2, 102.9])["observed"]  # connector: -2 %
+    runs["connector"] = mid
+    s = oo.summarize_runs(runs)
+    assert s["ci"]["total_tok_s"]["ratio"] == pytest.approx(0.96)
+    assert s["ci_connector"]["total_tok_s"]["ratio"] == pytest.approx(0.98)
+    assert s["ci_observer_own"]["total_tok_s"]["ratio"] == pytest.approx(0.96 / 0.98)
+    text = oo.format_table({"model": "lab-1b", "requests": 64, "prompt": 512, "output": 64,
+                            "concurrency": 16, "rounds": 4, "gpu": 0, "runs": runs,
+                            "summary": s, "method": "offline"})
+    assert "no-op connector / plain (vLLM's cost of a connector): total_tok_s 0.9800" in text
+    assert "observed / no-op connector (the observer's own): total_tok_s 0.9796" in text
+    assert text.splitlines()[3].split()[0] == "connector"  # its row between plain and observed

@@ -65,20 +65,22 @@ def t_quantile(df: int, level: float = 0.95) -> float:
     return z + g1 / df + g2 / df ** 2 + g3 / df ** 3
 
 
-def round_ratios(runs: dict[str, list[dict[str, float]]], key: str) -> list[float]:
-    """observed/plain of figure `key`, one per round (rounds where both are > 0)."""
-    pairs = zip(runs.get("plain", []), runs.get("observed", []), strict=False)
+def round_ratios(runs: dict[str, list[dict[str, float]]], key: str,
+                 num: str = "observed", den: str = "plain") -> list[float]:
+    """num/den (default observed/plain) of figure `key`, one per round (rounds where both
+    are > 0)."""
+    pairs = zip(runs.get(den, []), runs.get(num, []), strict=False)
     return [o[key] / p[key] for p, o in pairs
             if p.get(key, 0) > 0 and o.get(key, 0) > 0
             and math.isfinite(p[key]) and math.isfinite(o[key])]
 
 
 def ratio_ci(runs: dict[str, list[dict[str, float]]], key: str,
-             level: float = 0.95) -> dict[str, float]:
+             level: float = 0.95, num: str = "observed", den: str = "plain") -> dict[str, float]:
     """The observed/plain ratio of `key` with its `level` confidence interval: a t-interval
     over the rounds' log-ratios, back-transformed (geometric mean; the interval is not
     symmetric around it). `width` = hi - lo in ratio units (0.02 = 2 %)."""
-    r = round_ratios(runs, key)
+    r = round_ratios(runs, key, num, den)
     n = len(r)
     if n == 0:
         return {"n": 0, "ratio": float("nan"), "lo": float("nan"), "hi": float("nan"),
@@ -298,9 +300,11 @@ def run_offline(model: str = "lab-1b", requests: int = 128, prompt: int = 512,
                 num_gpu_blocks: int = 4096, run_dir: Path | None = None,
                 ci_width: float | None = None, max_rounds: int = 200,
                 budget_s: float | None = None, gpu: int = 0,
-                enforce_eager: bool = True) -> dict[str, Any]:
+                enforce_eager: bool = True, noop_connector: bool = False) -> dict[str, Any]:
     """`--method offline`: both variants as offline engines in processes of their own, with
-    fixed KV pools (no memory profile: they start together), rounds alternating in order."""
+    fixed KV pools (no memory profile: they start together), rounds alternating in order.
+    `noop_connector`: a third engine with labkit.bench.noop_connector (kv_both), to tell
+    vLLM's cost of carrying a connector from the observer's own."""
     import multiprocessing as mp
 
     from labkit.models import get_model, write_model_dir
@@ -324,6 +328,12 @@ def run_offline(model: str = "lab-1b", requests: int = 128, prompt: int = 512,
                 enable_prefix_caching=True)
     observed = kv_transfer_config(None, "both", run_dir, endpoint, observer_name="observed")
     kwargs = {"plain": base, "observed": {**base, "kv_transfer_config": observed}}
+    variants: tuple[str, ...] = VARIANTS
+    if noop_connector:
+        kwargs["connector"] = {**base, "kv_transfer_config": {
+            "kv_connector": "NoopConnector", "kv_role": "kv_both",
+            "kv_connector_module_path": "labkit.bench.noop_connector"}}
+        variants = ("plain", "connector", "observed")
     for k, v in engine_gpu_env([gpu]).items():  # the children inherit it
         os.environ[k] = v
     ctx = mp.get_context("spawn")
@@ -334,16 +344,16 @@ def run_offline(model: str = "lab-1b", requests: int = 128, prompt: int = 512,
                            "requests": requests, "prompt": prompt, "output": output,
                            "concurrency": concurrency, "num_gpu_blocks": num_gpu_blocks,
                            "enforce_eager": enforce_eager, "ci_width_target": ci_width,
-                           "runs": {v: [] for v in VARIANTS}}
+                           "runs": {v: [] for v in variants}}
     try:
         t_start = time.perf_counter()
-        for name in VARIANTS:
+        for name in variants:
             conns[name], child = ctx.Pipe()
             procs[name] = ctx.Process(target=_offline_worker, name=f"overhead-{name}",
                                       args=(child, kwargs[name], prompt, output, spec.vocab_size),
                                       daemon=False)  # vLLM starts its own processes
             procs[name].start()
-        for name in VARIANTS:
+        for name in variants:
             if not conns[name].poll(900):
                 raise SystemExit(f"{name} engine did not start in 900 s")
             conns[name].recv()
@@ -353,7 +363,7 @@ def run_offline(model: str = "lab-1b", requests: int = 128, prompt: int = 512,
             conns[name].send(("run", seed, n, name))
             return conns[name].recv()[1]
 
-        for name in VARIANTS:  # warm-up
+        for name in variants:  # warm-up
             one(name, 10_000, concurrency)
         t_rounds, last, i, out["stopped_by"] = time.perf_counter(), 0.0, 0, "rounds"
         last_round = max(rounds, max_rounds) if ci_width else rounds
@@ -366,7 +376,7 @@ def run_offline(model: str = "lab-1b", requests: int = 128, prompt: int = 512,
                 out["stopped_by"] = "budget_s"
                 break
             t_round = time.perf_counter()
-            for name in (VARIANTS if i % 2 == 0 else VARIANTS[::-1]):
+            for name in (variants if i % 2 == 0 else variants[::-1]):
                 out["runs"][name].append(one(name, i, requests))
             last, i = time.perf_counter() - t_round, i + 1
             pl, ob = out["runs"]["plain"][-1], out["runs"]["observed"][-1]
@@ -405,6 +415,9 @@ def summarize_runs(runs: dict[str, list[dict[str, float]]]) -> dict[str, dict[st
         med["ratio"] = {k: (med["observed"][k] / med["plain"][k] if med["plain"][k] else
                             float("nan")) for k in keys}
         med["ci"] = {k: ratio_ci(runs, k) for k in keys}
+        if "connector" in med:  # the no-op connector's arm splits the cost in two
+            med["ci_connector"] = {k: ratio_ci(runs, k, num="connector") for k in keys}
+            med["ci_observer_own"] = {k: ratio_ci(runs, k, den="connector") for k in keys}
     return med
 
 
@@ -418,7 +431,7 @@ def format_table(result: dict[str, Any]) -> str:
              f"{result['concurrency']}, median of {result['rounds']} rounds (REAL vLLM, GPU {result['gpu']}, "
              f"CUDA_VISIBLE_DEVICES={result.get('cuda_visible_devices', result['gpu'])})",
              f"{'':>9}" + "".join(f"{c:>13}" for c in cols)]
-    for row in ("plain", "observed", "ratio"):
+    for row in ("plain", "connector", "observed", "ratio"):
         if row in s:
             fmt = "{:>13.3f}" if row == "ratio" else "{:>13.1f}"
             lines.append(f"{row:>9}" + "".join(fmt.format(s[row][c]) for c in cols))
@@ -428,6 +441,13 @@ def format_table(result: dict[str, Any]) -> str:
                              ("95% width", "width")):
             lines.append(f"{label:>9}" + "".join(
                 f"{ci[c][field]:>13.4f}" if c in ci else f"{'':>13}" for c in cols))
+    for name, what in (("ci_connector", "no-op connector / plain (vLLM's cost of a connector)"),
+                       ("ci_observer_own", "observed / no-op connector (the observer's own)")):
+        part = s.get(name)
+        if part:
+            lines.append(f"{what}: " + ", ".join(
+                f"{c} {part[c]['ratio']:.4f} [{part[c]['lo']:.4f}, {part[c]['hi']:.4f}]"
+                for c in ("total_tok_s", "itl_p50_ms") if c in part))
     lines.append(f"observer batches received: {result.get('observer_batches', 0)}")
     if result.get("ci_width_target"):
         ok = ci_reached(result["runs"], result["ci_width_target"])
@@ -464,13 +484,16 @@ def main(argv: list[str] | None = None) -> int:
                         "number in it replaces --budget-s")
     p.add_argument("--budget-s", type=float, default=None,
                    help="stop starting rounds after this many seconds of rounds")
+    p.add_argument("--noop-connector", action="store_true",
+                   help="offline: a third engine with a KV connector that does nothing, to "
+                        "split the cost into vLLM's (of any connector) and the observer's own")
     p.add_argument("--run-dir", type=Path)
     p.add_argument("--json", type=Path, help="write the result here")
     a = p.parse_args(argv)
     if a.method == "offline":
         result = run_offline(a.model, a.requests, a.prompt, a.output, a.concurrency, a.rounds,
                              a.num_gpu_blocks or 4096, a.run_dir, a.ci_width, a.max_rounds,
-                             a.budget_s, a.gpu)
+                             a.budget_s, a.gpu, noop_connector=a.noop_connector)
         print(format_table(result), flush=True)
         if a.json:
             a.json.write_text(json.dumps(result, indent=1))
