@@ -360,6 +360,9 @@ class Lab:
             colocated_port = self.port if self.plan.connector is None else None
             self.engines = {ep.name: self._engine(ep.name, model_dir, colocated_port)
                             for ep in self.plan.engines}
+            # The proxy starts while the engines load (it knows their URLs already and
+            # tolerates engines that do not answer yet): off the critical path of an Apply.
+            self._launch_proxy(self.port)
             shared = self.kind == "vllm" and len({g for ep in self.plan.engines
                                                   for g in ep.gpus}) < len(self.plan.engines)
             if shared:  # one after the other: each must see the other's memory (config notes)
@@ -372,8 +375,8 @@ class Lab:
                     eng.start()
                 with ThreadPoolExecutor(len(self.engines)) as pool:
                     list(pool.map(lambda e: e.wait_ready(timeout), self.engines.values()))
-            report("engines ready; starting the PD proxy", 0.85)
-            self._start_proxy(self.port)
+            report("engines ready", 0.85)
+            self._await_proxy()
             if self.observe:
                 # Bind the readers now and wait until every engine's publishers reach them,
                 # so nothing a first request does is missed.
@@ -444,6 +447,11 @@ class Lab:
         return f"ipc://{folder.resolve()}/{name}"
 
     def _start_proxy(self, port: int | None = None) -> None:
+        self._launch_proxy(port)
+        self._await_proxy()
+
+    def _launch_proxy(self, port: int | None = None) -> None:
+        """Start the proxy process (no wait); colocated labs have none."""
         if self.plan.connector is None:  # colocated: no proxy, talk to the engine
             return
         pre = [e for e in self.engines.values() if e.role == "prefill"]
@@ -457,6 +465,11 @@ class Lab:
             policy=self.routing_policy, block_size=self.plan.engines[0].config.block_size,
             kind=self.kind, port=port, log_path=self.run_dir / "proxy.log")  # type: ignore[arg-type]
         self.proxy.start()
+
+    def _await_proxy(self) -> None:
+        """Until the proxy answers (and, xPyD, its KV-event readers reach every prefill)."""
+        if self.proxy is None:
+            return
         self.proxy.wait_ready(60)
         if self.is_xpyd:
             self._wait_routing_connected(10.0)

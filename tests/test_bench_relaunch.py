@@ -31,7 +31,7 @@ def test_toggled_changes_both_engines_and_says_what():
 def test_breakdown_splits_apply_into_stages():
     marks = [("preparing the model directory", 101.0), ("starting engines", 101.5),
              ("prefill: loading", 101.5), ("decode: loading", 142.0),
-             ("engines ready; starting the PD proxy", 183.0), ("ready", 185.0)]
+             ("engines ready", 183.0), ("ready", 185.0)]
     engines = {"prefill": {"own_start_s": 40.0}, "decode": {"own_start_s": 40.5}}
     row = relaunch.breakdown(99.0, 100.0, 101.0, marks, engines, (183.1, 184.2), 185.0, 185.3,
                              shared=True)
@@ -41,7 +41,14 @@ def test_breakdown_splits_apply_into_stages():
     assert row["engines_s"] == pytest.approx(81.5)
     assert row["engines_critical_s"] == pytest.approx(80.5)  # one after the other: the sum
     assert row["engines_overhead_s"] == pytest.approx(1.0)
-    assert row["proxy_s"] == pytest.approx(1.1) and row["telemetry_s"] == pytest.approx(0.8)
+    # a proxy still starting when the engines are ready: what is left of it counts
+    assert row["proxy_s"] == pytest.approx(1.2) and row["telemetry_s"] == pytest.approx(0.8)
+    assert row["proxy_own_s"] == pytest.approx(1.1)
+    # the proxy started with the engines and was ready long before them: none of it counts
+    early = relaunch.breakdown(99.0, 100.0, 101.0, marks, engines, (101.6, 103.0), 185.0, 185.3,
+                               shared=True)
+    assert early["proxy_s"] == 0.0 and early["proxy_own_s"] == pytest.approx(1.4)
+    assert early["telemetry_s"] == pytest.approx(2.0)
     assert row["first_request_s"] == pytest.approx(0.3)
     assert row["total_s"] == pytest.approx(86.3)
     assert row["lab_adds_s"] == pytest.approx(86.3 - 80.5)

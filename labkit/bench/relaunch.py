@@ -130,7 +130,7 @@ def breakdown(t_apply: float, t_stopped: float, t_planned: float, marks: list[tu
         mark.setdefault(stage, t)
     t_model = mark.get("preparing the model directory", t_planned)
     t_engines = mark.get("starting engines", t_model)
-    t_engines_done = mark.get("engines ready; starting the PD proxy", t_ready)
+    t_engines_done = mark.get("engines ready", mark.get("engines ready; starting the PD proxy", t_ready))
     own = {n: w.get("own_start_s", 0.0) for n, w in engines.items()}
     critical = sum(own.values()) if shared else max(own.values(), default=0.0)
     out: dict[str, Any] = {
@@ -148,8 +148,12 @@ def breakdown(t_apply: float, t_stopped: float, t_planned: float, marks: list[tu
     }
     p_start, p_ready = proxy
     if p_start and p_ready:
-        out["proxy_s"] = p_ready - p_start
-        out["telemetry_s"] = t_ready - p_ready
+        # the proxy's share of the critical path: it starts while the engines load, so only
+        # what it needs after they are ready counts (its own start: proxy_own_s)
+        p_done = max(p_ready, t_engines_done)
+        out["proxy_s"] = p_done - t_engines_done
+        out["proxy_own_s"] = p_ready - p_start
+        out["telemetry_s"] = t_ready - p_done
     out["lab_adds_s"] = out["total_s"] - critical
     out["start_s"] = t_ready - t_stopped  # Lab(...) + start(), no stop, no request
     return out
