@@ -92,7 +92,8 @@ ACHIEVED: dict[tuple[str, str], LinkSpec] = {
                                    0.245e9, 1e-3),
     # ExampleConnector's save: per layer, .cpu() then one safetensors file. Fitted to the 255
     # per-layer save timings the observer recorded inside real vLLM (H200, shipped recordings
-    # real-h200-1gpu-example / -fp8): 0.41 ms per file + 2.0 GB/s. (Loads: LINKS["same-gpu"].)
+    # real-h200-1gpu-example, in git history since 2026-12-05, and -fp8): 0.41 ms per file +
+    # 2.0 GB/s. (Loads: LINKS["same-gpu"].)
     ("example-save", "same-gpu"): LinkSpec("same-gpu", "ExampleConnector save, as measured (H200)",
                                            2.0e9, 4.1e-4),
 }
