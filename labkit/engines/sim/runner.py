@@ -173,22 +173,6 @@ class EngineRunner:
                 "num_free_blocks": e.kv_cache_manager.block_pool.get_num_free_blocks(),
                 "args": asdict(self.args)}
 
-    def render_chat(self, messages: list[dict[str, Any]]) -> list[int]:
-        """Apply the model's chat template (Jinja, as transformers does) and tokenize."""
-        from labkit.engines.sim.openai_protocol import APIError  # a leaf: no server<->runner loop
-
-        if not self.chat_template:
-            raise APIError("As of transformers v4.44, default chat template is no longer allowed, "
-                           "so you must provide a chat template if the tokenizer does not "
-                           "define one.")
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        text = env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=True, bos_token=self.bos_token,
-            eos_token="</s>")
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
-
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         self._wake = asyncio.Event()
