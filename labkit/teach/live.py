@@ -209,8 +209,9 @@ class Trace:
 def computed_before(engine: str, step: Any, done: dict[tuple[str, str], int]) -> dict[str, int]:
     """Tokens each request of a StepScheduled had computed before that step. The observer
     reports num_computed_tokens on a request's first step only (labkit/pd/observer.py: new
-    requests); later steps add what earlier ones scheduled. `done` carries the running
-    totals from step to step (a preempted request starts again from 0)."""
+    requests, and resumed ones, which vLLM 0.26's Model Runner V2 gets as new with their
+    prefix hits); later steps add what earlier ones scheduled. `done` carries the running
+    totals from step to step (a preempted request's is dropped: its resume says it again)."""
     out = {}
     for rid, n in step.num_scheduled_tokens.items():
         key = (engine, rid)

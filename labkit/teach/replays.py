@@ -117,8 +117,9 @@ class PrefillRecord:
 def prefill_records(replay: ReplayLike, role: str = "prefill") -> list[PrefillRecord]:
     """Per prompt on each engine of `role`: the chunk each step scheduled until the prompt
     was computed. The observer reports num_computed_tokens on a request's first step only
-    (labkit/pd/observer.py), so later steps add up what was scheduled (no request is
-    preempted in the shipped recordings; a preempted one would be counted wrong)."""
+    (labkit/pd/observer.py; and on a resume, sent as a new request under Model Runner V2),
+    so later steps add up what was scheduled (no request is preempted in the shipped
+    recordings; a preempted one's recompute is not counted again)."""
     rp = _open(replay)
     engines = {n for n, e in _engines(rp).items() if e.get("role") == role}
     prompts = _prompt_tokens(rp)
