@@ -5,17 +5,16 @@ classes are stood in for by the few attributes the observer uses."""
 
 from __future__ import annotations
 
-import enum
-import importlib
 import logging
-import sys
 import time
 import types
+from collections.abc import Iterator
 from types import SimpleNamespace
 
 import msgspec
 import pytest
 
+from labkit.bench.observer_cpu import observer_module
 from labkit.telemetry.observer_schema import (
     ObserverBatch,
     PoolSnapshot,
@@ -26,34 +25,10 @@ from labkit.telemetry.subscriber import ObserverSubscriber
 
 
 @pytest.fixture()
-def observer(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
+def observer() -> Iterator[types.ModuleType]:
     """labkit.pd.observer imported against stand-ins for vLLM's KV-connector base module."""
-
-    class KVConnectorRole(enum.Enum):
-        SCHEDULER = 0
-        WORKER = 1
-
-    class KVConnectorBase_V1:  # noqa: N801 - vLLM's name
-        def __init__(self, vllm_config, role, kv_cache_config=None) -> None:
-            self._kv_transfer_config = vllm_config.kv_transfer_config
-            self._kv_cache_config = kv_cache_config
-            self._connector_metadata = None
-
-    base = types.ModuleType("vllm.distributed.kv_transfer.kv_connector.v1.base")
-    base.KVConnectorBase_V1 = KVConnectorBase_V1
-    base.KVConnectorMetadata = type("KVConnectorMetadata", (), {})
-    base.KVConnectorRole = KVConnectorRole
-    base.SupportsHMA = type("SupportsHMA", (), {})
-    names = ["vllm", "vllm.distributed", "vllm.distributed.kv_transfer",
-             "vllm.distributed.kv_transfer.kv_connector",
-             "vllm.distributed.kv_transfer.kv_connector.v1"]
-    for name in names:
-        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
-    monkeypatch.setitem(sys.modules, base.__name__, base)
-    monkeypatch.delitem(sys.modules, "labkit.pd.observer", raising=False)
-    mod = importlib.import_module("labkit.pd.observer")
-    yield mod
-    sys.modules.pop("labkit.pd.observer", None)
+    with observer_module(stand_in=True) as mod:
+        yield mod
 
 
 def _connector(observer: types.ModuleType, endpoint: str | None) -> object:

@@ -7,12 +7,10 @@ the attributes the observer reads, shaped as in vLLM 0.26."""
 from __future__ import annotations
 
 import ctypes
-import enum
-import importlib
-import sys
 import threading
 import time
 import types
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -20,6 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from labkit.bench.observer_cpu import observer_module
 from labkit.vocab import HOST_FREE, HOST_LOADING, HOST_STORED, HOST_STORING
 
 PAGE_BYTES, NUM_LAYERS, BLOCK_SIZE = 4096, 2, 16
@@ -27,34 +26,10 @@ GPU_BLOCK_BYTES = PAGE_BYTES * NUM_LAYERS  # one GPU block's KV over all layers
 
 
 @pytest.fixture()
-def observer(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
+def observer() -> Iterator[types.ModuleType]:
     """labkit.pd.observer imported against stand-ins for vLLM's KV-connector base module."""
-
-    class KVConnectorRole(enum.Enum):
-        SCHEDULER = 0
-        WORKER = 1
-
-    class KVConnectorBase_V1:  # noqa: N801 - vLLM's name
-        def __init__(self, vllm_config, role, kv_cache_config=None) -> None:
-            self._kv_transfer_config = vllm_config.kv_transfer_config
-            self._kv_cache_config = kv_cache_config
-            self._connector_metadata = None
-
-    base = types.ModuleType("vllm.distributed.kv_transfer.kv_connector.v1.base")
-    base.KVConnectorBase_V1 = KVConnectorBase_V1
-    base.KVConnectorMetadata = type("KVConnectorMetadata", (), {})
-    base.KVConnectorRole = KVConnectorRole
-    base.SupportsHMA = type("SupportsHMA", (), {})
-    names = ["vllm", "vllm.distributed", "vllm.distributed.kv_transfer",
-             "vllm.distributed.kv_transfer.kv_connector",
-             "vllm.distributed.kv_transfer.kv_connector.v1"]
-    for name in names:
-        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
-    monkeypatch.setitem(sys.modules, base.__name__, base)
-    monkeypatch.delitem(sys.modules, "labkit.pd.observer", raising=False)
-    mod = importlib.import_module("labkit.pd.observer")
-    yield mod
-    sys.modules.pop("labkit.pd.observer", None)
+    with observer_module(stand_in=True) as mod:
+        yield mod
 
 
 # ---- vLLM 0.26 stand-ins (only what the observer reads) --------------------------------------

@@ -30,15 +30,19 @@ _BASE = "vllm.distributed.kv_transfer.kv_connector.v1.base"
 
 
 @contextmanager
-def observer_module() -> Iterator[types.ModuleType]:
-    """labkit.pd.observer, against vLLM's base module if importable, else a stand-in (removed
-    from sys.modules afterwards)."""
-    try:
-        importlib.import_module(_BASE)
-        yield importlib.import_module("labkit.pd.observer")
-        return
-    except ImportError:
-        pass
+def observer_module(stand_in: bool = False) -> Iterator[types.ModuleType]:
+    """labkit.pd.observer, against vLLM's base module if importable (and not `stand_in`),
+    else against a stand-in with the few attributes the observer reads (the stand-in and that
+    import of the observer are taken out of sys.modules afterwards). The observer's unit tests
+    use it with `stand_in=True`."""
+    if not stand_in:
+        try:
+            importlib.import_module(_BASE)
+        except ImportError:
+            pass
+        else:
+            yield importlib.import_module("labkit.pd.observer")
+            return
 
     class KVConnectorRole(enum.Enum):
         SCHEDULER = 0
