@@ -31,14 +31,16 @@ def fold(deltas: list[TelemetryDelta]) -> tuple[TransferState, StreamingView]:
     return st, view
 
 
+def proxy_ids_by_response(deltas: list[TelemetryDelta]) -> dict[str, str]:
+    """decode response id -> proxy id, as the proxy recorded them at finish (independently
+    of the views)."""
+    return {ev["decode_id"]: ev["req_id"] for d in deltas for ev in d.timeline
+            if ev["event"] == "finish" and ev.get("decode_id")}
+
+
 def connector_times(deltas: list[TelemetryDelta]) -> dict[str, float]:
-    """proxy id -> seconds of decode's KVTransfer "recv", joined independently of the views:
-    through the decode response id the proxy recorded at finish."""
-    by_response: dict[str, str] = {}
-    for d in deltas:
-        for ev in d.timeline:
-            if ev["event"] == "finish" and ev.get("decode_id"):
-                by_response[ev["decode_id"]] = ev["req_id"]
+    """proxy id -> seconds of decode's KVTransfer "recv"."""
+    by_response = proxy_ids_by_response(deltas)
     out = {}
     for d in deltas:
         for b in d.observer:
@@ -54,8 +56,7 @@ def no_external_kv(deltas: list[TelemetryDelta]) -> set[str]:
     nothing was loaded. (NIXL's RequestAllocated counts differently: none excluded there.)"""
     example = {ev["req_id"] for d in deltas for ev in d.timeline
                if ev["event"] == "arrival" and ev.get("connector") == "example"}
-    by_response = {ev["decode_id"]: ev["req_id"] for d in deltas for ev in d.timeline
-                   if ev["event"] == "finish" and ev.get("decode_id")}
+    by_response = proxy_ids_by_response(deltas)
     return {rid for d in deltas for b in d.observer if b.role == "decode" for ev in b.events
             if isinstance(ev, RequestAllocated) and ev.num_external_tokens == 0
             and (rid := by_response.get(response_id(ev.req_id))) in example}

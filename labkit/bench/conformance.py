@@ -269,9 +269,9 @@ def _aborts_and_overlaps(events: list[Any], published: list[obs.StepScheduled],
     overlapped: set[int] = set()
     for rid, ts in finished.items():
         r = requests.get(rid)
-        j = next((k for k, st in enumerate(published) if st.ts > ts), None)
         if r is None or r.get("inferred"):
             continue
+        j = next((k for k, st in enumerate(published) if st.ts > ts), None)
         done = r["local_hits"] + r["external"] + total.get(rid, 0)
         if done < len(r["prompt_token_ids"]) + max(1, r["max_tokens"]) - 1:
             if j is not None:

@@ -130,7 +130,7 @@ def breakdown(t_apply: float, t_stopped: float, t_planned: float, marks: list[tu
         mark.setdefault(stage, t)
     t_model = mark.get("preparing the model directory", t_planned)
     t_engines = mark.get("starting engines", t_model)
-    t_engines_done = mark.get("engines ready", mark.get("engines ready; starting the PD proxy", t_ready))
+    t_engines_done = mark.get("engines ready", t_ready)
     own = {n: w.get("own_start_s", 0.0) for n, w in engines.items()}
     critical = sum(own.values()) if shared else max(own.values(), default=0.0)
     out: dict[str, Any] = {

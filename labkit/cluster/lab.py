@@ -188,7 +188,7 @@ class ClusterLab(Lab):
             with ThreadPoolExecutor(len(self.engines)) as pool:
                 list(pool.map(lambda e: ray.get(e.actor.wait_ready.remote(timeout)),
                               self.engines.values()))
-            report("engines ready; starting the PD proxy", 0.85)
+            report("engines ready", 0.85)
             self._old_token = os.environ.get(TOKEN_ENV)
             os.environ[TOKEN_ENV] = self.token  # the proxy inherits it; the lab's clients send it
             self._start_proxy(self.port)
